@@ -1,0 +1,305 @@
+"""A Flax NNX decoder for the Llama / Qwen2 / Qwen3 / Gemma-2 family.
+
+Axis letters used in array names:
+  B batch (sequences)       T query positions      S key positions (cache slots)
+  D model width             N query heads          K key/value heads
+  R query heads per kv head H head dim             F MLP hidden
+  V vocabulary              P prompts              G samples per prompt (B = P * G)
+
+Parameters carry logical axis names (`sharding_names` metadata); `rl_reason.sharding` maps them
+onto a mesh. Norms, softmax and logits are computed in float32 whatever the compute dtype.
+
+Two attention paths share one set of weights:
+  * `__call__(input_ids_BT, mask_BT=...)`: the full sequence, causal + padding mask. Returns
+    logits [B, T, V]; with `return_kv=True` also the per-layer keys/values (the prefill).
+  * `decode(tokens_B, positions_B, cache)`: one new token per row against a `KVCache` whose
+    prompt part is shared by the G rows of a group (see kv_cache.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.kv_cache import KVCache, LayerKV
+
+_NEG_INF = -1e30
+
+
+def _param(rngs: nnx.Rngs, init, shape, dtype, names) -> nnx.Param:
+    # eager_sharding=False: parameters are placed by rl_reason.sharding from these names, so that
+    # creating a module never needs an ambient mesh.
+    return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=names, eager_sharding=False)
+
+
+def _normal(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
+        init = nnx.initializers.zeros if cfg.norm_scale_plus_one else nnx.initializers.ones
+        self.scale = _param(rngs, init, (dim,), cfg.jnp_param_dtype, ("norm",))
+        self.eps = cfg.norm_eps
+        self.plus_one = cfg.norm_scale_plus_one
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        scale = self.scale[...].astype(jnp.float32)
+        if self.plus_one:
+            scale = 1.0 + scale
+        return (y * scale).astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies [H/2] (half-split rotation, as in the HF Llama layout)."""
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32)
+                                    / cfg.head_dim))
+    if cfg.rope_llama3_scaling is not None:
+        factor, low, high, original = cfg.rope_llama3_scaling
+        wavelen = 2 * math.pi / inv
+        low_wavelen, high_wavelen = original / low, original / high
+        smooth = (original / wavelen - low) / (high - low)
+        scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        is_mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        inv = jnp.where(is_mid, mid, scaled)
+    return inv
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    angles = positions_BT[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x = x_BTNH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+        d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pd = cfg.jnp_param_dtype
+        std = 0.02
+        self.q_proj = _param(rngs, _normal(std), (d, n, h), pd, ("embed", "q_heads", "head_dim"))
+        self.k_proj = _param(rngs, _normal(std), (d, k, h), pd, ("embed", "kv_heads", "head_dim"))
+        self.v_proj = _param(rngs, _normal(std), (d, k, h), pd, ("embed", "kv_heads", "head_dim"))
+        out_std = std / math.sqrt(2 * cfg.num_layers)
+        self.o_proj = _param(rngs, _normal(out_std), (n, h, d), pd,
+                             ("q_heads", "head_dim", "embed"))
+        if cfg.qkv_bias:
+            zeros = nnx.initializers.zeros
+            self.q_bias = _param(rngs, zeros, (n, h), pd, ("q_heads", "head_dim"))
+            self.k_bias = _param(rngs, zeros, (k, h), pd, ("kv_heads", "head_dim"))
+            self.v_bias = _param(rngs, zeros, (k, h), pd, ("kv_heads", "head_dim"))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, cfg, rngs)
+            self.k_norm = RMSNorm(h, cfg, rngs)
+        self.cfg = cfg
+        self.window = cfg.layer_window(layer)
+        self.scale = cfg.query_scale if cfg.query_scale is not None else h**-0.5
+
+    def _project(self, x_BTD: jax.Array, positions_BT: jax.Array):
+        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        x = x_BTD.astype(dt)
+        q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(dt))
+        if cfg.qkv_bias:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_frequencies(cfg)
+        return apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq), v
+
+    def _scores(self, q: jax.Array, k: jax.Array, spec: str) -> jax.Array:
+        s = jnp.einsum(spec, q, k, preferred_element_type=jnp.float32) * self.scale
+        return _softcap(s, self.cfg.attn_logit_softcap)
+
+    def _out(self, o_BTNH: jax.Array) -> jax.Array:
+        dt = self.cfg.jnp_dtype
+        return jnp.einsum("btnh,nhd->btd", o_BTNH.astype(dt), self.o_proj[...].astype(dt))
+
+    def _window_ok(self, q_pos, k_pos):
+        if self.window is None:
+            return True
+        return q_pos - k_pos < self.window
+
+    def __call__(self, x_BTD, positions_BT, mask_BT):
+        """Full-sequence attention. Returns (out [B,T,D], LayerKV of this sequence)."""
+        cfg = self.cfg
+        b, t, _ = x_BTD.shape
+        kv, r = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+        q, k, v = self._project(x_BTD, positions_BT)
+        q = q.reshape(b, t, kv, r, cfg.head_dim)
+        s = self._scores(q, k, "btkrh,bskh->bkrts")
+        causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+        allowed = causal & mask_BT[:, None, :].astype(bool)
+        allowed &= self._window_ok(positions_BT[:, :, None], positions_BT[:, None, :])
+        s = jnp.where(allowed[:, None, None], s, _NEG_INF)
+        p = jax.nn.softmax(s, axis=-1)
+        o = jnp.einsum("bkrts,bskh->btkrh", p.astype(v.dtype), v)
+        return self._out(o.reshape(b, t, cfg.num_heads, cfg.head_dim)), LayerKV(k, v)
+
+    def decode(self, x_B1D, positions_B, layer_cache: LayerKV, prefix: LayerKV, cache: KVCache):
+        """One new token per row. Returns (out [B,1,D], updated suffix LayerKV)."""
+        cfg = self.cfg
+        b = x_B1D.shape[0]
+        kv, r = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+        p_count = prefix.k.shape[0]
+        g = b // p_count
+        q, k_new, v_new = self._project(x_B1D, positions_B[:, None])
+        k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache.k, k_new, cache.index, axis=1)
+        v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache.v, v_new, cache.index, axis=1)
+        q = q.reshape(b, kv, r, cfg.head_dim)
+
+        # Prompt keys are stored once per prompt and read once for its G samples.
+        s_pre = self._scores(q.reshape(p_count, g, kv, r, cfg.head_dim), prefix.k,
+                             "pgkrh,pskh->pgkrs").reshape(b, kv, r, -1)
+        pre_ok = jnp.repeat(cache.prefix_mask, g, axis=0)
+        pre_ok &= self._window_ok(positions_B[:, None], jnp.repeat(cache.prefix_positions, g, 0))
+        s_pre = jnp.where(pre_ok[:, None, None, :], s_pre, _NEG_INF)
+
+        s_suf = self._scores(q, k_all, "bkrh,bskh->bkrs")
+        slots = jnp.arange(k_all.shape[1])
+        suf_positions = positions_B[:, None] - cache.index + slots[None, :]
+        suf_ok = (slots <= cache.index)[None, :] & self._window_ok(positions_B[:, None],
+                                                                   suf_positions)
+        s_suf = jnp.where(suf_ok[:, None, None, :], s_suf, _NEG_INF)
+
+        sp = s_pre.shape[-1]
+        probs = jax.nn.softmax(jnp.concatenate([s_pre, s_suf], axis=-1), axis=-1)
+        p_pre, p_suf = probs[..., :sp], probs[..., sp:]
+        o = jnp.einsum("pgkrs,pskh->pgkrh", p_pre.reshape(p_count, g, kv, r, sp).astype(
+            prefix.v.dtype), prefix.v).reshape(b, kv, r, cfg.head_dim)
+        o = o + jnp.einsum("bkrs,bskh->bkrh", p_suf.astype(v_all.dtype), v_all)
+        out = self._out(o.reshape(b, 1, cfg.num_heads, cfg.head_dim))
+        return out, LayerKV(k_all, v_all)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, pd = cfg.embed_dim, cfg.mlp_dim, cfg.jnp_param_dtype
+        self.gate = _param(rngs, _normal(0.02), (d, f), pd, ("embed", "mlp"))
+        self.up = _param(rngs, _normal(0.02), (d, f), pd, ("embed", "mlp"))
+        self.down = _param(rngs, _normal(0.02 / math.sqrt(2 * cfg.num_layers)), (f, d), pd,
+                           ("mlp", "embed"))
+        self.cfg = cfg
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        dt = self.cfg.jnp_dtype
+        x = x_BTD.astype(dt)
+        gate = x @ self.gate[...].astype(dt)
+        if self.cfg.mlp_activation == "silu":
+            act = jax.nn.silu(gate)
+        else:
+            act = jax.nn.gelu(gate, approximate=self.cfg.mlp_activation == "gelu_tanh")
+        return (act * (x @ self.up[...].astype(dt))) @ self.down[...].astype(dt)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.embed_dim, cfg, rngs)
+        self.attn = Attention(cfg, layer, rngs)
+        self.mlp_norm = RMSNorm(cfg.embed_dim, cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+        if cfg.post_norms:
+            self.post_attn_norm = RMSNorm(cfg.embed_dim, cfg, rngs)
+            self.post_mlp_norm = RMSNorm(cfg.embed_dim, cfg, rngs)
+        self.post_norms = cfg.post_norms
+
+    def _finish(self, x, attn_out):
+        if self.post_norms:
+            attn_out = self.post_attn_norm(attn_out)
+        x = x + attn_out
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_norms:
+            h = self.post_mlp_norm(h)
+        return x + h
+
+    def __call__(self, x, positions_BT, mask_BT):
+        attn_out, kv = self.attn(self.attn_norm(x), positions_BT, mask_BT)
+        return self._finish(x, attn_out), kv
+
+    def decode(self, x, positions_B, layer_cache, prefix, cache):
+        attn_out, kv = self.attn.decode(self.attn_norm(x), positions_B, layer_cache, prefix, cache)
+        return self._finish(x, attn_out), kv
+
+
+def positions_from_mask(mask_BT: jax.Array) -> jax.Array:
+    """Position of each real token counting only real tokens (left padding is skipped)."""
+    return jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. `model(input_ids_BT)` returns float32 logits [B, T, V]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pd = cfg.jnp_param_dtype
+        self.cfg = cfg
+        self.embedding = _param(rngs, _normal(0.02), (cfg.vocab_size, cfg.embed_dim), pd,
+                                ("vocab", "embed"))
+        self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.embed_dim, cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, _normal(0.02), (cfg.embed_dim, cfg.vocab_size), pd,
+                                  ("embed", "vocab"))
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        x = jnp.take(self.embedding[...], ids, axis=0).astype(self.cfg.jnp_dtype)
+        if self.cfg.scale_embeddings:
+            x = x * jnp.asarray(math.sqrt(self.cfg.embed_dim), self.cfg.jnp_dtype)
+        return x
+
+    def unembed_matrix(self) -> jax.Array:
+        """The [D, V] output projection (tied or not), in the compute dtype."""
+        w = self.embedding[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        return w.astype(self.cfg.jnp_dtype)
+
+    def logits(self, hidden_BTD: jax.Array) -> jax.Array:
+        out = jnp.einsum("btd,dv->btv", hidden_BTD.astype(self.cfg.jnp_dtype),
+                         self.unembed_matrix(), preferred_element_type=jnp.float32)
+        return _softcap(out, self.cfg.final_logit_softcap)
+
+    def __call__(self, input_ids_BT: jax.Array, *, mask_BT: jax.Array | None = None,
+                 positions_BT: jax.Array | None = None, return_hidden: bool = False,
+                 return_kv: bool = False):
+        """Full forward. mask_BT: 1 on real tokens (padding anywhere is never attended to).
+
+        Returns logits [B,T,V] (or the final-norm hidden states [B,T,D] with return_hidden, for
+        memory-bound log-prob computation), plus a tuple of per-layer LayerKV with return_kv.
+        """
+        if mask_BT is None:
+            mask_BT = jnp.ones(input_ids_BT.shape, dtype=bool)
+        if positions_BT is None:
+            positions_BT = positions_from_mask(mask_BT)
+        x = self.embed(input_ids_BT)
+        kvs = []
+        for block in self.layers:
+            x, kv = block(x, positions_BT, mask_BT)
+            kvs.append(kv)
+        h = self.final_norm(x)
+        out = h if return_hidden else self.logits(h)
+        return (out, tuple(kvs)) if return_kv else out
+
+    def decode(self, tokens_B: jax.Array, positions_B: jax.Array, cache: KVCache):
+        """Logits [B, V] for one new token per row, and the cache with it written."""
+        x = self.embed(tokens_B[:, None])
+        new_layers = []
+        for block, layer_cache, prefix in zip(self.layers, cache.layers, cache.prefix,
+                                              strict=True):
+            x, kv = block.decode(x, positions_B, layer_cache, prefix, cache)
+            new_layers.append(kv)
+        logits = self.logits(self.final_norm(x))[:, 0]
+        return logits, cache.replace(layers=tuple(new_layers), index=cache.index + 1)

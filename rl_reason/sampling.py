@@ -1,0 +1,191 @@
+"""The jitted GRPO sampler: P prompts -> G completions each, in one device call.
+
+* Each prompt is prefilled once; its KV cache is shared by its G samples (models/kv_cache.py).
+* Decoding runs in `lax.while_loop` and stops as soon as every row has emitted a stop token or
+  reached its budget. `max_new_tokens` is a traced scalar (no recompile when it changes); the
+  cache buffer and the prompt width are bucketed so that new lengths rarely recompile.
+* Prompts are left-padded; positions count real tokens only, so a padded prompt yields the same
+  samples as the unpadded one for the same key.
+* Rows are ordered prompt-major: row p * G + g is sample g of prompt p (the layout
+  `rl_reason.losses.compute_advantages` expects).
+
+Returned per token: the log-prob under the sampling distribution (after temperature / top-k /
+top-p) and under the plain policy (temperature 1, untruncated), which is what GRPO's importance
+ratio needs when the sampler's weights are the trainer's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from models import kv_cache
+from models.transformer import Transformer, positions_from_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each token. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+@struct.dataclass
+class SampleOutput:
+    """Completions of B = P * G rows; N is the (bucketed) completion buffer length."""
+
+    tokens: jax.Array  # [B, N] int32, pad after the end of each completion
+    mask: jax.Array  # [B, N] bool, 1 on completion tokens (the stop token included)
+    sample_logprobs: jax.Array  # [B, N] float32, log-prob under the sampling distribution
+    policy_logprobs: jax.Array  # [B, N] float32, log-prob under the plain policy
+    lengths: jax.Array  # [B] int32
+    truncated: jax.Array  # [B] bool: budget reached without a stop token
+    prompt_ids: jax.Array  # [P, Tp] int32, left-padded
+    prompt_mask: jax.Array  # [P, Tp] bool
+
+
+def filter_logits(logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """Temperature, then top-k, then top-p (nucleus) on float32 logits; removed entries -inf.
+
+    Top-p keeps the smallest set of most likely tokens whose probability reaches top_p: a token
+    stays if the mass of the tokens ranked above it is below top_p. Entries tied with the
+    nucleus' least likely token are kept too.
+    """
+    x = logits_BV.astype(jnp.float32) / cfg.temperature
+    if cfg.top_k > 0:
+        kth = jax.lax.top_k(x, cfg.top_k)[0][:, -1:]
+        x = jnp.where(x < kth, -jnp.inf, x)
+    if cfg.top_p < 1.0:
+        sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_x, axis=-1)
+        mass_above = jnp.cumsum(probs, axis=-1) - probs
+        keep = mass_above < cfg.top_p
+        threshold = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
+        x = jnp.where(x < threshold, -jnp.inf, x)
+    return x
+
+
+def _choose(logits_BV: jax.Array, key: jax.Array, cfg: SamplingConfig):
+    """(token [B], sampling log-prob [B], policy log-prob [B])."""
+    policy_lp = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    if cfg.temperature == 0.0:
+        token = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        sample_lp = jnp.zeros(token.shape, jnp.float32)
+    else:
+        filtered = filter_logits(logits_BV, cfg)
+        token = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        sample_lp = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), token[:, None],
+                                        axis=-1)[:, 0]
+    return token, sample_lp, jnp.take_along_axis(policy_lp, token[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "group_size", "buffer_len", "cfg",
+                                             "pad_id"))
+def _sample_jit(graphdef, params, prompt_ids_PT, prompt_mask_PT, key, max_new_tokens, *,
+                group_size: int, buffer_len: int, cfg: SamplingConfig, pad_id: int):
+    model: Transformer = nnx.merge(graphdef, params)
+    p = prompt_ids_PT.shape[0]
+    b = p * group_size
+    positions_PT = positions_from_mask(prompt_mask_PT)
+    hidden, kvs = model(prompt_ids_PT, mask_BT=prompt_mask_PT, positions_BT=positions_PT,
+                        return_hidden=True, return_kv=True)
+    # Left padding puts every prompt's last real token in the last column.
+    first_logits = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], group_size, axis=0)
+    cache = kv_cache.from_prefill(kvs, prompt_mask_PT, positions_PT, group_size, buffer_len)
+    prompt_len_B = jnp.repeat(jnp.sum(prompt_mask_PT, axis=-1, dtype=jnp.int32), group_size)
+    stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
+    max_new = jnp.minimum(max_new_tokens, buffer_len)
+
+    def cond(state):
+        t, done = state[0], state[-2]
+        return (t < max_new) & ~jnp.all(done)
+
+    def body(state):
+        t, cache, logits, tokens, slp, plp, stopped, done, lengths = state
+        token, s_lp, p_lp = _choose(logits, jax.random.fold_in(key, t), cfg)
+        token = jnp.where(done, pad_id, token)
+        tokens = tokens.at[:, t].set(token)
+        slp = slp.at[:, t].set(jnp.where(done, 0.0, s_lp))
+        plp = plp.at[:, t].set(jnp.where(done, 0.0, p_lp))
+        lengths = lengths + (~done).astype(jnp.int32)
+        hit_stop = ~done & jnp.isin(token, stop_ids)
+        stopped = stopped | hit_stop
+        done = done | hit_stop | (t + 1 >= max_new)
+        logits, cache = model.decode(token, prompt_len_B + t, cache)
+        return t + 1, cache, logits, tokens, slp, plp, stopped, done, lengths
+
+    init = (jnp.zeros((), jnp.int32), cache, first_logits,
+            jnp.full((b, buffer_len), pad_id, jnp.int32),
+            jnp.zeros((b, buffer_len), jnp.float32), jnp.zeros((b, buffer_len), jnp.float32),
+            jnp.zeros((b,), bool), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
+    _, _, _, tokens, slp, plp, stopped, _, lengths = jax.lax.while_loop(cond, body, init)
+    mask = jnp.arange(buffer_len)[None, :] < lengths[:, None]
+    return SampleOutput(tokens=tokens, mask=mask, sample_logprobs=slp, policy_logprobs=plp,
+                        lengths=lengths, truncated=~stopped, prompt_ids=prompt_ids_PT,
+                        prompt_mask=prompt_mask_PT)
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Round a length up to a power of two (>= minimum) so that few shapes get compiled."""
+    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to `width` (default: the bucketed longest). Returns (ids, mask)."""
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"prompt {lengths.index(0)} is empty; every prompt needs >= 1 token")
+    width = bucket(max(lengths)) if width is None else width
+    if max(lengths) > width:
+        raise ValueError(f"a prompt has {max(lengths)} tokens, more than the width {width}")
+    ids = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), bool)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = True
+    return ids, mask
+
+
+def sample(model: Transformer | tuple, prompts: Sequence[Sequence[int]], key: jax.Array, *,
+           group_size: int = 1, max_new_tokens: int, config: SamplingConfig = SamplingConfig(),
+           pad_id: int = 0, buffer_len: int | None = None,
+           prompt_width: int | None = None) -> SampleOutput:
+    """Sample `group_size` completions for each prompt (lists of token ids).
+
+    `model` is a Transformer or its `nnx.split` (graphdef, params). `buffer_len` (default: the
+    bucketed `max_new_tokens`) fixes the compiled completion width; calls with any
+    `max_new_tokens <= buffer_len` reuse the same executable.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    graphdef, params = nnx.split(model) if isinstance(model, nnx.Module) else model
+    buffer_len = bucket(max_new_tokens) if buffer_len is None else buffer_len
+    if max_new_tokens > buffer_len:
+        raise ValueError(f"max_new_tokens {max_new_tokens} exceeds buffer_len {buffer_len}")
+    ids, mask = pad_prompts(prompts, pad_id, prompt_width)
+    return _sample_jit(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), key,
+                       jnp.asarray(max_new_tokens, jnp.int32), group_size=group_size,
+                       buffer_len=buffer_len, cfg=config, pad_id=pad_id)
