@@ -1,0 +1,441 @@
+"""Synthetic multi-step arithmetic: the task behind the default R1-Zero demo.
+
+A problem is a start number and a chain of operations::
+
+    Start with 17. Add 8, then subtract 5, then multiply by 3.
+
+Every operand and every intermediate result lies in ``[0, max_value]``, so a small model can
+learn each step; the answer needs all of them. Its worked solution has one line per step::
+
+    17 + 8 = 25
+    25 - 5 = 20
+    20 * 3 = 60
+
+A tiny transformer is pretrained on `pretraining_corpus` (mostly bare answers, some worked
+solutions, in several layouts); GRPO with an outcome-only reward should then teach it to write
+the steps before answering. The step checkers below measure that without affecting the reward.
+
+Randomness: each entry point draws from its own stream of ``seed`` (problems/eval, train,
+corpus), so equal seeds do not give equal problems across them. Overlap by chance is still
+possible in small problem spaces: pass ``exclude_keys`` (sets of `problem_key`) to keep the
+pretraining corpus, the RL training problems and the eval set disjoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Collection, Iterator, Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from rl_reason.tasks import templates
+
+VERIFIER = "arithmetic"
+OPS = "+-*"
+STYLES = ("worked", "bare", "steps", "qa")
+
+Step = tuple[int, str, int, int]  # (a, op, b, result): result = a op b
+Problem = dict[str, Any]  # keys: question, answer, steps, verifier
+
+_OP_WORDS = {"+": "add", "-": "subtract", "*": "multiply by"}
+# Stream ids for np.random.SeedSequence spawn keys; see the module docstring.
+_PROBLEMS_STREAM, _TRAIN_STREAM, _CORPUS_STREAM = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ArithmeticConfig:
+    """Problem distribution.
+
+    Attributes:
+      min_ops, max_ops: number of chained operations, drawn uniformly in [min_ops, max_ops].
+      max_value: every start value, operand and intermediate result lies in [0, max_value].
+      ops: which operations may appear, a subset of "+-*" (stored in that canonical order).
+      max_factor: multiplications are by a factor in [2, max_factor].
+    """
+
+    min_ops: int = 2
+    max_ops: int = 4
+    max_value: int = 99
+    ops: str = OPS
+    max_factor: int = 5
+
+    def __post_init__(self):
+        for name in ("min_ops", "max_ops", "max_value", "max_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, int | np.integer) or isinstance(value, bool):
+                raise TypeError(f"ArithmeticConfig.{name} must be an int, got {value!r}")
+        if not 1 <= self.min_ops <= self.max_ops:
+            raise ValueError(
+                f"ArithmeticConfig needs 1 <= min_ops <= max_ops, got min_ops={self.min_ops}, "
+                f"max_ops={self.max_ops}"
+            )
+        if self.max_value < 1:
+            raise ValueError(f"ArithmeticConfig.max_value must be >= 1, got {self.max_value}")
+        if self.max_factor < 2:
+            raise ValueError(f"ArithmeticConfig.max_factor must be >= 2, got {self.max_factor}")
+        if not isinstance(self.ops, str) or not self.ops or set(self.ops) - set(OPS):
+            raise ValueError(
+                f"ArithmeticConfig.ops must be a non-empty subset of {OPS!r}, got {self.ops!r}"
+            )
+        if len(set(self.ops)) != len(self.ops):
+            raise ValueError(f"ArithmeticConfig.ops has a repeated operation: {self.ops!r}")
+        # Canonical order, so that configs with the same set of ops are equal and draw the same
+        # problems.
+        object.__setattr__(self, "ops", "".join(op for op in OPS if op in self.ops))
+        if not _feasible(self)[self.max_ops].any():
+            raise ValueError(
+                f"No chain of {self.max_ops} operations from {self.ops!r} keeps every value in "
+                f"[0, {self.max_value}]: raise max_value or lower max_ops"
+            )
+
+
+# ----------------------------------------------------------------------------- problems
+
+
+@functools.lru_cache(maxsize=32)
+def _feasible(cfg: ArithmeticConfig) -> np.ndarray:
+    """``[max_ops + 1, max_value + 1]`` bool: row k says from which values k more steps fit.
+
+    Drawing only moves that keep the rest of the chain possible means no rejection loop, and
+    tight configs (e.g. only "*" with a small max_value) still sample every valid chain.
+    """
+    n_values = cfg.max_value + 1
+    table = np.zeros((cfg.max_ops + 1, n_values), dtype=bool)
+    table[0] = True
+    values = np.arange(n_values)
+    for k in range(1, cfg.max_ops + 1):
+        nxt = table[k - 1]
+        ok = np.zeros(n_values, dtype=bool)
+        if "+" in cfg.ops:  # some v' > v is feasible
+            ok |= np.concatenate([np.cumsum(nxt[::-1])[::-1][1:] > 0, [False]])
+        if "-" in cfg.ops:  # some v' < v is feasible
+            ok |= np.concatenate([[False], np.cumsum(nxt)[:-1] > 0])
+        if "*" in cfg.ops:
+            for f in range(2, cfg.max_factor + 1):
+                target = values[1:] * f
+                fits = target <= cfg.max_value
+                hit = np.zeros(n_values - 1, dtype=bool)
+                hit[fits] = nxt[target[fits]]
+                ok[1:] |= hit
+        table[k] = ok
+    return table
+
+
+def _successors(cur: int, op: str, feasible_next: np.ndarray, cfg: ArithmeticConfig) -> np.ndarray:
+    """Operands b for which ``cur op b`` is a valid step that leaves the rest feasible."""
+    if op == "+":
+        b = np.arange(1, cfg.max_value - cur + 1)
+        return b[feasible_next[cur + b]]
+    if op == "-":
+        b = np.arange(1, cur + 1)
+        return b[feasible_next[cur - b]]
+    if cur == 0:  # "0 * f" teaches nothing
+        return np.zeros(0, dtype=np.int64)
+    b = np.arange(2, min(cfg.max_factor, cfg.max_value // cur) + 1)
+    return b[feasible_next[cur * b]]
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+DEFAULT_CONFIG = ArithmeticConfig()
+
+
+def question_text(start: int, ops_and_operands: list[tuple[str, int]]) -> str:
+    """``"Start with 17. Add 8, then subtract 5."`` for ``(17, [("+", 8), ("-", 5)])``."""
+    clauses = [f"{_OP_WORDS[op]} {b}" for op, b in ops_and_operands]
+    clauses[0] = clauses[0][0].upper() + clauses[0][1:]
+    return f"Start with {start}. {', then '.join(clauses)}."
+
+
+def generate_problem(rng: np.random.Generator, cfg: ArithmeticConfig = DEFAULT_CONFIG) -> Problem:
+    """One problem: ``{"question", "answer", "steps", "verifier"}``.
+
+    The number of operations is uniform in [min_ops, max_ops]; each step picks an operation
+    uniformly among those that can continue the chain within range, then an operand uniformly
+    among the valid ones. ``answer`` is the final value as a decimal string.
+    """
+    table = _feasible(cfg)
+    n_ops = int(rng.integers(cfg.min_ops, cfg.max_ops + 1))
+    starts = np.flatnonzero(table[n_ops])
+    cur = int(starts[rng.integers(starts.size)])
+    start = cur
+    steps: list[Step] = []
+    for remaining in range(n_ops - 1, -1, -1):
+        options = [(op, _successors(cur, op, table[remaining], cfg)) for op in cfg.ops]
+        options = [(op, b) for op, b in options if b.size]
+        op, operands = options[int(rng.integers(len(options)))]
+        b = int(operands[rng.integers(operands.size)])
+        result = _apply(cur, op, b)
+        steps.append((cur, op, b, result))
+        cur = result
+    return {
+        "question": question_text(start, [(op, b) for _, op, b, _ in steps]),
+        "answer": str(cur),
+        "steps": steps,
+        "verifier": VERIFIER,
+    }
+
+
+def problem_key(problem: Mapping[str, Any]) -> str:
+    """Identity of a problem for de-duplication: its question (which fixes the whole chain)."""
+    return problem["question"]
+
+
+def _rng(seed: int, stream: int, *extra: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream, *extra)))
+
+
+def _draw(
+    rng: np.random.Generator,
+    n: int,
+    cfg: ArithmeticConfig,
+    exclude_keys: Collection[str],
+    unique: bool,
+) -> list[Problem]:
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    budget = 100 * n + 1000  # a generous bound; hitting it means the space is nearly exhausted
+    for _ in range(budget):
+        if len(problems) == n:
+            return problems
+        problem = generate_problem(rng, cfg)
+        key = problem_key(problem)
+        if key in exclude_keys or (unique and key in seen):
+            continue
+        seen.add(key)
+        problems.append(problem)
+    if len(problems) == n:
+        return problems
+    raise ValueError(
+        f"Found only {len(problems)} of {n} {'distinct ' if unique else ''}problems outside "
+        f"exclude_keys ({len(exclude_keys)} keys) in {budget} draws from {cfg}: the problem space "
+        "is too small; raise max_value or max_ops, or ask for fewer problems"
+    )
+
+
+def generate_problems(seed: int, n: int, cfg: ArithmeticConfig = DEFAULT_CONFIG) -> list[Problem]:
+    """`n` problems, a deterministic function of `seed` (the first k are the same for any n)."""
+    rng = _rng(seed, _PROBLEMS_STREAM)
+    return [generate_problem(rng, cfg) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- text formats
+
+
+def worked_solution(problem: Mapping[str, Any]) -> str:
+    """One ``"a op b = c"`` line per step, joined by newlines (no trailing newline)."""
+    return "\n".join(f"{a} {op} {b} = {c}" for a, op, b, c in problem["steps"])
+
+
+def make_prompt(question: str) -> str:
+    """The R1-Zero prompt (see `rl_reason.tasks.templates`); it ends with ``<think>``."""
+    return templates.make_prompt(question)
+
+
+def target_completion(problem: Mapping[str, Any], *, worked: bool = True) -> str:
+    """The completion for ``make_prompt(problem["question"])``, with or without the steps."""
+    reasoning = worked_solution(problem) if worked else ""
+    return templates.make_completion(reasoning, problem["answer"])
+
+
+def format_pretraining_example(problem: Mapping[str, Any], style: str) -> str:
+    """One pretraining text for `problem` in one of `STYLES`.
+
+    - "worked": prompt + completion with the worked solution in the think block.
+    - "bare": prompt + completion with an empty think block, then the answer.
+    - "steps": a web-like worked solution without the template:
+      ``"{question}\\nStep 1: 17 + 8 = 25\\n...\\nThe answer is 60."``
+    - "qa": a web-like bare answer: ``"Q: {question}\\nA: 60"``.
+    """
+    question, answer = problem["question"], problem["answer"]
+    if style in ("worked", "bare"):
+        return make_prompt(question) + target_completion(problem, worked=style == "worked")
+    if style == "steps":
+        lines = [
+            f"Step {i}: {a} {op} {b} = {c}" for i, (a, op, b, c) in enumerate(problem["steps"], 1)
+        ]
+        return "\n".join([question, *lines, f"The answer is {answer}."])
+    if style == "qa":
+        return f"Q: {question}\nA: {answer}"
+    raise ValueError(f"Unknown pretraining style {style!r}; expected one of {STYLES}")
+
+
+def corpus_styles(n: int, *, frac_worked: float, frac_template: float = 0.5) -> list[str]:
+    """The unshuffled style of each of `n` corpus texts: exact counts, rounded.
+
+    ``round(frac_worked * n)`` texts carry worked steps ("worked" or "steps"), the others only
+    the answer ("bare" or "qa"); within each group a `frac_template` share uses the R1 template.
+    """
+    for name, frac in (("frac_worked", frac_worked), ("frac_template", frac_template)):
+        if not 0.0 <= frac <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {frac}")
+    n_worked = round(frac_worked * n)
+    n_bare = n - n_worked
+    n_worked_template = round(frac_template * n_worked)
+    n_bare_template = round(frac_template * n_bare)
+    return (
+        ["worked"] * n_worked_template
+        + ["steps"] * (n_worked - n_worked_template)
+        + ["bare"] * n_bare_template
+        + ["qa"] * (n_bare - n_bare_template)
+    )
+
+
+def pretraining_corpus(
+    seed: int,
+    n: int,
+    cfg: ArithmeticConfig = DEFAULT_CONFIG,
+    *,
+    frac_worked: float,
+    exclude_keys: Collection[str] = (),
+    frac_template: float = 0.5,
+) -> list[str]:
+    """`n` texts in shuffled styles (counts from `corpus_styles`), deterministic for `seed`.
+
+    This stands in for a web-pretrained base model: it has seen worked arithmetic sometimes
+    (`frac_worked`) and bare answers often, and the R1 template only in part of the texts.
+    Problems whose `problem_key` is in `exclude_keys` never appear; problems may repeat.
+    """
+    rng = _rng(seed, _CORPUS_STREAM)
+    styles = corpus_styles(n, frac_worked=frac_worked, frac_template=frac_template)
+    styles = [styles[i] for i in rng.permutation(n)]
+    exclude_keys = _as_set(exclude_keys)
+    problems = _draw(rng, n, cfg, exclude_keys, unique=False)
+    return [format_pretraining_example(p, s) for p, s in zip(problems, styles, strict=True)]
+
+
+# ----------------------------------------------------------------------------- step checks
+
+# "a op b = c", optionally after a label such as "Step 2:"; a trailing period is allowed.
+_STEP_LINE = re.compile(
+    r"\s*(?:[A-Za-z]+\s*\d*\s*:\s*)?(-?\d+)\s*([-+*])\s*(-?\d+)\s*=\s*(-?\d+)\s*\.?\s*"
+)
+
+
+def parse_steps(response: str) -> list[Step]:
+    """The ``a op b = c`` lines of the think block of `response`, in order.
+
+    `response` is the policy's completion (a full prompt+completion also works, see
+    `templates.think_block`). Lines of any other shape are ignored.
+    """
+    steps = []
+    for line in templates.think_block(response).split("\n"):
+        m = _STEP_LINE.fullmatch(line)
+        if m:
+            steps.append((int(m[1]), m[2], int(m[3]), int(m[4])))
+    return steps
+
+
+def check_arithmetic(response: str) -> list[bool]:
+    """Per step line: is ``a op b = c`` true, whatever the problem?"""
+    return [_apply(a, op, b) == c for a, op, b, c in parse_steps(response)]
+
+
+def check_steps(response: str, problem: Mapping[str, Any]) -> list[bool]:
+    """Per step line: is it the right step at its position in this problem's chain?
+
+    Line i is right iff it is arithmetically true, uses step i's operator and operand, and
+    starts from the true value before step i (the start number, or step i-1's true result).
+    Lines past the end of the chain are wrong. A skipped or reordered step therefore makes that
+    line and the ones after it wrong.
+    """
+    gold = [tuple(s) for s in problem["steps"]]
+    return [i < len(gold) and step == gold[i] for i, step in enumerate(parse_steps(response))]
+
+
+def count_steps(response: str) -> int:
+    """Number of step lines in the think block."""
+    return len(parse_steps(response))
+
+
+def has_steps(response: str) -> bool:
+    """Whether the think block has at least one step line (the "frac_with_steps" metric)."""
+    return count_steps(response) > 0
+
+
+def process_correct(response: str, problem: Mapping[str, Any]) -> bool:
+    """Exactly the problem's steps, all right, in order, and nothing else that looks like one."""
+    checks = check_steps(response, problem)
+    return len(checks) == len(problem["steps"]) and all(checks)
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+@dataclasses.dataclass(frozen=True)
+class ArithmeticTask:
+    """What the trainer needs from the arithmetic task.
+
+    Examples are the `generate_problem` dicts. Typical use::
+
+        task = ArithmeticTask(ArithmeticConfig(max_ops=5))
+        eval_set = task.eval_set(seed=0, n=512)
+        held_out = {task.key(p) for p in eval_set}
+        corpus = task.pretraining_corpus(0, 100_000, frac_worked=0.2, exclude_keys=held_out)
+        for batch in task.train_iterator(0, batch_size=64, exclude_keys=held_out):
+            prompts = [task.prompt(ex) for ex in batch]
+    """
+
+    cfg: ArithmeticConfig = dataclasses.field(default_factory=ArithmeticConfig)
+    name: ClassVar[str] = "arithmetic"
+    verifier_name: ClassVar[str] = VERIFIER
+
+    def prompt(self, example: Mapping[str, Any]) -> str:
+        return make_prompt(example["question"])
+
+    def key(self, example: Mapping[str, Any]) -> str:
+        return problem_key(example)
+
+    def train_iterator(
+        self,
+        seed: int,
+        batch_size: int,
+        exclude_keys: Collection[str] = (),
+        *,
+        start_batch: int = 0,
+    ) -> Iterator[list[Problem]]:
+        """Endless batches of problems; batch i depends only on (seed, i, cfg, exclude_keys).
+
+        Resume after preemption with ``start_batch=step`` instead of replaying the stream.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        exclude_keys = _as_set(exclude_keys)
+        i = start_batch
+        while True:
+            yield _draw(_rng(seed, _TRAIN_STREAM, i), batch_size, self.cfg, exclude_keys, False)
+            i += 1
+
+    def eval_set(self, seed: int, n: int, exclude_keys: Collection[str] = ()) -> list[Problem]:
+        """`n` distinct problems, none in `exclude_keys`, deterministic for `seed`."""
+        return _draw(_rng(seed, _PROBLEMS_STREAM), n, self.cfg, _as_set(exclude_keys), True)
+
+    def pretraining_corpus(
+        self,
+        seed: int,
+        n: int,
+        *,
+        frac_worked: float,
+        exclude_keys: Collection[str] = (),
+        frac_template: float = 0.5,
+    ) -> list[str]:
+        return pretraining_corpus(
+            seed,
+            n,
+            self.cfg,
+            frac_worked=frac_worked,
+            exclude_keys=exclude_keys,
+            frac_template=frac_template,
+        )
+
+
+def _as_set(keys: Collection[str]) -> Collection[str]:
+    # Membership tests on a list of 100k keys would dominate generation time.
+    return keys if isinstance(keys, set | frozenset | dict) else set(keys)
