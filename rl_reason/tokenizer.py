@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+_log = logging.getLogger(__name__)
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 _RESERVED_PIECES = ("<pad>", "<unk>", "<s>", "</s>")
 _MODEL_TYPES = ("bpe", "unigram", "char", "word")
@@ -294,7 +296,7 @@ def train_sentencepiece(
             raise ValueError("train_sentencepiece got no texts to train on") from e
         raise ValueError(f"SentencePiece training failed: {e}") from e
     if counts["too_long"]:
-        logging.warning(
+        _log.warning(
             "train_sentencepiece skipped %d of %d texts longer than max_sentence_length=%d bytes",
             counts["too_long"],
             counts["texts"],
@@ -315,7 +317,7 @@ def train_sentencepiece(
 
     tokenizer = Tokenizer.load(out_path)
     if tokenizer.vocab_size < vocab_size:
-        logging.warning(
+        _log.warning(
             "train_sentencepiece: corpus supports only %d pieces (asked for %d)",
             tokenizer.vocab_size,
             vocab_size,
