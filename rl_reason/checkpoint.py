@@ -6,6 +6,11 @@ A checkpoint step directory holds composite items:
           written with StandardSave and restored onto an abstract tree that carries shardings.
   meta    a small JSON dict (the run config, data position, anything a human wants to read).
 
+Params may be an ``nnx.State`` or its ``nnx.to_pure_dict``; the two lay out differently on disk
+(a State has a ``value`` level under each variable), so restore with the same kind that was saved.
+``save`` returns once the arrays are copied to host memory, so the caller may donate or delete
+them while an asynchronous write is still in progress.
+
 Orbax restores an array of another dtype by casting it silently, and restores nothing useful
 when the shapes differ, so ``restore`` compares the saved tree's shapes and dtypes with the
 abstract one first and names the first parameter that disagrees.
