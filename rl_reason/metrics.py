@@ -16,7 +16,7 @@ Typical use::
             mw.write(step, metrics)
             mw.log_progress(step, metrics)
     plot_curves(workdir / "metrics.jsonl", workdir / "curves.png",
-                ["accuracy", "reward", "response_length"])
+                ["accuracy", "reward_mean", "response_length_mean"])
 """
 
 from __future__ import annotations
@@ -36,11 +36,13 @@ import numpy as np
 JSONL_NAME = "metrics.jsonl"
 TB_DIR = "tb"
 
-# (metric key, console label); keys absent from a step's metrics are left out of its line.
+# (metric key, console label), named as the GRPO trainer names its metrics; keys absent from a
+# step's metrics are left out of its line, so eval accuracy shows only on evaluation steps.
 DEFAULT_PROGRESS_KEYS: tuple[tuple[str, str], ...] = (
-    ("reward", "reward"),
+    ("reward_mean", "reward"),
     ("accuracy", "acc"),
-    ("response_length", "len"),
+    ("response_length_mean", "len"),
+    ("eval_accuracy", "eval_acc"),
 )
 
 

@@ -92,7 +92,12 @@ def test_disabled_writer_does_nothing(tmp_path):
 
 def test_progress_line_golden_with_fake_clock(tmp_path, capsys):
     clock = FakeClock()
-    m = {"reward": 0.41, "accuracy": np.float32(0.375), "response_length": 31.25, "kl": 1e-4}
+    m = {
+        "reward_mean": 0.41,
+        "accuracy": np.float32(0.375),
+        "response_length_mean": 31.25,
+        "kl": 1e-4,
+    }
     with M.MetricsWriter(tmp_path, total_steps=200, tensorboard=False, clock=clock) as mw:
         assert mw.progress_line(10, m) == "step 10/200 | reward 0.41 | acc 0.375 | len 31.2"
         clock.t = 1.5
@@ -105,7 +110,12 @@ def test_progress_line_golden_with_fake_clock(tmp_path, capsys):
         assert capsys.readouterr().out == (
             "step 12/200 | reward 0.41 | acc 0.375 | len 31.2 | 1.25 s/step | ETA 3m55s\n"
         )
-        line = mw.progress_line(12, m, keys=("kl", ("reward", "r")))
+        line = mw.progress_line(12, m | {"eval_accuracy": 0.5})
+        assert line == (
+            "step 12/200 | reward 0.41 | acc 0.375 | len 31.2 | eval_acc 0.5 | 1.25 s/step | "
+            "ETA 3m55s"
+        )
+        line = mw.progress_line(12, m, keys=("kl", ("reward_mean", "r")))
         assert line == "step 12/200 | kl 1.00e-04 | r 0.41 | 1.25 s/step | ETA 3m55s"
 
 
