@@ -1,0 +1,35 @@
+"""The value every verifier returns."""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Reasons end up in logs and metrics; a response can be a megabyte, so they are clipped.
+MAX_REASON_CHARS = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of checking one response.
+
+    Attributes:
+      reward: the scalar the trainer uses (1.0 or 0.0 for the built-in verifiers).
+      correct: whether the final answer was accepted.
+      reason: a short human-readable explanation ("correct", "no final answer", "timeout"...).
+    """
+
+    reward: float
+    correct: bool
+    reason: str
+
+    def __post_init__(self) -> None:
+        if len(self.reason) > MAX_REASON_CHARS:
+            object.__setattr__(self, "reason", self.reason[: MAX_REASON_CHARS - 3] + "...")
+
+
+def accept(reason: str = "correct") -> VerifyResult:
+    return VerifyResult(reward=1.0, correct=True, reason=reason)
+
+
+def reject(reason: str) -> VerifyResult:
+    return VerifyResult(reward=0.0, correct=False, reason=reason)
