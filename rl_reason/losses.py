@@ -32,6 +32,7 @@ Papers cited below:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -68,6 +69,19 @@ def _concrete_float(x: Any) -> float | None:
         return float(x)
     except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         return None
+
+
+def _positive_int(what: str, x: Any) -> int:
+    """x as a Python int (numpy integers welcome), or a ValueError saying what is wrong."""
+    try:
+        if isinstance(x, bool):
+            raise TypeError
+        value = operator.index(x)
+    except TypeError:
+        value = None
+    if value is None or value < 1:
+        raise ValueError(f"{what} must be a positive int, got {x!r}")
+    return value
 
 
 def _float_dtype(*xs: ArrayLike) -> jnp.dtype:
@@ -129,8 +143,8 @@ def compute_advantages(
     ``valid`` [N] (bool) marks rewards that exist (e.g. the verifier did not time out). Invalid
     rewards are left out of their group's statistics (G becomes the group's valid count) and get
     advantage 0. A group whose valid rewards are all equal (including a single valid reward, or
-    none) gets exactly 0 — computed as r − mean it can be a rounding error like 1e-17, which the
-    grpo normalisation would then blow up to ±1.
+    none) gets exactly 0: r − mean alone can leave a rounding residue (the float32 mean of three
+    0.1s is off by 7e-9), which grpo's division by std + eps would turn into a spurious signal.
 
     Returns:
       advantages [N], float (at least float32).
@@ -139,8 +153,7 @@ def compute_advantages(
     r = jnp.asarray(rewards)
     if r.ndim != 1:
         raise ValueError(f"rewards must be 1-D [N], got shape {r.shape}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    group_size = _positive_int("group_size", group_size)
     n = r.shape[0]
     if n % group_size:
         raise ValueError(
@@ -257,7 +270,7 @@ def loss_normalizer(mask_NT: ArrayLike, aggregation: str, max_len: int | None = 
         return jnp.sum(mask.astype(jnp.float32))
     if aggregation == "seq-mean-token-sum-norm":
         _check_max_len(max_len)
-        return jnp.asarray(n * max_len, jnp.float32)
+        return jnp.asarray(n * operator.index(max_len), jnp.float32)
     return jnp.asarray(n, jnp.float32)
 
 
@@ -267,8 +280,7 @@ def _check_max_len(max_len: Any) -> None:
             "aggregation 'seq-mean-token-sum-norm' needs max_len (the generation budget, the "
             "constant of Dr. GRPO's N·max_len normaliser), or pass normalizer="
         )
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    _positive_int("max_len", max_len)
 
 
 def policy_loss(
@@ -315,8 +327,8 @@ def policy_loss(
     - ratio_level="sequence" [GSPO]: s_i = exp(Σ_t m_it (logp_it − old_logp_it) / Σ_t m_it), the
       length-normalised sequence ratio, and ρ_it = sg(s_i)·exp(logp_it − sg(logp_it)): its value
       is s_i on every token, its gradient s_i·∇logp_it ("GSPO-token"). With
-      "seq-mean-token-mean" this has exactly the gradient of the sequence objective
-      −min(s_i A_i, clip(s_i) A_i).
+      "seq-mean-token-mean" the loss and its gradient are exactly those of the sequence objective
+      mean_i −min(s_i A_i, clip(s_i) A_i); the other modes weight that term by the length Σ_t m.
 
     Aggregation (m the mask; every mode is a sum of per-sequence terms over a denominator):
 
@@ -466,11 +478,8 @@ def merge_metrics(
 # Log-probs and entropy from logits, optionally in chunks over T
 
 
-def _check_chunk_size(chunk_size: Any) -> None:
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+def _check_chunk_size(chunk_size: Any) -> int | None:
+    return None if chunk_size is None else _positive_int("chunk_size (or None)", chunk_size)
 
 
 def _check_temperature(temperature: Any) -> None:
@@ -561,7 +570,7 @@ def token_logprobs(
     logits = jnp.asarray(logits_NTV)
     tokens = jnp.asarray(tokens_NT)
     _check_logits_tokens(logits, tokens)
-    _check_chunk_size(chunk_size)
+    chunk_size = _check_chunk_size(chunk_size)
     _check_temperature(temperature)
 
     def fn(z: Array, tok: Array) -> Array:
@@ -579,7 +588,7 @@ def entropy(
     """
     logits = jnp.asarray(logits_NTV)
     _check_logits_tokens(logits, None)
-    _check_chunk_size(chunk_size)
+    chunk_size = _check_chunk_size(chunk_size)
     _check_temperature(temperature)
 
     def fn(z: Array) -> Array:
@@ -632,7 +641,7 @@ def token_logprobs_from_hidden(
             f"unembedding shape {w.shape} does not match hidden width D={hidden.shape[-1]} "
             "(unembed_DV is [D, V], embed_VD is [V, D])"
         )
-    _check_chunk_size(chunk_size)
+    chunk_size = _check_chunk_size(chunk_size)
     _check_temperature(temperature)
     if final_logit_softcap is not None and _concrete_float(final_logit_softcap) == 0:
         raise ValueError("final_logit_softcap must be a non-zero cap or None, got 0")

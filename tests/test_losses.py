@@ -388,6 +388,12 @@ def test_gspo_token_gradient_equals_sequence_objective():
 # policy_loss: microbatch accumulation, masking, equivalences
 
 
+@jax.jit
+def _linear_logp(w, hidden, tokens):
+    # Module-level and jitted: one compile per batch shape for the whole file, not one per op.
+    return L.token_logprobs(jnp.einsum("ntd,dv->ntv", hidden, w), tokens)
+
+
 def tiny_policy(n, t, d=4, v=6, seed=0):
     """A linear 'model' so gradients are w.r.t. shared parameters, as in a trainer."""
     rng = np.random.default_rng(seed)
@@ -395,13 +401,8 @@ def tiny_policy(n, t, d=4, v=6, seed=0):
     tokens = jnp.asarray(rng.integers(0, v, (n, t)), jnp.int32)
     w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
 
-    @jax.jit
-    def logp_rows(w, hidden, tokens):
-        # Jitted: one compile per microbatch shape instead of one per eager op.
-        return L.token_logprobs(jnp.einsum("ntd,dv->ntv", hidden, w), tokens)
-
     def logp_fn(w, rows):
-        return logp_rows(w, hidden[rows], tokens[rows])
+        return _linear_logp(w, hidden[rows], tokens[rows])
 
     return w, logp_fn
 
@@ -618,6 +619,15 @@ def test_policy_loss_under_jit_with_traced_normalizer_and_coefs():
             logp, old, adv, mask, aggregation=agg, ref_logp=ref, kl_coef=0.1, clip_eps_high=0.28
         )
         close(got, want)
+
+
+def test_accepts_bool_mask_and_numpy_ints():
+    logp, old, adv, mask, _ = random_batch(9)
+    kw = dict(aggregation="seq-mean-token-sum-norm")
+    want, _ = L.policy_loss(logp, old, adv, mask, max_len=6, **kw)
+    got, _ = L.policy_loss(logp, old, adv, mask.astype(bool), max_len=np.int64(6), **kw)
+    close(got, want, rtol=0, atol=0)
+    close(L.compute_advantages(adv, np.int64(2)), L.compute_advantages(adv, 2), rtol=0, atol=0)
 
 
 def test_policy_loss_validation():
