@@ -144,10 +144,14 @@ def _prefix_binds(python: str) -> tuple[str, ...]:
     return (prefix,)
 
 
+def _bwrap_path() -> str | None:
+    path = shutil.which("bwrap") or "/usr/bin/bwrap"
+    return path if os.path.exists(path) else None
+
+
 def _bwrap_command(backend: _Backend, limits: SandboxLimits) -> list[str]:
-    bwrap = shutil.which("bwrap") or "/usr/bin/bwrap"
     cmd = [
-        bwrap,
+        _bwrap_path() or "bwrap",
         "--unshare-all",
         "--unshare-user",
         "--uid", str(INNER_ID),
@@ -336,7 +340,7 @@ def _probe(backend: _Backend) -> str:
 
 @functools.cache
 def _resolve_backend(kind: str, candidates: tuple[str, ...]) -> _Backend:
-    if kind == "bwrap" and shutil.which("bwrap") is None and not os.path.exists("/usr/bin/bwrap"):
+    if kind == "bwrap" and _bwrap_path() is None:
         raise SandboxUnavailable(_unavailable_message("bubblewrap (bwrap) is not installed"))
     problems = []
     for python in candidates:

@@ -136,10 +136,12 @@ def decode_value(obj, depth=0):
         if tag == "F":
             return frozenset(_decode_items(args[0], depth))
         if tag == "d":
-            pairs = _decode_items(args[0], depth)
-            if not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+            pairs = args[0]
+            if not isinstance(pairs, list) or not all(
+                isinstance(p, list) and len(p) == 2 for p in pairs
+            ):
                 raise ValueError("malformed value")
-            return {k: v for k, v in pairs}
+            return {decode_value(k, depth + 1): decode_value(v, depth + 1) for k, v in pairs}
     except (TypeError, ArithmeticError, ValueError) as e:
         raise ValueError(f"malformed value: {e}") from None
     raise ValueError(f"unknown value tag {tag!r}")
