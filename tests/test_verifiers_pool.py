@@ -244,18 +244,38 @@ def test_result_timeout(pool):
     assert handle.result()[0].correct
 
 
-def test_workers_are_recycled():
-    with verifiers.VerifierPool(1, recycle_every=3, imports=[__name__]) as pool:
+@pytest.mark.parametrize("mp_context", ["forkserver", "spawn"])
+def test_workers_are_recycled(mp_context):
+    with verifiers.VerifierPool(
+        1, recycle_every=3, mp_context=mp_context, imports=[__name__]
+    ) as pool:
         pids = [r.reason for r in pool.map([("test_pid", "", {})] * 7)]
     assert pids[0] == pids[1] == pids[2] != pids[3] == pids[4] == pids[5] != pids[6]
     assert len(set(pids)) == 3
 
 
-def test_workers_never_import_jax():
+@pytest.mark.parametrize("mp_context", ["forkserver", "spawn"])
+def test_workers_never_import_jax(mp_context):
     jax = pytest.importorskip("jax")
     jax.numpy.zeros(2).block_until_ready()  # JAX initialised, its threads running
-    with verifiers.VerifierPool(1, imports=[__name__]) as pool:
+    with verifiers.VerifierPool(1, mp_context=mp_context, imports=[__name__]) as pool:
         assert pool.map([("test_heavy_modules", "", {})])[0].reason == ""
+
+
+def test_spawn_workers_time_out_and_are_replaced():
+    with verifiers.VerifierPool(1, timeout_s=1.0, mp_context="spawn", imports=[__name__]) as pool:
+        assert pool.zygote_pid is None
+        first = pool.worker_pids()
+        start = time.monotonic()
+        assert pool.map([("test_sleep", "60", {})])[0].reason == "timeout"
+        assert time.monotonic() - start < 1.0 + 1.0
+        assert pool.worker_pids() != first and wait_until_dead(first) == []
+        assert pool.map([("test_sleep", "0", {})])[0].correct  # the new interpreter serves
+
+
+def test_fork_is_refused():
+    with pytest.raises(ValueError, match="fork is unsafe"):
+        verifiers.VerifierPool(1, mp_context="fork")
 
 
 def test_close_leaves_no_process_behind():

@@ -6,8 +6,9 @@
         results = handle.result()  # list[VerifyResult], in order
         metrics = {"verify_s": handle.wall_seconds, "verify_hidden_s": handle.hidden_seconds}
 
-Workers are processes forked from a clean zygote (see ``worker``), never from this process, so
-the pool is safe to create after JAX has started its threads, and workers never import jax.
+Workers are never forked from this process: by default they are forked from a clean zygote
+process (``mp_context="forkserver"``), or each is a new interpreter (``"spawn"``); see ``worker``.
+So the pool is safe to create after JAX has started its threads, and workers never import jax.
 A dispatcher thread here hands each worker one item at a time and tracks its deadline: an item
 that runs past ``timeout_s`` gets reward 0 with reason "timeout", and its worker is killed (its
 sandboxes die with it) and replaced. A worker that dies scores its item 0 ("worker died").
@@ -41,7 +42,7 @@ from typing import Any
 from rl_reason.verifiers.result import VerifyResult, reject
 
 Item = tuple[str, str, Mapping[str, Any]]
-ZYGOTE_START_TIMEOUT_S = 120.0
+WORKER_START_TIMEOUT_S = 120.0
 
 
 class VerifierError(RuntimeError):
@@ -116,6 +117,8 @@ class _Worker:
     pid: int
     pidfd: int
     conn: Connection
+    process: subprocess.Popen | None = None  # set when we are its parent and must reap it
+    ready: bool = False
     served: int = 0
     task: tuple[VerifyHandle, int] | None = None
     deadline: float = 0.0
@@ -130,25 +133,61 @@ class _Worker:
     def close(self) -> None:
         self.conn.close()
         os.close(self.pidfd)
+        if self.process is not None:
+            try:
+                self.process.wait(5.0)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
-class _Zygote:
-    """The process workers are forked from (see ``worker``)."""
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The workers must import this package even if it is not installed (a source checkout).
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return env
+
+
+class _Spawner:
+    """mp_context="spawn": every worker is a fresh interpreter (about a second of imports)."""
+
+    pid: int | None = None
 
     def __init__(self, imports: Sequence[str]):
-        self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ)
-        # The workers must import this package even if it is not installed (a source checkout).
-        package_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "rl_reason.verifiers.worker", str(theirs.fileno()), *imports],
+        self.imports = tuple(imports)
+
+    def spawn(self) -> _Worker:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        command = [sys.executable, "-m", "rl_reason.verifiers.worker", "worker"]
+        process = subprocess.Popen(
+            [*command, str(theirs.fileno()), *self.imports],
             pass_fds=(theirs.fileno(),),
-            env=env,
+            env=_worker_env(),
             start_new_session=True,
         )
         theirs.close()
-        self.control.settimeout(ZYGOTE_START_TIMEOUT_S)
+        return _Worker(process.pid, os.pidfd_open(process.pid), Connection(ours.detach()), process)
+
+    def close(self) -> None:
+        pass
+
+
+class _Zygote:
+    """mp_context="forkserver": workers are forked from one clean, pre-imported process."""
+
+    def __init__(self, imports: Sequence[str]):
+        self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "rl_reason.verifiers.worker", "zygote", str(theirs.fileno())]
+            + list(imports),
+            pass_fds=(theirs.fileno(),),
+            env=_worker_env(),
+            start_new_session=True,
+        )
+        self.pid = self.process.pid
+        theirs.close()
+        self.control.settimeout(WORKER_START_TIMEOUT_S)
         try:
             ready = self.control.recv(1)
         except TimeoutError:
@@ -170,7 +209,7 @@ class _Zygote:
             ours.close()
             raise RuntimeError("verifier pool: the worker zygote died")
         pid = struct.unpack("q", reply)[0]
-        return _Worker(pid=pid, pidfd=os.pidfd_open(pid), conn=Connection(ours.detach()))
+        return _Worker(pid, os.pidfd_open(pid), Connection(ours.detach()))
 
     def close(self) -> None:
         self.control.close()
@@ -188,6 +227,9 @@ class VerifierPool:
         killed and replaced. Keep it above the code verifier's own limit (SandboxLimits.wall_s,
         10 s by default) so that sandboxed programs report their own timeouts.
       recycle_every: items after which a worker is replaced by a fresh one.
+      mp_context: "forkserver" (default) forks workers from a clean pre-imported zygote process;
+        "spawn" starts each worker as a new interpreter. Both are safe while JAX threads run in
+        this process; neither imports this process's ``__main__`` (see ``worker``).
       imports: extra modules the workers import first (modules that ``register`` verifiers).
     """
 
@@ -197,22 +239,30 @@ class VerifierPool:
         *,
         timeout_s: float = 30.0,
         recycle_every: int = 1000,
+        mp_context: str = "forkserver",
         imports: Sequence[str] = (),
     ):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if timeout_s <= 0 or recycle_every < 1:
             raise ValueError("timeout_s must be > 0 and recycle_every >= 1")
+        if mp_context not in ("forkserver", "spawn"):
+            raise ValueError(
+                f"mp_context must be 'forkserver' or 'spawn' (fork is unsafe once JAX runs), "
+                f"got {mp_context!r}"
+            )
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
         self.recycle_every = recycle_every
+        self.mp_context = mp_context
         self._imports = tuple(imports)
         self._pending: collections.deque[tuple[VerifyHandle, int, Item]] = collections.deque()
         self._lock = threading.Lock()
         self._closed = False
         self._wake_recv, self._wake_send = socket.socketpair()
         self._workers: list[_Worker] = []
-        self._zygote: _Zygote | None = None
+        self._spawner: _Zygote | _Spawner | None = None
+        self._failed_starts = 0
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         # Processes are created by this long-lived thread: PR_SET_PDEATHSIG fires when the
@@ -256,16 +306,14 @@ class VerifierPool:
         return self.submit(items).result()
 
     def close(self) -> None:
-        """Stops the workers and the zygote; pending items fail. Safe to call twice."""
+        """Stops the workers (and the zygote); pending items fail. Safe to call twice."""
         with self._lock:
-            if self._closed:
+            if self._closed and not self._thread.is_alive():
                 return
             self._closed = True
         atexit.unregister(self.close)
         self._wake()
         self._thread.join()
-        self._wake_recv.close()
-        self._wake_send.close()
 
     def worker_pids(self) -> list[int]:
         """Current worker pids (for monitoring and tests)."""
@@ -273,7 +321,8 @@ class VerifierPool:
 
     @property
     def zygote_pid(self) -> int | None:
-        return self._zygote.process.pid if self._zygote else None
+        """The zygote's pid with mp_context="forkserver", else None."""
+        return self._spawner.pid if self._spawner is not None else None
 
     # ------------------------------------------------------------------------------------------
     # The dispatcher thread.
@@ -286,21 +335,21 @@ class VerifierPool:
 
     def _spawn(self) -> _Worker:
         try:
-            return self._zygote.spawn()
+            return self._spawner.spawn()
         except (OSError, RuntimeError):
-            # The zygote died (OOM killer...): start a new one once.
-            self._zygote.close()
-            self._zygote = _Zygote(self._imports)
-            return self._zygote.spawn()
+            if self.mp_context == "spawn":
+                raise
+            # The zygote died (OOM killer...): start a new one, once.
+            self._spawner.close()
+            self._spawner = _Zygote(self._imports)
+            return self._spawner.spawn()
 
     def _run(self) -> None:
         try:
-            self._zygote = _Zygote(self._imports)
-            self._workers = [self._zygote.spawn() for _ in range(self.num_workers)]
+            self._start_workers()
         except BaseException as e:  # noqa: BLE001 - re-raised in the constructor
             self._start_error = e
-            if self._zygote is not None:
-                self._zygote.close()
+            self._shut_down("the pool failed to start")
             self._started.set()
             return
         self._started.set()
@@ -311,16 +360,46 @@ class VerifierPool:
             reason = f"the verifier pool failed: {e!r}"
             raise
         finally:
-            with self._lock:
-                self._closed = True
-                pending, self._pending = list(self._pending), collections.deque()
-            for worker in self._workers:
-                worker.kill()
-                if worker.task is not None:
-                    worker.task[0]._fail_all(reason)
-            self._zygote.close()
-            for handle, _, _ in pending:
-                handle._fail_all(reason)
+            self._shut_down(reason)
+
+    def _start_workers(self) -> None:
+        self._spawner = (
+            _Zygote(self._imports) if self.mp_context == "forkserver" else _Spawner(self._imports)
+        )
+        self._workers = [self._spawn() for _ in range(self.num_workers)]
+        for worker in self._workers:
+            self._await_ready(worker)
+
+    def _await_ready(self, worker: _Worker) -> None:
+        if not worker.conn.poll(WORKER_START_TIMEOUT_S):
+            raise RuntimeError("verifier pool: a worker did not start in time")
+        self._receive_ready(worker)
+
+    def _receive_ready(self, worker: _Worker) -> None:
+        try:
+            message = worker.conn.recv()
+        except (EOFError, OSError):
+            message = None
+        if not (isinstance(message, tuple) and message[0] == "ready"):
+            raise RuntimeError(
+                "verifier pool: a worker died while starting (see its error output above)"
+            )
+        worker.ready = True
+
+    def _shut_down(self, reason: str) -> None:
+        with self._lock:
+            self._closed = True
+            pending, self._pending = list(self._pending), collections.deque()
+        for worker in self._workers:
+            worker.kill()
+            if worker.task is not None:
+                worker.task[0]._fail_all(reason)
+        if self._spawner is not None:
+            self._spawner.close()
+        for handle, _, _ in pending:
+            handle._fail_all(reason)
+        self._wake_recv.close()
+        self._wake_send.close()
 
     def _loop(self) -> None:
         while True:
@@ -328,18 +407,21 @@ class VerifierPool:
                 if self._closed:
                     return
                 for slot, worker in enumerate(self._workers):
-                    if worker.task is None and self._pending:
+                    if worker.ready and worker.task is None and self._pending:
                         handle, index, item = self._pending.popleft()
                         self._workers[slot] = self._dispatch(worker, handle, index, item)
-            busy = [w for w in self._workers if w.task is not None]
-            timeout = None
-            if busy:
-                timeout = max(min(w.deadline for w in busy) - time.monotonic(), 0.0)
-            ready = wait([w.conn for w in busy] + [self._wake_recv], timeout)
+            waiting = [w for w in self._workers if w.task is not None or not w.ready]
+            deadlines = [w.deadline for w in waiting if w.task is not None]
+            timeout = max(min(deadlines) - time.monotonic(), 0.0) if deadlines else None
+            ready = wait([w.conn for w in waiting] + [self._wake_recv], timeout)
             if self._wake_recv in ready:
                 self._wake_recv.recv(4096)
             for slot, worker in enumerate(self._workers):
-                if worker.task is not None and worker.conn in ready:
+                if worker.conn not in ready:
+                    continue
+                if not worker.ready:
+                    self._workers[slot] = self._started_or_replaced(worker)
+                elif worker.task is not None:
                     self._workers[slot] = self._collect(worker)
             now = time.monotonic()
             for slot, worker in enumerate(self._workers):
@@ -349,6 +431,18 @@ class VerifierPool:
                     self._workers[slot] = self._spawn()
                     handle._set(index, reject("timeout"))
 
+    def _started_or_replaced(self, worker: _Worker) -> _Worker:
+        try:
+            self._receive_ready(worker)
+        except RuntimeError:
+            worker.kill()
+            self._failed_starts += 1
+            if self._failed_starts >= 3:
+                raise
+            return self._spawn()
+        self._failed_starts = 0
+        return worker
+
     def _dispatch(self, worker: _Worker, handle: VerifyHandle, index: int, item: Item) -> _Worker:
         try:
             message = pickle.dumps((index, *item), protocol=pickle.HIGHEST_PROTOCOL)
@@ -357,10 +451,10 @@ class VerifierPool:
             return worker
         try:
             worker.conn.send_bytes(message)
-        except OSError:  # the idle worker died: replace it
+        except OSError:  # the idle worker died: retry the item on a replacement
             worker.kill()
-            worker = self._spawn()
-            worker.conn.send_bytes(message)
+            self._pending.appendleft((handle, index, item))
+            return self._spawn()
         worker.task = (handle, index)
         worker.deadline = time.monotonic() + self.timeout_s
         return worker

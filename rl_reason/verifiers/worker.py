@@ -1,18 +1,24 @@
 """The zygote and worker processes behind ``VerifierPool``.
 
-``python -m rl_reason.verifiers.worker CONTROL_FD [MODULE ...]`` starts a *zygote*: a fresh
-interpreter (started with subprocess, never forked from the trainer, so no JAX threads are
-copied, and unlike multiprocessing's spawn it does not re-import the trainer's ``__main__``,
-which would import jax) that imports the verifiers, warms math-verify up, then forks one worker
-per request arriving on the control socket. Forking from this clean, single-threaded process
-makes replacing a killed or recycled worker cost milliseconds instead of a new interpreter.
+Both are fresh interpreters started with subprocess: never forked from the trainer (no JAX
+threads are copied) and, unlike multiprocessing's spawn and forkserver, they do not re-import
+the trainer's ``__main__`` (which would import jax).
 
+``python -m rl_reason.verifiers.worker zygote FD [MODULE ...]`` (``mp_context="forkserver"``)
+imports the verifiers, warms math-verify up, then forks one worker per request arriving on the
+control socket FD. Forking from this clean, single-threaded process makes replacing a killed or
+recycled worker cost milliseconds instead of a new interpreter and a second of imports.
 Control protocol (Unix socket): the zygote sends b"R" when ready; each request is one byte with
 one file descriptor attached (the worker's end of a socket pair), answered with the new worker's
-pid as 8 bytes. Workers speak ``multiprocessing.connection`` on their socket: they receive
-``(seq, name, response, example)`` or None (retire) and answer ``(seq, ok, result_or_message)``.
+pid as 8 bytes.
 
-Everything dies with its parent (PR_SET_PDEATHSIG), so nothing outlives the pool's owner.
+``python -m rl_reason.verifiers.worker worker FD [MODULE ...]`` (``mp_context="spawn"``) is one
+worker serving on FD.
+
+Workers speak ``multiprocessing.connection`` on their socket: first they send ``("ready", pid)``,
+then they receive ``(seq, name, response, example)`` or None (retire) and answer
+``(seq, ok, result_or_message)``. Everything dies with its parent (PR_SET_PDEATHSIG), so nothing
+outlives the pool's owner.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ def serve(conn: Connection) -> None:
     """The worker loop: verify items until told to retire or the pool goes away."""
     from rl_reason import verifiers
 
+    conn.send(("ready", os.getpid()))
     while True:
         try:
             message = conn.recv()
@@ -68,13 +75,22 @@ def _warm_up() -> None:
         pass
 
 
-def zygote(control_fd: int, modules: list[str]) -> None:
+def _prepare(modules: list[str]) -> None:
     _die_with_parent()
     # The owner handles Ctrl-C and closes the pool; a terminal's SIGINT must not kill us first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for module in modules:
         importlib.import_module(module)
     _warm_up()
+
+
+def worker(fd: int, modules: list[str]) -> None:
+    _prepare(modules)
+    serve(Connection(fd))
+
+
+def zygote(control_fd: int, modules: list[str]) -> None:
+    _prepare(modules)
     control = socket.socket(fileno=control_fd)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped automatically
     control.sendall(b"R")
@@ -104,4 +120,4 @@ def zygote(control_fd: int, modules: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    zygote(int(sys.argv[1]), sys.argv[2:])
+    {"zygote": zygote, "worker": worker}[sys.argv[1]](int(sys.argv[2]), sys.argv[3:])
