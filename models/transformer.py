@@ -136,7 +136,7 @@ class Attention(nnx.Module):
             return True
         return q_pos - k_pos < self.window
 
-    def __call__(self, x_BTD, positions_BT, mask_BT):
+    def __call__(self, x_BTD, positions_BT, mask_BT, segment_ids_BT=None):
         """Full-sequence attention. Returns (out [B,T,D], LayerKV of this sequence)."""
         cfg = self.cfg
         b, t, _ = x_BTD.shape
@@ -147,6 +147,8 @@ class Attention(nnx.Module):
         causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
         allowed = causal & mask_BT[:, None, :].astype(bool)
         allowed &= self._window_ok(positions_BT[:, :, None], positions_BT[:, None, :])
+        if segment_ids_BT is not None:  # packed sequences: attend within one's own document
+            allowed &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
         s = jnp.where(allowed[:, None, None], s, _NEG_INF)
         p = jax.nn.softmax(s, axis=-1)
         o = jnp.einsum("bkrts,bskh->btkrh", p.astype(v.dtype), v)
@@ -228,8 +230,8 @@ class Block(nnx.Module):
             h = self.post_mlp_norm(h)
         return x + h
 
-    def __call__(self, x, positions_BT, mask_BT):
-        attn_out, kv = self.attn(self.attn_norm(x), positions_BT, mask_BT)
+    def __call__(self, x, positions_BT, mask_BT, segment_ids_BT=None):
+        attn_out, kv = self.attn(self.attn_norm(x), positions_BT, mask_BT, segment_ids_BT)
         return self._finish(x, attn_out), kv
 
     def decode(self, x, positions_B, layer_cache, prefix, cache):
@@ -273,9 +275,12 @@ class Transformer(nnx.Module):
         return _softcap(out, self.cfg.final_logit_softcap)
 
     def __call__(self, input_ids_BT: jax.Array, *, mask_BT: jax.Array | None = None,
-                 positions_BT: jax.Array | None = None, return_hidden: bool = False,
-                 return_kv: bool = False):
+                 positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
+                 return_hidden: bool = False, return_kv: bool = False):
         """Full forward. mask_BT: 1 on real tokens (padding anywhere is never attended to).
+
+        segment_ids_BT packs several documents in a row: tokens attend only within their own
+        segment (pass positions_BT that restart at 0 for each document).
 
         Returns logits [B,T,V] (or the final-norm hidden states [B,T,D] with return_hidden, for
         memory-bound log-prob computation), plus a tuple of per-layer LayerKV with return_kv.
@@ -287,7 +292,7 @@ class Transformer(nnx.Module):
         x = self.embed(input_ids_BT)
         kvs = []
         for block in self.layers:
-            x, kv = block(x, positions_BT, mask_BT)
+            x, kv = block(x, positions_BT, mask_BT, segment_ids_BT)
             kvs.append(kv)
         h = self.final_norm(x)
         out = h if return_hidden else self.logits(h)

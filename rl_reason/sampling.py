@@ -31,12 +31,17 @@ from models.transformer import Transformer, positions_from_mask
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """How to pick each token. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+    """How to pick each token. temperature 0 is greedy; top_k 0 and top_p 1 are off.
+
+    `vocab_size`: ids at or past it are never sampled (embedding rows padded beyond the
+    tokenizer's vocabulary); None allows every row.
+    """
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -85,7 +90,11 @@ def filter_logits(logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
 
 def _choose(logits_BV: jax.Array, key: jax.Array, cfg: SamplingConfig):
     """(token [B], sampling log-prob [B], policy log-prob [B])."""
+    # The policy log-prob is over every embedding row, as the trainer's forward pass sees it.
     policy_lp = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    if cfg.vocab_size is not None and cfg.vocab_size < logits_BV.shape[-1]:
+        logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < cfg.vocab_size, logits_BV,
+                              -jnp.inf)
     if cfg.temperature == 0.0:
         token = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
         sample_lp = jnp.zeros(token.shape, jnp.float32)
