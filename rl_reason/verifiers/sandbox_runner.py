@@ -66,7 +66,7 @@ def encode_value(value, depth=0):
         return ["c", complex.__repr__(value)]
     if isinstance(value, str):
         return ["s", str.__str__(value)]
-    if isinstance(value, bytes | bytearray):
+    if isinstance(value, (bytes, bytearray)):  # noqa: UP038 - runs on older pythons too
         return ["b", base64.b64encode(bytes(memoryview(value))).decode("ascii")]
     if isinstance(value, Fraction):
         return ["q", int.__repr__(value.numerator), int.__repr__(value.denominator)]

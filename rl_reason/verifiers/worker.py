@@ -93,6 +93,11 @@ def zygote(control_fd: int, modules: list[str]) -> None:
     _prepare(modules)
     control = socket.socket(fileno=control_fd)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped automatically
+    # Keep the imported modules out of the workers' garbage collections, so that collecting
+    # does not touch (and copy-on-write) the pages they share with us.
+    import gc
+
+    gc.freeze()
     control.sendall(b"R")
     while True:
         try:
