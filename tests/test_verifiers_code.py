@@ -620,6 +620,22 @@ def test_unavailable_bubblewrap_refuses_with_instructions(monkeypatch, fresh_bac
     assert "RL_REASON_CODE_SANDBOX=rlimit" in str(info.value)
 
 
+def test_bubblewrap_setup_failures_raise_instead_of_scoring_zero(monkeypatch):
+    real = sandbox._bwrap_command
+    calls = []
+
+    def broken(backend, limits):
+        calls.append(1)
+        cmd = real(backend, limits)
+        return [cmd[0], "--bind", "/nonexistent/source", "/x", *cmd[1:]]
+
+    sandbox.current_backend()  # probed with the real command
+    monkeypatch.setattr(sandbox, "_bwrap_command", broken)
+    with pytest.raises(sandbox.SandboxError, match="bwrap: Can't find source path"):
+        verify("print(1)", io("1"))
+    assert len(calls) == 2  # retried once
+
+
 def test_rlimit_mode_is_explicit_and_warns(monkeypatch, fresh_backend):
     monkeypatch.setenv("RL_REASON_CODE_SANDBOX", "rlimit")
     with pytest.warns(RuntimeWarning, match="WITHOUT a sandbox"):

@@ -24,7 +24,7 @@ from rl_reason.verifiers.gsm8k import verify_gsm8k
 from rl_reason.verifiers.math_equivalence import verify_math
 from rl_reason.verifiers.pool import VerifierError, VerifierPool, VerifyHandle
 from rl_reason.verifiers.result import VerifyResult
-from rl_reason.verifiers.sandbox import SandboxLimits, SandboxUnavailable
+from rl_reason.verifiers.sandbox import SandboxError, SandboxLimits, SandboxUnavailable
 
 Verifier = Callable[[str, Mapping[str, Any]], VerifyResult]
 
@@ -60,6 +60,7 @@ def register(name: str, verifier: Verifier) -> None:
 
 
 __all__ = [
+    "SandboxError",
     "SandboxLimits",
     "SandboxUnavailable",
     "Verifier",

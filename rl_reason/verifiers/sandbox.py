@@ -306,10 +306,25 @@ def _parse_report(stdout: bytes) -> tuple[CaseRun, ...]:
     return tuple(runs)
 
 
+class SandboxError(RuntimeError):
+    """bubblewrap failed to set a sandbox up (not something the code under test did)."""
+
+
 def run_job(job: dict[str, Any], limits: SandboxLimits) -> RunReport:
-    """Runs one runner job (see ``sandbox_runner``) in the configured sandbox."""
+    """Runs one runner job (see ``sandbox_runner``) in the configured sandbox.
+
+    A failure of bubblewrap itself (it reports "bwrap: ..." before the runner starts, e.g. when
+    the machine runs out of namespaces) is retried once and then raised as SandboxError: it is
+    not the response's fault and must not be scored as a wrong answer.
+    """
     backend = current_backend()
-    stdout, stderr, timed_out, overflow = _launch(backend, job, limits)
+    for attempt in range(2):
+        stdout, stderr, timed_out, overflow = _launch(backend, job, limits)
+        setup_failed = not stdout and stderr.startswith(b"bwrap:")
+        if not setup_failed:
+            break
+        if attempt == 1:
+            raise SandboxError(stderr.decode("utf-8", "replace").strip()[:300])
     if overflow:
         return RunReport((), failure="output limit exceeded")
     try:
