@@ -1,0 +1,68 @@
+"""R1-Zero in miniature: the default experiment (stage 1 pretraining, stage 2 GRPO).
+
+Launch:
+  python -m experiments.r1_zero_tiny                      # defaults below
+  python -m experiments.train --config=experiments/configs/r1_zero_tiny.py
+  python -m experiments.train --config=experiments/configs/r1_zero_tiny.py:smoke   # < 1 min
+  ... --config.grpo.kl_coef=0.01 --config.workdir=/tmp/run2                       # ablations
+
+Expected on a 2-core CPU (see README for the measured figures): a tiny base model that rarely
+writes its steps and answers few held-out chains correctly; after GRPO on the outcome reward
+only, it writes its steps before answering and held-out greedy accuracy rises by tens of points.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/r1_zero_tiny"
+    c.seed = 0
+    c.smoke = False
+
+    c.task = ml_collections.ConfigDict(dict(min_ops=2, max_ops=4, max_value=19, ops="+-",
+                                            max_factor=3))
+    c.data = ml_collections.ConfigDict(dict(
+        corpus_size=40_000,  # pretraining texts
+        frac_worked=0.3,  # share of corpus texts that show their steps
+        frac_template=0.5,  # share written in the RL prompt template
+        eval_size=256,  # held-out problems for before/after evaluation
+        rl_pool_size=8192,  # RL training problems (none in the corpus)
+    ))
+    c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=256, train_texts=5000))
+    c.model = ml_collections.ConfigDict(dict(
+        preset="tiny",
+        overrides=ml_collections.ConfigDict(dict(num_layers=4, embed_dim=128, num_heads=4,
+                                                 num_kv_heads=4, head_dim=32, mlp_dim=384,
+                                                 max_seq_len=256)),
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.pretrain = ml_collections.ConfigDict(dict(steps=400, batch_size=32, seq_len=128,
+                                                learning_rate=2e-3, warmup_steps=50,
+                                                weight_decay=0.01, max_grad_norm=1.0, seed=0))
+    c.grpo = ml_collections.ConfigDict(dict(
+        steps=100, prompts_per_step=16, group_size=8, max_prompt_len=64, max_new_tokens=64,
+        temperature=1.0, learning_rate=2e-4, warmup_steps=5, lr_schedule="constant",
+        max_grad_norm=1.0, inner_iterations=1, minibatches=1, microbatches=1,
+        advantage_estimator="grpo", aggregation="token-mean", kl_coef=0.0,
+        clip_eps_low=0.2, clip_eps_high=0.2, eval_every=0, eval_samples=4,
+        checkpoint_every=50, verifier_workers=2, verifier_timeout_s=10.0, seed=0,
+    ))
+
+    if arg == "smoke":
+        c.smoke = True
+        c.workdir = "runs/r1_zero_tiny_smoke"
+        c.data.update(corpus_size=2000, eval_size=16, rl_pool_size=256)
+        c.tokenizer.train_texts = 2000
+        c.model.overrides.update(num_layers=2, embed_dim=64, head_dim=16, mlp_dim=128)
+        c.pretrain.update(steps=20, batch_size=8, warmup_steps=2)
+        # The soft overlong penalty makes rewards vary even for an untrained model, so the
+        # smoke run exercises real (non-zero) updates.
+        c.grpo.update(steps=3, prompts_per_step=4, group_size=4, max_new_tokens=32,
+                      overlong_buffer=16,
+                      eval_samples=2, checkpoint_every=2, verifier_workers=1)
+    elif arg:
+        raise ValueError(f"unknown config arg {arg!r}; valid: '' or 'smoke'")
+
+    c.lock()
+    return c

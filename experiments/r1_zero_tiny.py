@@ -1,0 +1,23 @@
+"""The default demo: python -m experiments.r1_zero_tiny [--config.grpo.steps=...]"""
+
+import os
+
+from absl import app
+from ml_collections import config_flags
+
+from rl_reason import r1_zero
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "configs", "r1_zero_tiny.py"),
+    "experiment config file[:arg]",
+    lock_config=True)
+
+
+def main(argv):
+    del argv
+    r1_zero.configure_logging()
+    r1_zero.run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,495 @@
+"""The GRPO loop: sample on device, verify on host CPU, update on device.
+
+One step, in the order it runs:
+
+  1. P examples -> prompts -> token ids (host).
+  2. G samples per prompt in one jitted call (`sampling.sample`), prompt prefilled once.
+  3. Completions -> text -> the verifier pool (host worker processes). While the pool works, the
+     device computes the reference log-probs (when kl_coef > 0) and, if asked, recomputed old
+     log-probs; JAX dispatch is asynchronous, so the two overlap.
+  4. Rewards (+ DAPO overlong penalty, + optional format reward) -> group advantages. With
+     dynamic sampling, groups whose rewards are all equal are dropped and more prompts sampled.
+  5. mu passes over the batch, each split into minibatches (one optimizer update each) and
+     microbatches (exact gradient accumulation, `train_step.update`).
+  6. Metrics to console / JSONL / TensorBoard; periodic evaluation and checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rl_reason import evaluation, losses, sampling, train_step
+from rl_reason.sampling import SamplingConfig
+from rl_reason.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Task(Protocol):
+    """What the trainer needs from a task (see rl_reason/tasks/)."""
+
+    verifier_name: str
+
+    def prompt(self, example: Mapping[str, Any]) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """Every knob of the loop. Defaults follow DeepSeekMath's GRPO where it gives one."""
+
+    steps: int = 100
+    prompts_per_step: int = 16  # P
+    group_size: int = 8  # G
+    max_prompt_len: int = 128  # prompts are left-padded to this (fixed shapes, no recompiles)
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    # Optimisation.
+    learning_rate: float = 1e-6
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    weight_decay: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.99
+    max_grad_norm: float | None = 1.0
+    inner_iterations: int = 1  # mu: passes over each step's samples
+    minibatches: int = 1  # optimizer updates per pass
+    microbatches: int = 1  # gradient accumulation inside one update
+    # Objective (rl_reason.losses).
+    advantage_estimator: str = "grpo"
+    aggregation: str = "token-mean"
+    ratio_level: str = "token"
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    logprob_chunk_size: int | None = None
+    recompute_old_logprobs: bool = False
+    # DAPO options.
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
+    overlong_buffer: int = 0  # soft overlong penalty over the last `overlong_buffer` tokens
+    overlong_penalty: float = 1.0
+    mask_truncated: bool = False
+    format_reward: float = 0.0  # weight of the `format` verifier added to the reward
+    # Robustness.
+    max_nonfinite_steps: int = 3
+    # Evaluation and checkpoints.
+    eval_every: int = 0  # 0: only before and after training
+    eval_samples: int = 4  # k for mean@k / maj@k / pass@k
+    eval_temperature: float = 1.0
+    checkpoint_every: int = 0
+    checkpoint_keep: int = 2
+    verifier_workers: int = 2
+    verifier_timeout_s: float = 10.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "steps": self.steps >= 0, "prompts_per_step": self.prompts_per_step >= 1,
+            "group_size": self.group_size >= 2, "max_new_tokens": self.max_new_tokens >= 1,
+            "inner_iterations": self.inner_iterations >= 1, "minibatches": self.minibatches >= 1,
+            "microbatches": self.microbatches >= 1,
+            "max_sampling_rounds": self.max_sampling_rounds >= 1,
+            "overlong_buffer": 0 <= self.overlong_buffer < self.max_new_tokens,
+            "eval_samples": self.eval_samples >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"GRPOConfig: invalid {', '.join(f'{b}={getattr(self, b)!r}' for b in bad)}"
+                             " (group_size needs >= 2: advantages are relative to the group)")
+        rows = self.prompts_per_step * self.group_size
+        if rows % (self.minibatches * self.microbatches):
+            raise ValueError(f"GRPOConfig: P*G = {rows} rows must split evenly into minibatches "
+                             f"({self.minibatches}) x microbatches ({self.microbatches})")
+        for name, value, valid in (
+                ("advantage_estimator", self.advantage_estimator, losses.ADVANTAGE_ESTIMATORS),
+                ("aggregation", self.aggregation, losses.AGGREGATIONS),
+                ("ratio_level", self.ratio_level, losses.RATIO_LEVELS),
+                ("kl_estimator", self.kl_estimator, losses.KL_ESTIMATORS)):
+            if value not in valid:
+                raise ValueError(f"GRPOConfig.{name}={value!r}; valid: {list(valid)}")
+
+    @property
+    def rows(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+    def loss_config(self) -> train_step.LossConfig:
+        return train_step.LossConfig(
+            clip_eps_low=self.clip_eps_low, clip_eps_high=self.clip_eps_high,
+            ratio_level=self.ratio_level, aggregation=self.aggregation,
+            max_len=self.max_new_tokens, kl_coef=self.kl_coef, kl_estimator=self.kl_estimator,
+            chunk_size=self.logprob_chunk_size)
+
+    def optim_config(self) -> train_step.OptimConfig:
+        updates = self.steps * self.inner_iterations * self.minibatches
+        return train_step.OptimConfig(
+            learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
+            total_steps=max(updates, 1), schedule=self.lr_schedule,
+            weight_decay=self.weight_decay, b1=self.adam_b1, b2=self.adam_b2,
+            max_grad_norm=self.max_grad_norm)
+
+
+def overlong_penalty(lengths: np.ndarray, max_new_tokens: int, buffer: int,
+                     penalty: float) -> np.ndarray:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 up to L_max - buffer, then
+    linearly down to -penalty at L_max."""
+    if buffer <= 0:
+        return np.zeros(lengths.shape, np.float32)
+    over = np.clip(lengths - (max_new_tokens - buffer), 0, buffer)
+    return (-penalty * over / buffer).astype(np.float32)
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One sampling round on the host: P prompts x G samples, with rewards."""
+
+    examples: list[dict]
+    out: Any  # sampling.SampleOutput (device arrays)
+    texts: list[str]
+    rewards: np.ndarray  # [B]
+    correct: np.ndarray  # [B] bool
+    lengths: np.ndarray  # [B]
+    truncated: np.ndarray  # [B]
+    verify_seconds: float
+    verify_wait_seconds: float
+
+
+def _extract_answer(text: str) -> str | None:
+    start = text.rfind("<answer>")
+    if start < 0:
+        return None
+    end = text.find("</answer>", start)
+    return text[start + len("<answer>"):end].strip() if end >= 0 else None
+
+
+class GRPOTrainer:
+    """Owns the policy state and runs GRPO steps. See the module docstring for the data flow.
+
+    Args:
+      cfg: the loop's options.
+      graphdef, params: the policy (`nnx.split` of a Transformer, params possibly sharded).
+      tokenizer: encodes prompts, decodes completions.
+      task: gives the prompt text and the verifier name of each example.
+      train_batches: an endless iterator of lists of P example dicts.
+      eval_examples: held-out examples for `evaluate`.
+      pool: a `rl_reason.verifiers.VerifierPool` (or anything with `submit(items)` returning a
+        handle with `result()`).
+      metrics: a `rl_reason.metrics.MetricsWriter` (optional).
+      stop_token_ids: end-of-completion tokens (default: the tokenizer's eos).
+      response_stats: optional fn(texts, examples) -> dict of extra eval metrics.
+    """
+
+    def __init__(self, cfg: GRPOConfig, *, graphdef, params, tokenizer: Tokenizer, task: Task,
+                 train_batches: Iterator[list[dict]], eval_examples: Sequence[dict] = (),
+                 pool, metrics=None, checkpointer=None,
+                 stop_token_ids: Sequence[int] | None = None,
+                 response_stats: Callable[[list[str], list[dict]], dict] | None = None):
+        self.cfg = cfg
+        self.graphdef = graphdef
+        self.params = params
+        self.tokenizer = tokenizer
+        self.task = task
+        self.train_batches = train_batches
+        self.eval_examples = list(eval_examples)
+        self.pool = pool
+        self.metrics = metrics
+        self.checkpointer = checkpointer
+        self.response_stats = response_stats
+        stops = (tokenizer.eos_id,) if stop_token_ids is None else tuple(stop_token_ids)
+        self.sampling = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k,
+                                       top_p=cfg.top_p, stop_token_ids=stops)
+        self.buffer_len = sampling.bucket(cfg.max_new_tokens)
+        model_vocab = nnx.merge(graphdef, params).cfg.vocab_size
+        tokenizer.assert_fits(model_vocab)
+        self.optim_cfg = cfg.optim_config()
+        self.optimizer = train_step.make_optimizer(self.optim_cfg)
+        self.lr_fn = self.optim_cfg.learning_rate_fn()
+        self.opt_state = jax.jit(self.optimizer.init)(params)
+        # The frozen reference policy: a copy of the initial weights (only with a KL term).
+        self.ref_params = (jax.tree.map(jnp.copy, params) if cfg.kl_coef > 0 else None)
+        self.loss_cfg = cfg.loss_config()
+        self.key = jax.random.key(cfg.seed)
+        self.step_count = 0
+        self.updates = 0
+        self._nonfinite_in_a_row = 0
+        self._nonfinite_total = 0
+
+    # -- sampling and verification --------------------------------------------------------------
+
+    def _encode_prompts(self, examples: Sequence[dict]) -> list[list[int]]:
+        ids = self.tokenizer.encode_batch([self.task.prompt(ex) for ex in examples],
+                                          add_bos=True)
+        too_long = [len(x) for x in ids if len(x) > self.cfg.max_prompt_len]
+        if too_long:
+            raise ValueError(f"a prompt has {max(too_long)} tokens > max_prompt_len "
+                             f"{self.cfg.max_prompt_len}: raise max_prompt_len")
+        return ids
+
+    def _generate(self, examples: Sequence[dict], key, *, group_size: int,
+                  config: SamplingConfig):
+        return sampling.sample(
+            (self.graphdef, self.params), self._encode_prompts(examples), key,
+            group_size=group_size, max_new_tokens=self.cfg.max_new_tokens, config=config,
+            pad_id=self.tokenizer.pad_id, buffer_len=self.buffer_len,
+            prompt_width=self.cfg.max_prompt_len)
+
+    def _texts(self, out) -> tuple[list[str], np.ndarray, np.ndarray]:
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        texts = self.tokenizer.decode_batch([row[:n] for row, n in zip(tokens, lengths)])
+        return texts, lengths, np.asarray(out.truncated)
+
+    def _submit(self, texts: list[str], examples: list[dict], group_size: int):
+        per_row = [examples[i // group_size] for i in range(len(texts))]
+        items = [(ex.get("verifier", self.task.verifier_name), text, ex)
+                 for text, ex in zip(texts, per_row)]
+        if self.cfg.format_reward:
+            items += [("format", text, ex) for text, ex in zip(texts, per_row)]
+        return self.pool.submit(items)
+
+    def _collect(self, handle, n: int) -> tuple[np.ndarray, np.ndarray]:
+        results = handle.result()
+        rewards = np.asarray([r.reward for r in results[:n]], np.float32)
+        correct = np.asarray([r.correct for r in results[:n]], bool)
+        if self.cfg.format_reward:
+            rewards += self.cfg.format_reward * np.asarray([r.reward for r in results[n:]],
+                                                           np.float32)
+        return rewards, correct
+
+    def rollout(self, examples: list[dict], key, before_collect: Callable[[Any], Any] | None = None
+                ) -> tuple[Rollout, Any]:
+        """Sample, decode, verify. `before_collect(out)` runs on the device while the pool works."""
+        g = self.cfg.group_size
+        out = self._generate(examples, key, group_size=g, config=self.sampling)
+        texts, lengths, truncated = self._texts(out)
+        t0 = time.perf_counter()
+        handle = self._submit(texts, examples, g)
+        device_work = before_collect(out) if before_collect else None
+        t_wait = time.perf_counter()
+        rewards, correct = self._collect(handle, len(texts))
+        t1 = time.perf_counter()
+        rewards += overlong_penalty(lengths, self.cfg.max_new_tokens, self.cfg.overlong_buffer,
+                                    self.cfg.overlong_penalty)
+        return Rollout(examples, out, texts, rewards, correct, lengths, truncated,
+                       verify_seconds=t1 - t0, verify_wait_seconds=t1 - t_wait), device_work
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def _device_logprobs(self, out):
+        """Reference (and recomputed old) log-probs, dispatched asynchronously."""
+        g = self.cfg.group_size
+        prompt_ids = jnp.repeat(out.prompt_ids, g, axis=0)
+        prompt_mask = jnp.repeat(out.prompt_mask, g, axis=0)
+        args = (prompt_ids, prompt_mask, out.tokens, out.mask)
+        chunk = self.cfg.logprob_chunk_size
+        ref = (train_step.sequence_logprobs(self.graphdef, self.ref_params, *args,
+                                            chunk_size=chunk) if self.ref_params else None)
+        old = (train_step.sequence_logprobs(self.graphdef, self.params, *args, chunk_size=chunk)
+               if self.cfg.recompute_old_logprobs else None)
+        return ref, old
+
+    def _gather_rollouts(self, key) -> tuple[list[tuple[Rollout, Any]], int]:
+        """Rollouts for this step; with dynamic sampling, only groups with reward variance."""
+        cfg = self.cfg
+        kept: list[tuple[Rollout, Any, np.ndarray]] = []
+        dropped: list[tuple[Rollout, Any, np.ndarray]] = []
+        n_kept, rounds = 0, 0
+        while True:
+            key, sub = jax.random.split(key)
+            examples = next(self.train_batches)
+            ro, dev = self.rollout(examples, sub, before_collect=self._device_logprobs)
+            rounds += 1
+            groups = ro.rewards.reshape(cfg.prompts_per_step, cfg.group_size)
+            informative = groups.max(axis=1) > groups.min(axis=1)
+            if not cfg.dynamic_sampling:
+                return [(ro, dev, np.ones(cfg.prompts_per_step, bool))], rounds
+            kept.append((ro, dev, informative))
+            dropped.append((ro, dev, ~informative))
+            n_kept += int(informative.sum())
+            if n_kept >= cfg.prompts_per_step or rounds >= cfg.max_sampling_rounds:
+                break
+        # Fill to exactly P groups: informative first, then (if rounds ran out) the others,
+        # whose advantages are 0 anyway.
+        chosen, need = [], cfg.prompts_per_step
+        for ro, dev, sel in kept + dropped:
+            take = np.flatnonzero(sel)[:need]
+            sel = np.zeros_like(sel)
+            sel[take] = True
+            need -= len(take)
+            chosen.append((ro, dev, sel))
+        return [c for c in chosen if c[2].any()], rounds
+
+    def _assemble(self, parts) -> tuple[train_step.Batch, dict[str, np.ndarray]]:
+        """Concatenate the chosen groups of each rollout into one [B] training batch."""
+        cfg, g = self.cfg, self.cfg.group_size
+        pieces: dict[str, list] = {k: [] for k in ("prompt_ids", "prompt_mask", "tokens", "mask",
+                                                   "old_logp", "ref_logp")}
+        host: dict[str, list] = {k: [] for k in ("rewards", "correct", "lengths", "truncated")}
+        for ro, (ref, old), sel in parts:
+            rows = np.repeat(sel, g)
+            out = ro.out
+            pieces["prompt_ids"].append(jnp.repeat(out.prompt_ids[sel], g, axis=0))
+            pieces["prompt_mask"].append(jnp.repeat(out.prompt_mask[sel], g, axis=0))
+            pieces["tokens"].append(out.tokens[rows])
+            mask = out.mask[rows].astype(jnp.float32)
+            if cfg.mask_truncated:
+                mask = mask * (~out.truncated[rows])[:, None]
+            pieces["mask"].append(mask)
+            pieces["old_logp"].append((old if old is not None else out.policy_logprobs)[rows])
+            pieces["ref_logp"].append(ref[rows] if ref is not None
+                                      else jnp.zeros(out.tokens[rows].shape, jnp.float32))
+            for k in host:
+                host[k].append(getattr(ro, k)[rows])
+        arrays = {k: jnp.concatenate(v) for k, v in pieces.items()}
+        hosts = {k: np.concatenate(v) for k, v in host.items()}
+        advantages = losses.compute_advantages(jnp.asarray(hosts["rewards"]), g,
+                                               estimator=cfg.advantage_estimator)
+        return train_step.Batch(advantages=advantages.astype(jnp.float32), **arrays), hosts
+
+    def _train_on(self, batch: train_step.Batch) -> dict[str, float]:
+        cfg = self.cfg
+        rows_per_mb = cfg.rows // cfg.minibatches
+        collected = []
+        for epoch in range(cfg.inner_iterations):
+            perm = (np.arange(cfg.rows) if epoch == 0 else
+                    np.random.default_rng([cfg.seed, self.step_count, epoch]).permutation(
+                        cfg.rows))
+            for m in range(cfg.minibatches):
+                idx = perm[m * rows_per_mb:(m + 1) * rows_per_mb]
+                mb = jax.tree.map(lambda x: x[idx], batch)
+                mb = train_step.split_microbatches(mb, cfg.microbatches)
+                self.params, self.opt_state, metrics = train_step.update(
+                    self.graphdef, self.optimizer, self.loss_cfg, self.params, self.opt_state, mb)
+                # Fetching the metrics blocks on each update: it keeps the host honest about step
+                # time and avoids the CPU collective stalls seen with unblocked sharded loops.
+                collected.append(jax.device_get(metrics))
+                self.updates += 1
+        finite = [m["finite"] for m in collected]
+        if all(finite):
+            self._nonfinite_in_a_row = 0
+        else:
+            self._nonfinite_total += int(sum(1 for f in finite if not f))
+            self._nonfinite_in_a_row += 1
+            if self._nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{self._nonfinite_in_a_row} steps in a row had a non-finite loss or "
+                    "gradient (updates were skipped). Lower the learning rate, check the data, "
+                    "or set dtype=float32.")
+        keys = collected[-1].keys()
+        return {k: float(np.mean([m[k] for m in collected])) for k in keys}
+
+    def step(self) -> dict[str, float]:
+        """One GRPO step; returns its metrics."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.key, key = jax.random.split(self.key)
+        parts, rounds = self._gather_rollouts(key)
+        t_sampled = time.perf_counter()
+        batch, host = self._assemble(parts)
+        train_metrics = self._train_on(batch)
+        t_trained = time.perf_counter()
+        self.step_count += 1
+
+        rewards = host["rewards"].reshape(-1, cfg.group_size)
+        verify = sum(p[0].verify_seconds for p in parts)
+        verify_wait = sum(p[0].verify_wait_seconds for p in parts)
+        generated = sum(int(p[0].lengths.sum()) for p in parts)
+        sample_time = t_sampled - t0
+        metrics = {
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+            "accuracy": float(host["correct"].mean()),
+            "zero_std_groups": float(np.mean(rewards.max(1) == rewards.min(1))),
+            "response_length_mean": float(host["lengths"].mean()),
+            "response_length_min": float(host["lengths"].min()),
+            "response_length_max": float(host["lengths"].max()),
+            "truncated_frac": float(host["truncated"].mean()),
+            "clip_frac_low": train_metrics["clip_frac_low"],
+            "clip_frac_high": train_metrics["clip_frac_high"],
+            "ratio_mean": train_metrics["ratio_mean"],
+            "kl_ref": train_metrics["kl_ref"], "kl_old": train_metrics["approx_kl_old"],
+            "entropy": train_metrics["entropy"], "loss": train_metrics["loss"],
+            "grad_norm": train_metrics["grad_norm"],
+            "learning_rate": float(self.lr_fn(max(self.updates - 1, 0))),
+            "nonfinite_updates": float(self._nonfinite_total),
+            "sampling_rounds": float(rounds),
+            "time_sample_verify": sample_time, "time_verify": verify,
+            "time_verify_hidden": max(verify - verify_wait, 0.0),
+            "time_train": t_trained - t_sampled, "time_step": t_trained - t0,
+            "generated_tokens_per_s": generated / max(sample_time, 1e-9),
+        }
+        return metrics
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def evaluate(self, examples: Sequence[dict] | None = None, *, samples: int | None = None,
+                 batch_size: int = 64) -> dict[str, float]:
+        """Greedy accuracy, and mean@k / maj@k / pass@k over k sampled answers per problem."""
+        examples = list(self.eval_examples if examples is None else examples)
+        if not examples:
+            return {}
+        k = self.cfg.eval_samples if samples is None else samples
+        greedy_cfg = dataclasses.replace(self.sampling, temperature=0.0, top_k=0, top_p=1.0)
+        sample_cfg = dataclasses.replace(self.sampling, temperature=self.cfg.eval_temperature)
+        key = jax.random.key(self.cfg.seed + 10_007)
+        greedy_correct, greedy_len, greedy_texts = [], [], []
+        correct_k, answers_k = [], []
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            out = self._generate(chunk, key, group_size=1, config=greedy_cfg)
+            texts, lengths, _ = self._texts(out)
+            _, ok = self._collect(self._submit(texts, chunk, 1), len(texts))
+            greedy_correct += list(ok)
+            greedy_len += list(lengths)
+            greedy_texts += texts
+            if k > 0:
+                key, sub = jax.random.split(key)
+                out = self._generate(chunk, sub, group_size=k, config=sample_cfg)
+                texts, _, _ = self._texts(out)
+                _, ok = self._collect(self._submit(texts, chunk, k), len(texts))
+                correct_k += list(ok.reshape(-1, k))
+                answers_k += [[_extract_answer(t) for t in texts[i * k:(i + 1) * k]]
+                              for i in range(len(chunk))]
+        result = {"accuracy": evaluation.greedy_accuracy(greedy_correct),
+                  "mean_response_tokens": float(np.mean(greedy_len))}
+        if k > 0:
+            summary = evaluation.summarize(np.asarray(correct_k), answers_k,
+                                           ks=sorted({1, k}))
+            result.update({key_: float(v) for key_, v in summary.items()})
+        if self.response_stats is not None:
+            result.update(self.response_stats(greedy_texts, examples))
+        return result
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def train(self, on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+        """Run `cfg.steps` steps with metrics, periodic evaluation and checkpoints."""
+        history = []
+        for step in range(self.step_count, self.cfg.steps):
+            metrics = self.step()
+            if self.cfg.eval_every and (step + 1) % self.cfg.eval_every == 0:
+                metrics.update({f"eval_{k}": v for k, v in self.evaluate().items()})
+            if self.metrics is not None:
+                self.metrics.write(step + 1, metrics)
+                self.metrics.log_progress(step + 1, metrics)
+            if self.checkpointer is not None:
+                self.checkpointer.save(step + 1, self.state(),
+                                       force=step + 1 == self.cfg.steps)
+            history.append(metrics)
+            if on_step is not None:
+                on_step(step + 1, metrics)
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
+        return history
+
+    def state(self) -> dict:
+        return {"params": self.params, "opt_state": self.opt_state}
