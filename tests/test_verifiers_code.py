@@ -460,13 +460,20 @@ def test_writes_outside_tmp_fail(tmp_path, no_leftovers):
     assert verify(WRITE, io("/tmp/inside.txt", stdin="/tmp/inside.txt")).correct  # control
 
 
-def test_private_tmp_is_size_limited(no_leftovers):
-    source = (
-        "try:\n    with open('/tmp/big', 'wb') as f:\n        for _ in range(200):\n"
-        "            f.write(b'x' * (1 << 20))\n    print('wrote 200 MiB')\n"
-        "except OSError:\n    print('full')"
+def test_private_tmp_and_file_sizes_are_limited(no_leftovers):
+    # Files under the per-file limit (16 MiB) fill the 64 MiB tmpfs: ENOSPC, not host memory.
+    many = (
+        "import errno\ntry:\n    for i in range(20):\n"
+        "        with open(f'/tmp/part{i}', 'wb') as f:\n            f.write(b'x' * (10 << 20))\n"
+        "    print('wrote 200 MiB')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])"
     )
-    assert verify(source, io("full")).correct
+    assert verify(many, io("ENOSPC")).correct
+    one = (
+        "import errno\ntry:\n    with open('/tmp/big', 'wb') as f:\n"
+        "        f.write(b'x' * (32 << 20))\n    print('wrote 32 MiB')\n"
+        "except OSError as e:\n    print(errno.errorcode[e.errno])"
+    )
+    assert verify(one, io("EFBIG")).correct  # RLIMIT_FSIZE
 
 
 def test_host_loopback_is_unreachable(no_leftovers):
