@@ -77,7 +77,9 @@ def build_data(config) -> dict[str, Any]:
     rl_pool = task.eval_set(config.seed + 1, d.rl_pool_size, exclude_keys=held_out)
     held_out |= {task.key(p) for p in rl_pool}
     corpus = task.pretraining_corpus(config.seed, d.corpus_size, frac_worked=d.frac_worked,
-                                     frac_template=d.frac_template, exclude_keys=held_out)
+                                     frac_template=d.frac_template,
+                                     frac_template_worked=d.frac_template_worked,
+                                     exclude_keys=held_out)
     return {"task": task, "eval_set": eval_set, "rl_pool": rl_pool, "corpus": corpus}
 
 

@@ -213,6 +213,17 @@ def test_corpus_style_counts_and_determinism():
     with pytest.raises(ValueError, match="frac_worked"):
         arithmetic.pretraining_corpus(0, 10, cfg, frac_worked=1.5)
 
+    # A separate template share for worked texts: 400 worked (40 in the template), 600 bare
+    # (420 in the template).
+    counts = collections.Counter(
+        classify(t)[0]
+        for t in arithmetic.pretraining_corpus(0, 1000, cfg, frac_worked=0.4, frac_template=0.7,
+                                               frac_template_worked=0.1)
+    )
+    assert counts == {"worked": 40, "steps": 360, "bare": 420, "qa": 180}
+    with pytest.raises(ValueError, match="frac_template_worked"):
+        arithmetic.corpus_styles(10, frac_worked=0.5, frac_template_worked=-0.1)
+
 
 def test_corpus_texts_match_their_problems():
     for text in arithmetic.pretraining_corpus(2, 200, frac_worked=0.5):

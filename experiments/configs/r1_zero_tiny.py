@@ -24,8 +24,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                             max_factor=3))
     c.data = ml_collections.ConfigDict(dict(
         corpus_size=40_000,  # pretraining texts
-        frac_worked=0.3,  # share of corpus texts that show their steps
-        frac_template=0.5,  # share written in the RL prompt template
+        # The base model learns arithmetic from worked texts in other layouts, but inside the RL
+        # prompt template it has mostly seen bare answers.
+        frac_worked=0.5,  # share of corpus texts that show their steps
+        frac_template=0.7,  # share of bare-answer texts written in the RL prompt template
+        frac_template_worked=0.15,  # share of worked texts written in the template
         eval_size=256,  # held-out problems for before/after evaluation
         rl_pool_size=8192,  # RL training problems (none in the corpus)
     ))

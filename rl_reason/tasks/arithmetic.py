@@ -265,18 +265,24 @@ def format_pretraining_example(problem: Mapping[str, Any], style: str) -> str:
     raise ValueError(f"Unknown pretraining style {style!r}; expected one of {STYLES}")
 
 
-def corpus_styles(n: int, *, frac_worked: float, frac_template: float = 0.5) -> list[str]:
+def corpus_styles(n: int, *, frac_worked: float, frac_template: float = 0.5,
+                  frac_template_worked: float | None = None) -> list[str]:
     """The unshuffled style of each of `n` corpus texts: exact counts, rounded.
 
     ``round(frac_worked * n)`` texts carry worked steps ("worked" or "steps"), the others only
-    the answer ("bare" or "qa"); within each group a `frac_template` share uses the R1 template.
+    the answer ("bare" or "qa"); within each group a `frac_template` share uses the R1 template
+    (`frac_template_worked`, when given, sets that share for the worked group alone: a base
+    model that knows its arithmetic from elsewhere but rarely shows steps inside the template).
     """
-    for name, frac in (("frac_worked", frac_worked), ("frac_template", frac_template)):
+    if frac_template_worked is None:
+        frac_template_worked = frac_template
+    for name, frac in (("frac_worked", frac_worked), ("frac_template", frac_template),
+                       ("frac_template_worked", frac_template_worked)):
         if not 0.0 <= frac <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {frac}")
     n_worked = round(frac_worked * n)
     n_bare = n - n_worked
-    n_worked_template = round(frac_template * n_worked)
+    n_worked_template = round(frac_template_worked * n_worked)
     n_bare_template = round(frac_template * n_bare)
     return (
         ["worked"] * n_worked_template
@@ -294,6 +300,7 @@ def pretraining_corpus(
     frac_worked: float,
     exclude_keys: Collection[str] = (),
     frac_template: float = 0.5,
+    frac_template_worked: float | None = None,
 ) -> list[str]:
     """`n` texts in shuffled styles (counts from `corpus_styles`), deterministic for `seed`.
 
@@ -302,7 +309,8 @@ def pretraining_corpus(
     Problems whose `problem_key` is in `exclude_keys` never appear; problems may repeat.
     """
     rng = _rng(seed, _CORPUS_STREAM)
-    styles = corpus_styles(n, frac_worked=frac_worked, frac_template=frac_template)
+    styles = corpus_styles(n, frac_worked=frac_worked, frac_template=frac_template,
+                           frac_template_worked=frac_template_worked)
     styles = [styles[i] for i in rng.permutation(n)]
     exclude_keys = _as_set(exclude_keys)
     problems = _draw(rng, n, cfg, exclude_keys, unique=False)
@@ -425,6 +433,7 @@ class ArithmeticTask:
         frac_worked: float,
         exclude_keys: Collection[str] = (),
         frac_template: float = 0.5,
+        frac_template_worked: float | None = None,
     ) -> list[str]:
         return pretraining_corpus(
             seed,
@@ -433,6 +442,7 @@ class ArithmeticTask:
             frac_worked=frac_worked,
             exclude_keys=exclude_keys,
             frac_template=frac_template,
+            frac_template_worked=frac_template_worked,
         )
 
 
