@@ -273,6 +273,20 @@ def test_spawn_workers_time_out_and_are_replaced():
         assert pool.map([("test_sleep", "0", {})])[0].correct  # the new interpreter serves
 
 
+def test_items_queued_behind_a_timeout_or_a_large_item_complete():
+    # One worker: while there is a backlog it holds the running item and the next one.
+    with verifiers.VerifierPool(1, timeout_s=1.0, imports=[__name__]) as pool:
+        start = time.monotonic()
+        results = pool.map(
+            [("test_sleep", "60", {}), ("test_sleep", "0", {}), ("test_pid", "", {})]
+        )
+        assert [r.reason for r in results][:2] == ["timeout", "slept"] and results[2].correct
+        assert time.monotonic() - start < 1.0 + 1.0
+        big = "x" * 3_000_000  # larger than a socket buffer: only sent to an idle worker
+        items = [("test_sleep", "0.3", {}), ("format", big, {}), ("format", big, {})]
+        assert [r.reason for r in pool.map(items)] == ["slept", "no </think>", "no </think>"]
+
+
 def test_fork_is_refused():
     with pytest.raises(ValueError, match="fork is unsafe"):
         verifiers.VerifierPool(1, mp_context="fork")

@@ -9,10 +9,12 @@
 Workers are never forked from this process: by default they are forked from a clean zygote
 process (``mp_context="forkserver"``), or each is a new interpreter (``"spawn"``); see ``worker``.
 So the pool is safe to create after JAX has started its threads, and workers never import jax.
-A dispatcher thread here hands each worker one item at a time and tracks its deadline: an item
-that runs past ``timeout_s`` gets reward 0 with reason "timeout", and its worker is killed (its
-sandboxes die with it) and replaced. A worker that dies scores its item 0 ("worker died").
-Workers are retired after ``recycle_every`` items, bounding what caches and leaks accumulate.
+A dispatcher thread here hands items to the workers (the running one and, while there is a
+backlog, the next) and tracks each running item's deadline: an item that runs past ``timeout_s``
+gets reward 0 with reason "timeout", and its worker is killed (its sandboxes die with it) and
+replaced; the item queued behind it goes to another worker. A worker that dies scores its item
+0 ("worker died"). Workers are retired after ``recycle_every`` items, bounding what caches and
+leaks accumulate.
 ``close()`` (or leaving the ``with`` block, or interpreter exit) kills every process the pool
 started; they also die on their own if this process dies.
 
@@ -43,6 +45,10 @@ from rl_reason.verifiers.result import VerifyResult, reject
 
 Item = tuple[str, str, Mapping[str, Any]]
 WORKER_START_TIMEOUT_S = 120.0
+# Items a worker holds at once while there is a backlog (the running one and the next).
+PIPELINE_DEPTH = 2
+# Larger items wait for an idle worker (an AF_UNIX socket buffers about 200 KiB).
+PIPELINE_MAX_BYTES = 64 << 10
 
 
 class VerifierError(RuntimeError):
@@ -120,8 +126,11 @@ class _Worker:
     process: subprocess.Popen | None = None  # set when we are its parent and must reap it
     ready: bool = False
     served: int = 0
-    task: tuple[VerifyHandle, int] | None = None
-    deadline: float = 0.0
+    # Items sent and not answered yet, oldest (the one running) first.
+    tasks: collections.deque[tuple[VerifyHandle, int, Item]] = dataclasses.field(
+        default_factory=collections.deque
+    )
+    head_started: float = 0.0  # when the oldest task started (as far as we can observe)
 
     def kill(self) -> None:
         try:
@@ -392,8 +401,7 @@ class VerifierPool:
             pending, self._pending = list(self._pending), collections.deque()
         for worker in self._workers:
             worker.kill()
-            if worker.task is not None:
-                worker.task[0]._fail_all(reason)
+            pending.extend(worker.tasks)
         if self._spawner is not None:
             self._spawner.close()
         for handle, _, _ in pending:
@@ -406,12 +414,10 @@ class VerifierPool:
             with self._lock:
                 if self._closed:
                     return
-                for slot, worker in enumerate(self._workers):
-                    if worker.ready and worker.task is None and self._pending:
-                        handle, index, item = self._pending.popleft()
-                        self._workers[slot] = self._dispatch(worker, handle, index, item)
-            waiting = [w for w in self._workers if w.task is not None or not w.ready]
-            deadlines = [w.deadline for w in waiting if w.task is not None]
+                for slot in range(len(self._workers)):
+                    self._fill(slot)
+            waiting = [w for w in self._workers if w.tasks or not w.ready]
+            deadlines = [w.head_started + self.timeout_s for w in waiting if w.tasks]
             timeout = max(min(deadlines) - time.monotonic(), 0.0) if deadlines else None
             ready = wait([w.conn for w in waiting] + [self._wake_recv], timeout)
             if self._wake_recv in ready:
@@ -421,15 +427,47 @@ class VerifierPool:
                     continue
                 if not worker.ready:
                     self._workers[slot] = self._started_or_replaced(worker)
-                elif worker.task is not None:
+                    continue
+                while worker is self._workers[slot] and worker.tasks and worker.conn.poll():
                     self._workers[slot] = self._collect(worker)
             now = time.monotonic()
             for slot, worker in enumerate(self._workers):
-                if worker.task is not None and now >= worker.deadline:
-                    handle, index = worker.task
-                    worker.kill()
-                    self._workers[slot] = self._spawn()
+                if worker.tasks and now >= worker.head_started + self.timeout_s:
+                    handle, index, _ = worker.tasks.popleft()
+                    self._replace(slot)
                     handle._set(index, reject("timeout"))
+
+    def _fill(self, slot: int) -> None:
+        """Sends pending items to a worker. While there is a backlog, one more (small) item is
+        queued behind the running one, so the worker never waits for this thread to be scheduled.
+        A large item is only sent to an idle worker: sending blocks until the worker reads it."""
+        while self._pending:
+            worker = self._workers[slot]
+            depth = PIPELINE_DEPTH if len(self._pending) >= len(self._workers) else 1
+            if (
+                not worker.ready
+                or len(worker.tasks) >= depth
+                or worker.served + len(worker.tasks) >= self.recycle_every
+            ):
+                return
+            handle, index, item = self._pending.popleft()
+            try:
+                message = pickle.dumps((index, *item), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as e:  # noqa: BLE001 - an unpicklable example is the caller's error
+                handle._set(index, None, error=f"cannot send the item to a worker: {e!r}")
+                continue
+            if worker.tasks and len(message) > PIPELINE_MAX_BYTES:
+                self._pending.appendleft((handle, index, item))
+                return
+            self._dispatch(slot, handle, index, item, message)
+
+    def _replace(self, slot: int) -> None:
+        """Kills a worker and puts the items queued behind its running one back in front."""
+        worker = self._workers[slot]
+        worker.kill()
+        self._pending.extendleft(reversed(worker.tasks))
+        worker.tasks.clear()
+        self._workers[slot] = self._spawn()
 
     def _started_or_replaced(self, worker: _Worker) -> _Worker:
         try:
@@ -443,40 +481,39 @@ class VerifierPool:
         self._failed_starts = 0
         return worker
 
-    def _dispatch(self, worker: _Worker, handle: VerifyHandle, index: int, item: Item) -> _Worker:
-        try:
-            message = pickle.dumps((index, *item), protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as e:  # noqa: BLE001 - an unpicklable example is the caller's error
-            handle._set(index, None, error=f"cannot send the item to a worker: {e!r}")
-            return worker
+    def _dispatch(
+        self, slot: int, handle: VerifyHandle, index: int, item: Item, message: bytes
+    ) -> None:
+        worker = self._workers[slot]
         try:
             worker.conn.send_bytes(message)
-        except OSError:  # the idle worker died: retry the item on a replacement
-            worker.kill()
+        except OSError:  # the worker died: retry its items and this one on a replacement
             self._pending.appendleft((handle, index, item))
-            return self._spawn()
-        worker.task = (handle, index)
-        worker.deadline = time.monotonic() + self.timeout_s
-        return worker
+            self._replace(slot)
+            return
+        if not worker.tasks:
+            worker.head_started = time.monotonic()
+        worker.tasks.append((handle, index, item))
 
     def _collect(self, worker: _Worker) -> _Worker:
-        handle, index = worker.task
-        worker.task = None
+        handle, index, _ = worker.tasks.popleft()
+        slot = self._workers.index(worker)
         try:
             seq, ok, payload = worker.conn.recv()
         except (EOFError, OSError):
-            worker.kill()
-            replacement = self._spawn()
+            self._replace(slot)
             handle._set(index, reject("worker died"))
-            return replacement
+            return self._workers[slot]
         if seq != index:
             raise RuntimeError(f"verifier pool: worker answered item {seq}, expected {index}")
+        # The worker starts its next queued item as soon as it has sent this answer.
+        worker.head_started = time.monotonic()
         if ok:
             handle._set(index, payload)
         else:
             handle._set(index, None, error=payload)
         worker.served += 1
-        if worker.served >= self.recycle_every:
+        if worker.served >= self.recycle_every and not worker.tasks:
             try:
                 worker.conn.send(None)
             except OSError:
