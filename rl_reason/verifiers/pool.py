@@ -232,9 +232,11 @@ class VerifierPool:
 
     Args:
       num_workers: worker processes (each runs one item at a time).
-      timeout_s: per item, from dispatch; past it the item scores 0 ("timeout") and its worker is
-        killed and replaced. Keep it above the code verifier's own limit (SandboxLimits.wall_s,
-        10 s by default) so that sandboxed programs report their own timeouts.
+      timeout_s: per item, from the moment it starts; past it the item scores 0 ("timeout") and
+        its worker is killed and replaced. Keep it above twice the code verifier's own limit
+        (``SandboxLimits.wall_s``, 10 s by default, or an example's ``timeout_s``; an assert-test
+        item may need a second sandbox run) so that sandboxed programs report their own
+        timeouts.
       recycle_every: items after which a worker is replaced by a fresh one.
       mp_context: "forkserver" (default) forks workers from a clean pre-imported zygote process;
         "spawn" starts each worker as a new interpreter. Both are safe while JAX threads run in
