@@ -315,6 +315,17 @@ def test_arithmetic_table(response, gold, correct):
     assert result.correct is correct, result.reason
 
 
+def test_golds_may_be_bytes_as_tfds_gives_text():
+    assert check("arithmetic", "<answer>42</answer>", {"answer": b"42"}).correct
+    assert check("math", "\\boxed{0.5}", {"answer": b"\\frac{1}{2}"}).correct
+    assert check("gsm8k", "<answer>7</answer>", {"answer": b"#### 7"}).correct
+    np = pytest.importorskip("numpy")
+    assert check("arithmetic", "<answer>42</answer>", {"answer": np.int64(42)}).correct
+    assert check("gsm8k", "<answer>7</answer>", {"answer": np.int32(7)}).correct
+    example = {"numbers": np.array([6, 4, 2]), "target": np.int64(12)}
+    assert check("countdown", "<answer>6 * 4 / 2</answer>", example).correct
+
+
 def test_arithmetic_gold_must_be_an_integer():
     with pytest.raises(ValueError, match="integer 'answer'"):
         check("arithmetic", "<answer>1</answer>", {"answer": "1.5"})

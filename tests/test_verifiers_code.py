@@ -130,6 +130,11 @@ def test_responses_without_runnable_code(response, reason):
     assert (result.correct, result.reason) == (False, reason)
 
 
+def test_examples_may_carry_bytes_as_tfds_gives_text():
+    assert verify(ADD, {"io": [{"stdin": b"2 3", "stdout": b"5"}]}).correct
+    assert verify(DOUBLE, {"tests": b"assert double(2) == 4"}).correct
+
+
 def test_last_python_block_is_the_one_that_runs():
     response = "```python\nprint(4)\n```\nBetter:\n```python\nprint(5)\n```"
     assert verifiers.get("code")(response, io("5")).correct

@@ -27,8 +27,12 @@ _INTEGER = re.compile(r"^-?[0-9]{1,1000}$")
 
 def _gold(example: Mapping[str, Any]) -> int:
     gold = example.get("answer") if isinstance(example, Mapping) else None
+    if isinstance(gold, bytes):  # tfds text features
+        gold = gold.decode("utf-8", "replace")
     if isinstance(gold, bool):
         gold = None
+    elif not isinstance(gold, str | int) and hasattr(gold, "__index__"):  # numpy integers
+        gold = gold.__index__()
     if isinstance(gold, str) and _INTEGER.match(gold.strip()):
         return int(gold.strip())
     if isinstance(gold, int):

@@ -164,17 +164,22 @@ class _IoCase:
     stdout: str
 
 
+def _text(value: Any) -> Any:
+    # tfds text features arrive as bytes.
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
 def _parse_io(cases: Any) -> tuple[_IoCase, ...]:
     if not isinstance(cases, list | tuple) or not cases:
         raise ValueError("code: 'io' must be a non-empty list of {'stdin': ..., 'stdout': ...}")
     parsed = []
     for i, case in enumerate(cases):
-        if not isinstance(case, Mapping) or not isinstance(case.get("stdout"), str):
+        if not isinstance(case, Mapping) or not isinstance(_text(case.get("stdout")), str):
             raise ValueError(f"code: io case {i} needs a string 'stdout', got {case!r:.100}")
-        stdin = case.get("stdin", "")
+        stdin = _text(case.get("stdin", ""))
         if not isinstance(stdin, str):
             raise ValueError(f"code: io case {i} has a non-string 'stdin'")
-        parsed.append(_IoCase(stdin, case["stdout"]))
+        parsed.append(_IoCase(stdin, _text(case["stdout"])))
     return tuple(parsed)
 
 
@@ -518,9 +523,10 @@ def verify_code(response: str, example: Mapping[str, Any]) -> VerifyResult:
         raise ValueError(
             f"code: example needs exactly one of 'tests' or 'io', got keys {sorted(example)}"
         )
-    if has_tests and not isinstance(example["tests"], str):
+    tests = _text(example["tests"]) if has_tests else None
+    if has_tests and not isinstance(tests, str):
         raise ValueError("code: 'tests' must be Python source (a string)")
-    suite = _parse_tests(example["tests"]) if has_tests else None
+    suite = _parse_tests(tests) if has_tests else None
     cases = _parse_io(example["io"]) if has_io else None
     limits = _limits(example)
     code = last_python_block(response)

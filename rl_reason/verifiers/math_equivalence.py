@@ -146,8 +146,10 @@ def gold_text(example: Mapping[str, Any], name: str) -> str:
     if "answer" not in example:
         raise ValueError(f"{name}: example needs an 'answer' field, got keys {sorted(example)}")
     gold = example["answer"]
-    if isinstance(gold, bytes):
+    if isinstance(gold, bytes):  # tfds text features
         gold = gold.decode()
+    elif not isinstance(gold, bool | str | int | float) and hasattr(gold, "__index__"):
+        gold = gold.__index__()  # numpy integers
     if isinstance(gold, bool) or not isinstance(gold, str | int | float):
         raise ValueError(
             f"{name}: 'answer' must be a string or a number, got {type(gold).__name__}"
