@@ -16,14 +16,14 @@ CLAUSE = {"add": "+", "subtract": "-", "multiply by": "*"}
 
 # A hand-built problem with hand-computed steps, so format tests do not trust the generator.
 PROBLEM = {
-    "question": "Start with 17. Add 8, then subtract 5, then multiply by 3.",
+    "question": "Start with 17. Step 1: add 8. Step 2: subtract 5. Step 3: multiply by 3.",
     "answer": "60",
     "steps": [(17, "+", 8, 25), (25, "-", 5, 20), (20, "*", 3, 60)],
     "verifier": "arithmetic",
 }
 PROMPT = (
     "Think step by step in <think> </think>, then give the final answer in <answer> </answer>.\n"
-    "Problem: Start with 17. Add 8, then subtract 5, then multiply by 3.\n"
+    "Problem: Start with 17. Step 1: add 8. Step 2: subtract 5. Step 3: multiply by 3.\n"
     "<think>"
 )
 
@@ -33,8 +33,10 @@ def solve_question(question: str) -> tuple[int, list[tuple[str, int]]]:
     m = re.fullmatch(r"Start with (\d+)\. (.+)\.", question)
     assert m, question
     chain = []
-    for clause in m[2].split(", then "):
-        words, number = clause.lower().rsplit(" ", 1)
+    for i, clause in enumerate(m[2].split(". "), 1):
+        label, rest = clause.split(": ")
+        assert label == f"Step {i}", question
+        words, number = rest.rsplit(" ", 1)
         chain.append((CLAUSE[words], int(number)))
     return int(m[1]), chain
 
@@ -113,7 +115,8 @@ def test_tight_config_draws_its_only_chain():
     cfg = ArithmeticConfig(ops="*", max_value=16, min_ops=4, max_ops=4)
     (p,) = arithmetic.generate_problems(0, 1, cfg)
     assert p["question"] == (
-        "Start with 1. Multiply by 2, then multiply by 2, then multiply by 2, then multiply by 2."
+        "Start with 1. Step 1: multiply by 2. Step 2: multiply by 2. Step 3: multiply by 2. "
+        "Step 4: multiply by 2."
     )
     assert p["answer"] == "16"
 
@@ -141,10 +144,13 @@ def test_problem_key_identifies_the_chain():
 
 
 def test_exact_text_formats():
-    assert arithmetic.worked_solution(PROBLEM) == "17 + 8 = 25\n25 - 5 = 20\n20 * 3 = 60"
+    assert arithmetic.worked_solution(PROBLEM) == (
+        "Step 1: 17 + 8 = 25\nStep 2: 25 - 5 = 20\nStep 3: 20 * 3 = 60"
+    )
     assert arithmetic.make_prompt(PROBLEM["question"]) == PROMPT
     assert arithmetic.target_completion(PROBLEM) == (
-        "\n17 + 8 = 25\n25 - 5 = 20\n20 * 3 = 60\n</think>\n<answer>60</answer>"
+        "\nStep 1: 17 + 8 = 25\nStep 2: 25 - 5 = 20\nStep 3: 20 * 3 = 60\n</think>\n"
+        "<answer>60</answer>"
     )
     assert arithmetic.target_completion(PROBLEM, worked=False) == "\n</think>\n<answer>60</answer>"
     fmt = arithmetic.format_pretraining_example
@@ -160,9 +166,10 @@ def test_exact_text_formats():
 
 
 def test_question_wording():
-    assert arithmetic.question_text(4, [("*", 2)]) == "Start with 4. Multiply by 2."
+    assert arithmetic.question_text(4, [("*", 2)]) == "Start with 4. Step 1: multiply by 2."
     assert (
-        arithmetic.question_text(9, [("-", 3), ("+", 1)]) == "Start with 9. Subtract 3, then add 1."
+        arithmetic.question_text(9, [("-", 3), ("+", 1)])
+        == "Start with 9. Step 1: subtract 3. Step 2: add 1."
     )
 
 
@@ -359,7 +366,7 @@ def test_eval_set_is_distinct_deterministic_and_filtered():
 def test_exhausted_problem_space_raises():
     task = ArithmeticTask(ArithmeticConfig(ops="+", max_value=2, min_ops=2, max_ops=2))
     (only,) = task.eval_set(0, 1)
-    assert only["question"] == "Start with 0. Add 1, then add 1."
+    assert only["question"] == "Start with 0. Step 1: add 1. Step 2: add 1."
     with pytest.raises(ValueError, match="only 1 of 2 distinct"):
         task.eval_set(0, 2)
     with pytest.raises(ValueError, match="too small"):

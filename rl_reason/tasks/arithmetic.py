@@ -2,14 +2,14 @@
 
 A problem is a start number and a chain of operations::
 
-    Start with 17. Add 8, then subtract 5, then multiply by 3.
+    Start with 17. Step 1: add 8. Step 2: subtract 5. Step 3: multiply by 3.
 
 Every operand and every intermediate result lies in ``[0, max_value]``, so a small model can
 learn each step; the answer needs all of them. Its worked solution has one line per step::
 
-    17 + 8 = 25
-    25 - 5 = 20
-    20 * 3 = 60
+    Step 1: 17 + 8 = 25
+    Step 2: 25 - 5 = 20
+    Step 3: 20 * 3 = 60
 
 A tiny transformer is pretrained on `pretraining_corpus` (mostly bare answers, some worked
 solutions, in several layouts); GRPO with an outcome-only reward should then teach it to write
@@ -146,10 +146,13 @@ DEFAULT_CONFIG = ArithmeticConfig()
 
 
 def question_text(start: int, ops_and_operands: list[tuple[str, int]]) -> str:
-    """``"Start with 17. Add 8, then subtract 5."`` for ``(17, [("+", 8), ("-", 5)])``."""
-    clauses = [f"{_OP_WORDS[op]} {b}" for op, b in ops_and_operands]
-    clauses[0] = clauses[0][0].upper() + clauses[0][1:]
-    return f"Start with {start}. {', then '.join(clauses)}."
+    """``"Start with 17. Step 1: add 8. Step 2: subtract 5."`` for ``(17, [("+", 8), ("-", 5)])``.
+
+    Numbered clauses let a worked line "Step i: ..." find its operation by its label; without
+    them a small model spends most of its pretraining learning to count clauses.
+    """
+    clauses = [f"Step {i}: {_OP_WORDS[op]} {b}." for i, (op, b) in enumerate(ops_and_operands, 1)]
+    return f"Start with {start}. {' '.join(clauses)}"
 
 
 def generate_problem(rng: np.random.Generator, cfg: ArithmeticConfig = DEFAULT_CONFIG) -> Problem:
@@ -228,8 +231,9 @@ def generate_problems(seed: int, n: int, cfg: ArithmeticConfig = DEFAULT_CONFIG)
 
 
 def worked_solution(problem: Mapping[str, Any]) -> str:
-    """One ``"a op b = c"`` line per step, joined by newlines (no trailing newline)."""
-    return "\n".join(f"{a} {op} {b} = {c}" for a, op, b, c in problem["steps"])
+    """One ``"Step i: a op b = c"`` line per step, joined by newlines (no trailing newline)."""
+    return "\n".join(f"Step {i}: {a} {op} {b} = {c}"
+                     for i, (a, op, b, c) in enumerate(problem["steps"], 1))
 
 
 def make_prompt(question: str) -> str:
