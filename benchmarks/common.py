@@ -10,6 +10,44 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_total = [0.0]
+_listening = [False]
+
+
+def _on_event(event: str, seconds: float, **_: Any) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_total[0] += seconds
+
+
+def compile_seconds() -> float:
+    """Seconds JAX has spent tracing, lowering and compiling since the first call of this.
+
+    Read before and after a call to get its compile time: unlike "first call minus a later
+    call", this does not go negative or absorb the run time when the machine is loaded.
+    """
+    if not _listening[0]:
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(_on_event)
+        _listening[0] = True
+    return _compile_total[0]
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Wall seconds of `repeats` calls of each blocking `fn`, taken in turns (a, b, a, b, ...).
+
+    Taking turns spreads slow phases of a shared machine's load over all contenders instead of
+    penalising whichever happened to run during them.
+    """
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            seconds[name] += time_calls(fn, 1)
+    return seconds
+
 
 def time_calls(fn: Callable[[], Any], repeats: int) -> list[float]:
     """Wall seconds of `repeats` calls of `fn` (which must block until its work is done)."""
