@@ -157,12 +157,14 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, tuple[float, float, flo
                           int(scaling["original_max_position_embeddings"]))
 
 
-def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-    """A ModelConfig from a transformers config dict (`config.json` or `config.to_dict()`).
+def config_from_hf(hf: Mapping[str, Any] | Any, **overrides: Any) -> ModelConfig:
+    """A ModelConfig from a transformers config (`config.json` dict, or a config object).
 
     `param_dtype` and `dtype` follow the checkpoint's `torch_dtype` (float32 when absent);
     `overrides` replace any field afterwards (e.g. dtype="bfloat16", max_seq_len=4096).
     """
+    if not isinstance(hf, Mapping):
+        hf = hf.to_dict()
     model_type = hf.get("model_type")
     if model_type not in _FAMILIES:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: "
@@ -189,7 +191,8 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
         norm_eps=float(hf["rms_norm_eps"]),
         rope_theta=theta,
         rope_llama3_scaling=llama3,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        # Absent means untied: the Llama and Qwen2 config classes both default to False.
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=family.qkv_bias,
         max_seq_len=int(hf["max_position_embeddings"]),
         param_dtype=dtype,

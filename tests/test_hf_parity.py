@@ -92,7 +92,7 @@ def _pair(name: str):
     """(variant, HF model, our model with the HF weights loaded)."""
     v = VARIANTS[name]
     ref = _hf_model(v)
-    ours = _abstract(hf.config_from_hf(ref.config.to_dict()))
+    ours = _abstract(hf.config_from_hf(ref.config))
     hf.load_hf_state_dict(ours, ref.state_dict())
     return v, ref, ours
 
