@@ -18,9 +18,16 @@ average recorded in the JSON before comparing figures across runs.
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
+import json
 import os
+import re
 import statistics
+import tempfile
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +52,11 @@ _GROUP = flags.DEFINE_integer("group_size", 8, "Group size of the shared-prefill
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and prompts.")
 _TORCH_THREADS = flags.DEFINE_integer(
     "torch_threads", 0, "torch.set_num_threads for transformers; 0 leaves torch's default.")
+_HF_ONE_THREAD = flags.DEFINE_bool(
+    "hf_one_thread", True,
+    "Also time transformers with torch.set_num_threads(1). On a loaded machine torch's default "
+    "threads can collapse (OpenMP threads waiting on each other); the ratio against the faster "
+    "of the two keeps such a collapse from flattering ours.")
 _PROFILE = flags.DEFINE_bool("profile", False, "Also time the parts of our decode step.")
 
 
@@ -99,8 +111,9 @@ def _hf_model(model: Transformer, dtype: str):
     return ref
 
 
-def _hf_runner(ref, prompts: np.ndarray, new_tokens: int):
-    """A zero-argument call of `generate` that checks every row ran to `new_tokens`."""
+def _hf_runner(ref, prompts: np.ndarray, new_tokens: int, threads: int | None = None):
+    """A zero-argument call of `generate` that checks every row ran to `new_tokens`, with
+    torch's intra-op threads set to `threads` for the call (None: as they are)."""
     import torch
 
     ids = torch.as_tensor(prompts, dtype=torch.long)
@@ -108,10 +121,16 @@ def _hf_runner(ref, prompts: np.ndarray, new_tokens: int):
     want = (ids.shape[0], ids.shape[1] + new_tokens)
 
     def run():
-        with torch.inference_mode():
-            out = ref.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0,
-                               top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens)
+        previous = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                out = ref.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                                   top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens)
+        finally:
+            torch.set_num_threads(previous)
         if tuple(out.shape) != want:
             raise AssertionError(f"transformers generated {tuple(out.shape)}, expected {want}")
         return out
@@ -125,8 +144,68 @@ def _timeit(fn, repeats: int = 20) -> float:
     return statistics.median(common.time_calls(lambda: jax.block_until_ready(fn()), repeats))
 
 
-def _profile(model: Transformer, prompts: np.ndarray, new_tokens: int) -> dict[str, float]:
-    """Seconds per decode step and of its parts, for the group_size=1 layout."""
+def _xla_op_times(run, steps: int, top: int = 8) -> dict[str, float]:
+    """Milliseconds per decode step of the costliest XLA op kinds in one sampler call.
+
+    From a JAX profiler trace: ops are grouped by their fusion kind (`transpose_copy_fusion.7`
+    counts as `transpose_copy_fusion`), so that a layout copy or a slow reduction that XLA
+    repeats every step shows up as one line.
+    """
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            run()
+        (path,) = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+        with gzip.open(path) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    totals: collections.Counter[str] = collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        # Python frames ($...), runtime spans (C++ names) and the loop op enclose the ops.
+        host_span = name.startswith("$") or "::" in name or "(" in name
+        if e.get("ph") != "X" or host_span or "Thunk" in name or "while" in name:
+            continue
+        totals[re.sub(r"\.\d+$", "", name)] += e.get("dur", 0)
+    return {name: us / 1e3 / steps for name, us in totals.most_common(top)}
+
+
+def _attention_layer_step(layout: str, cfg, rows: int, prompt_len: int, slots: int) -> float:
+    """Seconds per layer and step of decode attention (cache write, scores over the prompt and
+    own keys, values), with the KV cache laid out as `layout`: "BSKH" (models/kv_cache.py
+    today) or "BKSH" (heads before slots)."""
+    k, h, steps = cfg.num_kv_heads, cfg.head_dim, 16
+    if layout == "BSKH":
+        seq_axis, scores, values = 1, "bkh,bskh->bks", "bks,bskh->bkh"
+    else:
+        seq_axis, scores, values = 2, "bkh,bksh->bks", "bks,bksh->bkh"
+
+    @jax.jit
+    def run(q0, pk, pv, ks, vs):
+        def body(step, carry):
+            ks, vs, acc = carry
+            q = q0 + step.astype(q0.dtype)
+            new = jnp.expand_dims(q, seq_axis)
+            ks = jax.lax.dynamic_update_slice_in_dim(ks, new, step, axis=seq_axis)
+            vs = jax.lax.dynamic_update_slice_in_dim(vs, new, step, axis=seq_axis)
+            s = jnp.concatenate([jnp.einsum(scores, q, pk), jnp.einsum(scores, q, ks)], -1)
+            p = jax.nn.softmax(s, -1)
+            o = (jnp.einsum(values, p[..., :prompt_len], pv)
+                 + jnp.einsum(values, p[..., prompt_len:], vs))
+            return ks, vs, acc + o
+
+        return jax.lax.fori_loop(0, steps, body, (ks, vs, jnp.zeros_like(q0)))[2]
+
+    def shape(n):
+        return (rows, n, k, h) if layout == "BSKH" else (rows, k, n, h)
+
+    q0 = jax.random.normal(jax.random.key(0), (rows, k, h))
+    caches = [jax.random.normal(jax.random.key(seed), shape(n))
+              for seed, n in enumerate((prompt_len, prompt_len, slots, slots))]
+    return _timeit(lambda: run(q0, *caches), 5) / steps
+
+
+def _profile(model: Transformer, prompts: np.ndarray, new_tokens: int) -> dict[str, Any]:
+    """Where one decode step of ours goes, for the group_size=1 layout."""
     cfg, rows = model.cfg, prompts.shape[0]
     run = _ours_runner(model, prompts, 1, new_tokens)
     half = max(1, new_tokens // 2)
@@ -136,58 +215,44 @@ def _profile(model: Transformer, prompts: np.ndarray, new_tokens: int) -> dict[s
     short = _timeit(lambda: run(half), 5)
     step = (full - short) / (new_tokens - half)
 
-    graphdef, params = nnx.split(model)
-    cache_len = sampling.bucket(new_tokens)
-    ids = jnp.asarray(prompts)
-    mask = jnp.ones(ids.shape, bool)
-
-    @jax.jit
-    def prefill(params, ids, mask):
-        m = nnx.merge(graphdef, params)
-        positions = jnp.cumsum(mask, axis=-1) - 1
-        _, kvs = m(ids, mask_BT=mask, positions_BT=positions, return_hidden=True,
-                   return_kv=True)
-        from models import kv_cache
-
-        return kv_cache.from_prefill(kvs, mask, positions, 1, cache_len)
-
-    cache = prefill(params, ids, mask)
-    tokens = jnp.ones((rows,), jnp.int32)
-    positions = jnp.full((rows,), prompts.shape[1], jnp.int32)
-
-    @jax.jit
-    def decode(params, tokens, positions, cache):
-        return nnx.merge(graphdef, params).decode(tokens, positions, cache)
-
     hidden = jax.random.normal(jax.random.key(0), (rows, 1, cfg.embed_dim), cfg.jnp_dtype)
     head = model.unembed_matrix()
-
-    @jax.jit
-    def lm_head(h, w):
-        return jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
-
-    logits = jax.random.normal(jax.random.key(1), (rows, cfg.vocab_size), jnp.float32)
-    sample_cfg = SamplingConfig(temperature=1.0)
-
-    @jax.jit
-    def choose(logits, key):
-        return sampling._choose(logits, key, sample_cfg)
-
-    gumbel = jax.jit(lambda key: jax.random.gumbel(key, logits.shape, jnp.float32))
-    log_softmax = jax.jit(jax.nn.log_softmax)
-
-    return {
+    lm_head = jax.jit(lambda h, w: jnp.einsum("btd,dv->btv", h, w,
+                                              preferred_element_type=jnp.float32))
+    graphdef, params = nnx.split(model)
+    ids, mask = jnp.asarray(prompts), jnp.ones(prompts.shape, bool)
+    prefill = jax.jit(lambda params, ids, mask: nnx.merge(graphdef, params)(
+        ids, mask_BT=mask, return_hidden=True, return_kv=True))
+    result: dict[str, Any] = {
         "ours_step_s": step,
-        "ours_prefill_s": _timeit(lambda: prefill(params, ids, mask)),
-        "model_decode_step_s": _timeit(lambda: decode(params, tokens, positions, cache)),
+        "ours_prefill_s": _timeit(lambda: prefill(params, ids, mask), 5),
         "lm_head_matmul_s": _timeit(lambda: lm_head(hidden, head)),
         "lm_head_gflop": 2 * rows * cfg.embed_dim * cfg.vocab_size / 1e9,
-        "sampling_math_s": _timeit(lambda: choose(logits, jax.random.key(2))),
-        # The two halves of the sampling math: the noise of the Gumbel-max draw (one random
-        # number per vocabulary entry and row) and one log-softmax over the vocabulary.
-        "gumbel_noise_s": _timeit(lambda: gumbel(jax.random.key(3))),
-        "log_softmax_s": _timeit(lambda: log_softmax(logits)),
     }
+    for layout in ("BSKH", "BKSH"):
+        result[f"attention_layer_step_cache_{layout}_s"] = _attention_layer_step(
+            layout, cfg, rows, prompts.shape[1], sampling.bucket(new_tokens))
+    try:
+        result["xla_ops_ms_per_step"] = _xla_op_times(run, new_tokens)
+    except Exception as e:  # the trace format is the profiler's, not a stable API
+        result["xla_ops_ms_per_step"] = {"unavailable": repr(e)}
+    return result
+
+
+def print_profile(profile: dict[str, Any]) -> None:
+    step = profile["ours_step_s"]
+    print(f"\nour decode step: {step * 1e3:.2f} ms (slope between two lengths)")
+    print(f"  prefill (whole batch)       {profile['ours_prefill_s'] * 1e3:8.2f} ms")
+    gflops = profile["lm_head_gflop"] / profile["lm_head_matmul_s"]
+    print(f"  lm-head matmul alone        {profile['lm_head_matmul_s'] * 1e3:8.2f} ms "
+          f"({profile['lm_head_gflop']:.3f} GFLOP at {gflops:.0f} GFLOP/s, "
+          f"{profile['lm_head_matmul_s'] / step:.0%} of a step)")
+    for layout in ("BSKH", "BKSH"):
+        seconds = profile[f"attention_layer_step_cache_{layout}_s"]
+        print(f"  attention/layer, {layout} cache {seconds * 1e3:8.3f} ms")
+    print("  XLA ops per step (one traced call):")
+    for name, ms in profile["xla_ops_ms_per_step"].items():
+        print(f"    {name:36s} {ms:8.2f} ms" if isinstance(ms, float) else f"    {name}: {ms}")
 
 
 def main(argv: list[str]) -> None:
@@ -218,17 +283,23 @@ def main(argv: list[str]) -> None:
         "ours_group": _ours_runner(model, prompts[:batch // group], group, new_tokens),
         "hf": _hf_runner(ref, prompts, new_tokens),
     }
+    if _HF_ONE_THREAD.value:
+        runs["hf_1thread"] = _hf_runner(ref, prompts, new_tokens, threads=1)
     warm = {"ours": _warm_up_ours(runs["ours"], batch, new_tokens),
             "ours_group": _warm_up_ours(runs["ours_group"], batch, new_tokens)}
-    start = time.perf_counter()
-    runs["hf"]()
-    warm["hf"] = {"first_call_s": time.perf_counter() - start}
+    for name in runs:
+        if name.startswith("hf"):
+            start = time.perf_counter()
+            runs[name]()
+            warm[name] = {"first_call_s": time.perf_counter() - start}
     seconds = common.time_interleaved(runs, _REPEATS.value)
     results = {name: {**common.summarize(seconds[name], batch * new_tokens), **warm[name]}
                for name in runs}
     results["ours_group"].update(prompts=batch // group, group_size=group)
-    results["hf"]["attn_implementation"] = ref.config._attn_implementation
+    results["hf"].update(attn_implementation=ref.config._attn_implementation,
+                         torch_threads=env["torch_threads"])
     ours, shared, theirs = results["ours"], results["ours_group"], results["hf"]
+    fastest_hf = max(r["best_per_s"] for name, r in results.items() if name.startswith("hf"))
 
     ratio = ours["best_per_s"] / theirs["best_per_s"]
     rows = [
@@ -236,22 +307,24 @@ def main(argv: list[str]) -> None:
          ours["compile_s"]],
         [f"ours (group {group}, {batch // group} prompts)", shared["best_per_s"],
          shared["median_per_s"], shared["best_s"], shared["compile_s"]],
-        [f"transformers generate ({theirs['attn_implementation']})", theirs["best_per_s"],
-         theirs["median_per_s"], theirs["best_s"], "-"],
+        [f"transformers generate ({theirs['attn_implementation']}, "
+         f"{env['torch_threads']} threads)", theirs["best_per_s"], theirs["median_per_s"],
+         theirs["best_s"], "-"],
     ]
+    if "hf_1thread" in results:
+        one = results["hf_1thread"]
+        rows.append([f"transformers generate ({theirs['attn_implementation']}, 1 thread)",
+                     one["best_per_s"], one["median_per_s"], one["best_s"], "-"])
     print()
     common.print_table(rows, ["", "tok/s best", "tok/s median", "s best", "s compile"])
-    print(f"\nours / transformers (best tok/s): {ratio:.2f}x  (target >= 2x); "
+    print(f"\nours / transformers (best tok/s): {ratio:.2f}x, against its faster thread "
+          f"setting {ours['best_per_s'] / fastest_hf:.2f}x  (target >= 2x); "
           f"group {group} / group 1: {shared['best_per_s'] / ours['best_per_s']:.2f}x")
 
     profile = None
     if _PROFILE.value:
         profile = _profile(model, prompts, new_tokens)
-        print("\nour decode step, median seconds:")
-        for k, v in profile.items():
-            print(f"  {k:22s} {v * 1e3:9.3f} ms" if k.endswith("_s") else f"  {k:22s} {v:9.3f}")
-        gflops = profile["lm_head_gflop"] / profile["lm_head_matmul_s"]
-        print(f"  {'lm_head GFLOP/s':22s} {gflops:9.1f}")
+        print_profile(profile)
 
     env["load_average_1_5_15_end"] = list(os.getloadavg())
     record = {
@@ -262,6 +335,8 @@ def main(argv: list[str]) -> None:
         "hf_tokens_per_s": theirs["best_per_s"],
         "hf_tokens_per_s_median": theirs["median_per_s"],
         "ratio": ratio,
+        "hf_fastest_tokens_per_s": fastest_hf,
+        "ratio_vs_fastest_hf": ours["best_per_s"] / fastest_hf,
         "target_ratio": 2.0,
         "compile_seconds": ours["compile_s"],
         "settings": {"preset": _PRESET.value, "batch": batch, "prompt_len": prompt_len,
@@ -271,6 +346,7 @@ def main(argv: list[str]) -> None:
         "ours": ours,
         "ours_group": shared,
         "hf": theirs,
+        "hf_1thread": results.get("hf_1thread"),
         "profile": profile,
         "environment": env,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
