@@ -209,7 +209,9 @@ class GRPOTrainer:
         stops = (tokenizer.eos_id,) if stop_token_ids is None else tuple(stop_token_ids)
         self.sampling = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k,
                                        top_p=cfg.top_p, stop_token_ids=stops)
-        self.buffer_len = sampling.bucket(cfg.max_new_tokens)
+        # The budget is fixed for the run, so its width needs no power-of-two bucket: every row of
+        # the training batch is Tp + buffer_len wide, and spare width costs compute.
+        self.buffer_len = -(-cfg.max_new_tokens // 8) * 8
         model_vocab = nnx.merge(graphdef, params).cfg.vocab_size
         tokenizer.assert_fits(model_vocab)
         self.optim_cfg = cfg.optim_config()

@@ -20,7 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0
     c.smoke = False
 
-    c.task = ml_collections.ConfigDict(dict(min_ops=2, max_ops=4, max_value=19, ops="+-",
+    c.task = ml_collections.ConfigDict(dict(min_ops=2, max_ops=4, max_value=9, ops="+-",
                                             max_factor=3))
     c.data = ml_collections.ConfigDict(dict(
         corpus_size=40_000,  # pretraining texts
@@ -40,11 +40,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                  max_seq_len=256)),
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.pretrain = ml_collections.ConfigDict(dict(steps=400, batch_size=32, seq_len=128,
-                                                learning_rate=2e-3, warmup_steps=50,
+    c.pretrain = ml_collections.ConfigDict(dict(steps=600, batch_size=16, seq_len=256,
+                                                learning_rate=3e-3, warmup_steps=50,
                                                 weight_decay=0.01, max_grad_norm=1.0, seed=0))
     c.grpo = ml_collections.ConfigDict(dict(
-        steps=100, prompts_per_step=16, group_size=8, max_prompt_len=64, max_new_tokens=64,
+        steps=100, prompts_per_step=16, group_size=8, max_prompt_len=96, max_new_tokens=80,
         temperature=1.0, learning_rate=2e-4, warmup_steps=5, lr_schedule="constant",
         max_grad_norm=1.0, inner_iterations=1, minibatches=1, microbatches=1,
         advantage_estimator="grpo", aggregation="token-mean", kl_coef=0.0,
@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.update(corpus_size=2000, eval_size=16, rl_pool_size=256)
         c.tokenizer.train_texts = 2000
         c.model.overrides.update(num_layers=2, embed_dim=64, head_dim=16, mlp_dim=128)
-        c.pretrain.update(steps=20, batch_size=8, warmup_steps=2)
+        c.pretrain.update(steps=20, batch_size=4, warmup_steps=2)
         # The soft overlong penalty makes rewards vary even for an untrained model, so the
         # smoke run exercises real (non-zero) updates.
         c.grpo.update(steps=3, prompts_per_step=4, group_size=4, max_new_tokens=32,
