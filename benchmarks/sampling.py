@@ -9,8 +9,12 @@ included, as a caller sees it). Ours is also run with `group_size=8` on batch/8 
 same number of rows): the GRPO layout, whose prompt is prefilled and cached once per group.
 
 `--profile` adds where our time goes: the cost of one decode step (from the slope between two
-generation lengths, which share one executable), the model's decode step alone, the lm-head
-matmul alone and the per-token sampling math alone.
+generation lengths, which share one executable), the prefill, the lm-head matmul alone, decode
+attention per layer with the KV cache in today's [B, S, K, H] layout vs [B, K, S, H], and the
+costliest XLA op kinds per step from a profiler trace of one sampler call.
+
+Before timing, the two models' logits on the prompts are compared, so that a wrong weight copy
+cannot pass for a speed difference.
 
 The project's target is ours >= 2x HF tokens/s. On a shared CPU machine, check the load
 average recorded in the JSON before comparing figures across runs.
@@ -57,7 +61,7 @@ _HF_ONE_THREAD = flags.DEFINE_bool(
     "Also time transformers with torch.set_num_threads(1). On a loaded machine torch's default "
     "threads can collapse (OpenMP threads waiting on each other); the ratio against the faster "
     "of the two keeps such a collapse from flattering ours.")
-_PROFILE = flags.DEFINE_bool("profile", False, "Also time the parts of our decode step.")
+_PROFILE = flags.DEFINE_bool("profile", False, "Also show where our decode step's time goes.")
 
 
 def _ours_runner(model: Transformer, prompts: np.ndarray, group_size: int, new_tokens: int):
@@ -109,6 +113,22 @@ def _hf_model(model: Transformer, dtype: str):
     ref.generation_config.eos_token_id = None
     ref.generation_config.pad_token_id = 0
     return ref
+
+
+def _check_same_model(model: Transformer, ref, prompts: np.ndarray) -> float:
+    """Max |logit difference| of the two models on a few prompts; raises when it is not tiny."""
+    import torch
+
+    ids = prompts[:4]
+    ours = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids)), np.float32)
+    with torch.inference_mode():
+        theirs = ref(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()
+    diff = float(np.abs(ours - theirs).max())
+    limit = 1e-3 if model.cfg.dtype == "float32" else 0.5
+    if not diff <= limit:
+        raise AssertionError(f"our logits and transformers' differ by {diff} (> {limit}): the "
+                             "weight copy or the config mapping is wrong")
+    return diff
 
 
 def _hf_runner(ref, prompts: np.ndarray, new_tokens: int, threads: int | None = None):
@@ -277,6 +297,7 @@ def main(argv: list[str]) -> None:
     prompts = np.random.default_rng(_SEED.value).integers(
         1, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
     ref = _hf_model(model, _DTYPE.value)
+    logit_diff = _check_same_model(model, ref, prompts)
 
     runs = {
         "ours": _ours_runner(model, prompts, 1, new_tokens),
@@ -343,6 +364,7 @@ def main(argv: list[str]) -> None:
                      "new_tokens": new_tokens, "dtype": _DTYPE.value, "repeats": _REPEATS.value,
                      "group_size": group, "seed": _SEED.value,
                      "num_params": cfg.num_params(), "temperature": 1.0},
+        "max_logit_diff_vs_hf": logit_diff,
         "ours": ours,
         "ours_group": shared,
         "hf": theirs,
