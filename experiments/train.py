@@ -1,6 +1,6 @@
 """Run any experiment config: python -m experiments.train --config=experiments/configs/NAME.py"""
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 from rl_reason import r1_zero
@@ -16,5 +16,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    config_flags.mark_flags_as_required(["config"])
+    flags.mark_flags_as_required(["config"])
     app.run(main)
