@@ -14,7 +14,7 @@ import statistics
 
 from absl import app, flags
 
-from benchmarks import common
+from benchmarks import common, noop_verifier  # noqa: F401  (registers "noop" here too)
 from experiments.configs import r1_zero_tiny
 from rl_reason import r1_zero, sharding, verifiers
 from rl_reason.tasks.templates import SPECIAL_TOKENS

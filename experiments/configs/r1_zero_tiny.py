@@ -40,16 +40,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                  max_seq_len=256)),
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.pretrain = ml_collections.ConfigDict(dict(steps=600, batch_size=16, seq_len=256,
+    c.pretrain = ml_collections.ConfigDict(dict(steps=1500, batch_size=16, seq_len=256,
                                                 learning_rate=3e-3, warmup_steps=50,
                                                 weight_decay=0.01, max_grad_norm=1.0, seed=0))
     c.grpo = ml_collections.ConfigDict(dict(
-        steps=100, prompts_per_step=16, group_size=8, max_prompt_len=96, max_new_tokens=80,
+        steps=60, prompts_per_step=16, group_size=8, max_prompt_len=64, max_new_tokens=64,
         temperature=1.0, learning_rate=2e-4, warmup_steps=5, lr_schedule="constant",
         max_grad_norm=1.0, inner_iterations=1, minibatches=1, microbatches=1,
         advantage_estimator="grpo", aggregation="token-mean", kl_coef=0.0,
         clip_eps_low=0.2, clip_eps_high=0.2, eval_every=0, eval_samples=4,
-        checkpoint_every=50, verifier_workers=2, verifier_timeout_s=10.0, seed=0,
+        checkpoint_every=30, verifier_workers=2, verifier_timeout_s=10.0, seed=0,
     ))
 
     if arg == "smoke":
