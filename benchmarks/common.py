@@ -10,9 +10,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
 _compile_total = [0.0]
 _listening = [False]
 
@@ -62,8 +64,13 @@ def time_calls(fn: Callable[[], Any], repeats: int) -> list[float]:
 def summarize(seconds: list[float], units: float) -> dict[str, float]:
     """Best and median time of a list of runs, and `units` per second at each."""
     best, median = min(seconds), statistics.median(seconds)
-    return {"best_s": best, "median_s": median, "runs_s": seconds,
-            "best_per_s": units / best, "median_per_s": units / median}
+    return {
+        "best_s": best,
+        "median_s": median,
+        "runs_s": seconds,
+        "best_per_s": units / best,
+        "median_per_s": units / median,
+    }
 
 
 def environment() -> dict[str, Any]:
@@ -88,8 +95,11 @@ def environment() -> dict[str, Any]:
         import torch
         import transformers
 
-        info.update(torch=torch.__version__, transformers=transformers.__version__,
-                    torch_threads=torch.get_num_threads())
+        info.update(
+            torch=torch.__version__,
+            transformers=transformers.__version__,
+            torch_threads=torch.get_num_threads(),
+        )
     except ImportError:
         pass
     return info
@@ -105,11 +115,16 @@ def write_json(path: str, record: dict[str, Any]) -> None:
 
 
 def print_table(rows: list[list[Any]], header: list[str]) -> None:
-    cells = [header] + [[f"{c:,.2f}" if isinstance(c, float) else str(c) for c in row]
-                        for row in rows]
+    cells = [header] + [
+        [f"{c:,.2f}" if isinstance(c, float) else str(c) for c in row] for row in rows
+    ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for n, row in enumerate(cells):
-        print("  ".join(c.rjust(w) if n and i else c.ljust(w)
-                        for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        print(
+            "  ".join(
+                c.rjust(w) if n and i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
         if n == 0:
             print("  ".join("-" * w for w in widths))

@@ -30,15 +30,21 @@ def _run(config, data, tokenizer, verifier: str, pool) -> list[float]:
     from models import get_config as model_preset
 
     grpo = r1_zero._dataclass_from(r1_zero.GRPOConfig, config.grpo)
-    model_cfg = model_preset(config.model.preset, vocab_size=tokenizer.vocab_size,
-                             **dict(config.model.overrides))
+    model_cfg = model_preset(
+        config.model.preset, vocab_size=tokenizer.vocab_size, **dict(config.model.overrides)
+    )
     graphdef, params = sharding.create_model(model_cfg, sharding.make_mesh(), seed=0)
     pool_examples = [dict(p, verifier=verifier) for p in data["rl_pool"]]
-    trainer = GRPOTrainer(grpo, graphdef=graphdef, params=params, tokenizer=tokenizer,
-                          task=data["task"],
-                          train_batches=r1_zero._cycle_batches(pool_examples,
-                                                               grpo.prompts_per_step, 0),
-                          pool=pool, stop_token_ids=(tokenizer.eos_id,))
+    trainer = GRPOTrainer(
+        grpo,
+        graphdef=graphdef,
+        params=params,
+        tokenizer=tokenizer,
+        task=data["task"],
+        train_batches=r1_zero._cycle_batches(pool_examples, grpo.prompts_per_step, 0),
+        pool=pool,
+        stop_token_ids=(tokenizer.eos_id,),
+    )
     trainer.step()  # compile
     return [trainer.step()["time_step"] for _ in range(_STEPS.value)]
 
@@ -47,22 +53,34 @@ def main(argv):
     del argv
     config = r1_zero_tiny.get_config()
     data = r1_zero.build_data(config)
-    tokenizer = train_sentencepiece(data["corpus"][:2000], "/tmp/rl_step_bench_tok.model",
-                                    vocab_size=config.tokenizer.vocab_size,
-                                    user_defined_symbols=SPECIAL_TOKENS)
+    tokenizer = train_sentencepiece(
+        data["corpus"][:2000],
+        "/tmp/rl_step_bench_tok.model",
+        vocab_size=config.tokenizer.vocab_size,
+        user_defined_symbols=SPECIAL_TOKENS,
+    )
     with verifiers.VerifierPool(_WORKERS.value, imports=["benchmarks.noop_verifier"]) as pool:
-        times = {name: _run(config, data, tokenizer, name, pool)
-                 for name in ("noop", "arithmetic")}
+        times = {name: _run(config, data, tokenizer, name, pool) for name in ("noop", "arithmetic")}
     med = {k: statistics.median(v) for k, v in times.items()}
     record = {
-        "step_seconds_noop": med["noop"], "step_seconds_real": med["arithmetic"],
-        "ratio": med["arithmetic"] / med["noop"], "steps": _STEPS.value,
-        "workers": _WORKERS.value, "rows_per_step": config.grpo.prompts_per_step
-        * config.grpo.group_size, "max_new_tokens": config.grpo.max_new_tokens,
-        "all_step_seconds": times, "environment": common.environment(),
+        "step_seconds_noop": med["noop"],
+        "step_seconds_real": med["arithmetic"],
+        "ratio": med["arithmetic"] / med["noop"],
+        "steps": _STEPS.value,
+        "workers": _WORKERS.value,
+        "rows_per_step": config.grpo.prompts_per_step * config.grpo.group_size,
+        "max_new_tokens": config.grpo.max_new_tokens,
+        "all_step_seconds": times,
+        "environment": common.environment(),
     }
-    common.print_table([["noop", f"{med['noop']:.3f}"], ["arithmetic", f"{med['arithmetic']:.3f}"],
-                        ["ratio", f"{record['ratio']:.3f}"]], ["verifier", "median step s"])
+    common.print_table(
+        [
+            ["noop", f"{med['noop']:.3f}"],
+            ["arithmetic", f"{med['arithmetic']:.3f}"],
+            ["ratio", f"{record['ratio']:.3f}"],
+        ],
+        ["verifier", "median step s"],
+    )
     if _JSON.value:
         common.write_json(_JSON.value, record)
 

@@ -49,18 +49,22 @@ _PRESET = flags.DEFINE_string("preset", "llama-20m", "models.config preset (Llam
 _BATCH = flags.DEFINE_integer("batch", 32, "Rows generated per call.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per row (no padding).")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "Tokens generated per row.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                           "Parameter and compute dtype, on both sides.")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype, on both sides."
+)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement, after one warm-up.")
 _GROUP = flags.DEFINE_integer("group_size", 8, "Group size of the shared-prefill measurement.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and prompts.")
 _TORCH_THREADS = flags.DEFINE_integer(
-    "torch_threads", 0, "torch.set_num_threads for transformers; 0 leaves torch's default.")
+    "torch_threads", 0, "torch.set_num_threads for transformers; 0 leaves torch's default."
+)
 _HF_ONE_THREAD = flags.DEFINE_bool(
-    "hf_one_thread", True,
+    "hf_one_thread",
+    True,
     "Also time transformers with torch.set_num_threads(1). On a loaded machine torch's default "
     "threads can collapse (OpenMP threads waiting on each other); the ratio against the faster "
-    "of the two keeps such a collapse from flattering ours.")
+    "of the two keeps such a collapse from flattering ours.",
+)
 _PROFILE = flags.DEFINE_bool("profile", False, "Also show where our decode step's time goes.")
 
 
@@ -72,10 +76,16 @@ def _ours_runner(model: Transformer, prompts: np.ndarray, group_size: int, new_t
     calls = iter(range(1 << 30))
 
     def run(max_new_tokens: int = new_tokens):
-        out = sampling.sample(graph_params, prompt_list, jax.random.key(next(calls)),
-                              group_size=group_size, max_new_tokens=max_new_tokens,
-                              config=config, prompt_width=prompts.shape[1],
-                              buffer_len=sampling.bucket(new_tokens))
+        out = sampling.sample(
+            graph_params,
+            prompt_list,
+            jax.random.key(next(calls)),
+            group_size=group_size,
+            max_new_tokens=max_new_tokens,
+            config=config,
+            prompt_width=prompts.shape[1],
+            buffer_len=sampling.bucket(new_tokens),
+        )
         return jax.block_until_ready(out)
 
     return run
@@ -84,15 +94,19 @@ def _ours_runner(model: Transformer, prompts: np.ndarray, group_size: int, new_t
 def _check_ours(out: sampling.SampleOutput, rows: int, new_tokens: int) -> None:
     lengths = np.asarray(out.lengths)
     if lengths.shape != (rows,) or not np.all(lengths == new_tokens):
-        raise AssertionError(f"expected {rows} rows of {new_tokens} tokens, got lengths "
-                             f"{sorted(set(lengths.tolist()))} over {lengths.shape}")
+        raise AssertionError(
+            f"expected {rows} rows of {new_tokens} tokens, got lengths "
+            f"{sorted(set(lengths.tolist()))} over {lengths.shape}"
+        )
 
 
 def _warm_up_ours(run, rows: int, new_tokens: int) -> dict[str, float]:
     compiled_before, start = common.compile_seconds(), time.perf_counter()
     _check_ours(run(), rows, new_tokens)
-    return {"first_call_s": time.perf_counter() - start,
-            "compile_s": common.compile_seconds() - compiled_before}
+    return {
+        "first_call_s": time.perf_counter() - start,
+        "compile_s": common.compile_seconds() - compiled_before,
+    }
 
 
 def _hf_model(model: Transformer, dtype: str):
@@ -103,8 +117,10 @@ def _hf_model(model: Transformer, dtype: str):
     config.bos_token_id = config.eos_token_id = None
     config.pad_token_id = 0
     ref = transformers.AutoModelForCausalLM.from_config(config).eval()
-    state = {k: torch.from_numpy(np.array(v, dtype=np.float32))
-             for k, v in hf.to_hf_state_dict(model).items()}
+    state = {
+        k: torch.from_numpy(np.array(v, dtype=np.float32))
+        for k, v in hf.to_hf_state_dict(model).items()
+    }
     result = ref.load_state_dict(state, strict=False)
     allowed_missing = ["lm_head.weight"] if model.cfg.tie_embeddings else []
     if list(result.unexpected_keys) or list(result.missing_keys) != allowed_missing:
@@ -126,8 +142,10 @@ def _check_same_model(model: Transformer, ref, prompts: np.ndarray) -> float:
     diff = float(np.abs(ours - theirs).max())
     limit = 1e-3 if model.cfg.dtype == "float32" else 0.5
     if not diff <= limit:
-        raise AssertionError(f"our logits and transformers' differ by {diff} (> {limit}): the "
-                             "weight copy or the config mapping is wrong")
+        raise AssertionError(
+            f"our logits and transformers' differ by {diff} (> {limit}): the "
+            "weight copy or the config mapping is wrong"
+        )
     return diff
 
 
@@ -146,9 +164,16 @@ def _hf_runner(ref, prompts: np.ndarray, new_tokens: int, threads: int | None = 
             torch.set_num_threads(threads)
         try:
             with torch.inference_mode():
-                out = ref.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0,
-                                   top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                                   min_new_tokens=new_tokens)
+                out = ref.generate(
+                    ids,
+                    attention_mask=mask,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                )
         finally:
             torch.set_num_threads(previous)
         if tuple(out.shape) != want:
@@ -209,8 +234,9 @@ def _attention_layer_step(layout: str, cfg, rows: int, prompt_len: int, slots: i
             vs = jax.lax.dynamic_update_slice_in_dim(vs, new, step, axis=seq_axis)
             s = jnp.concatenate([jnp.einsum(scores, q, pk), jnp.einsum(scores, q, ks)], -1)
             p = jax.nn.softmax(s, -1)
-            o = (jnp.einsum(values, p[..., :prompt_len], pv)
-                 + jnp.einsum(values, p[..., prompt_len:], vs))
+            o = jnp.einsum(values, p[..., :prompt_len], pv) + jnp.einsum(
+                values, p[..., prompt_len:], vs
+            )
             return ks, vs, acc + o
 
         return jax.lax.fori_loop(0, steps, body, (ks, vs, jnp.zeros_like(q0)))[2]
@@ -219,8 +245,10 @@ def _attention_layer_step(layout: str, cfg, rows: int, prompt_len: int, slots: i
         return (rows, n, k, h) if layout == "BSKH" else (rows, k, n, h)
 
     q0 = jax.random.normal(jax.random.key(0), (rows, k, h))
-    caches = [jax.random.normal(jax.random.key(seed), shape(n))
-              for seed, n in enumerate((prompt_len, prompt_len, slots, slots))]
+    caches = [
+        jax.random.normal(jax.random.key(seed), shape(n))
+        for seed, n in enumerate((prompt_len, prompt_len, slots, slots))
+    ]
     return _timeit(lambda: run(q0, *caches), 5) / steps
 
 
@@ -237,12 +265,16 @@ def _profile(model: Transformer, prompts: np.ndarray, new_tokens: int) -> dict[s
 
     hidden = jax.random.normal(jax.random.key(0), (rows, 1, cfg.embed_dim), cfg.jnp_dtype)
     head = model.unembed_matrix()
-    lm_head = jax.jit(lambda h, w: jnp.einsum("btd,dv->btv", h, w,
-                                              preferred_element_type=jnp.float32))
+    lm_head = jax.jit(
+        lambda h, w: jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+    )
     graphdef, params = nnx.split(model)
     ids, mask = jnp.asarray(prompts), jnp.ones(prompts.shape, bool)
-    prefill = jax.jit(lambda params, ids, mask: nnx.merge(graphdef, params)(
-        ids, mask_BT=mask, return_hidden=True, return_kv=True))
+    prefill = jax.jit(
+        lambda params, ids, mask: nnx.merge(graphdef, params)(
+            ids, mask_BT=mask, return_hidden=True, return_kv=True
+        )
+    )
     result: dict[str, Any] = {
         "ours_step_s": step,
         "ours_prefill_s": _timeit(lambda: prefill(params, ids, mask), 5),
@@ -251,7 +283,8 @@ def _profile(model: Transformer, prompts: np.ndarray, new_tokens: int) -> dict[s
     }
     for layout in ("BSKH", "BKSH"):
         result[f"attention_layer_step_cache_{layout}_s"] = _attention_layer_step(
-            layout, cfg, rows, prompts.shape[1], sampling.bucket(new_tokens))
+            layout, cfg, rows, prompts.shape[1], sampling.bucket(new_tokens)
+        )
     try:
         result["xla_ops_ms_per_step"] = _xla_op_times(run, new_tokens)
     except Exception as e:  # the trace format is the profiler's, not a stable API
@@ -264,9 +297,11 @@ def print_profile(profile: dict[str, Any]) -> None:
     print(f"\nour decode step: {step * 1e3:.2f} ms (slope between two lengths)")
     print(f"  prefill (whole batch)       {profile['ours_prefill_s'] * 1e3:8.2f} ms")
     gflops = profile["lm_head_gflop"] / profile["lm_head_matmul_s"]
-    print(f"  lm-head matmul alone        {profile['lm_head_matmul_s'] * 1e3:8.2f} ms "
-          f"({profile['lm_head_gflop']:.3f} GFLOP at {gflops:.0f} GFLOP/s, "
-          f"{profile['lm_head_matmul_s'] / step:.0%} of a step)")
+    print(
+        f"  lm-head matmul alone        {profile['lm_head_matmul_s'] * 1e3:8.2f} ms "
+        f"({profile['lm_head_gflop']:.3f} GFLOP at {gflops:.0f} GFLOP/s, "
+        f"{profile['lm_head_matmul_s'] / step:.0%} of a step)"
+    )
     for layout in ("BSKH", "BKSH"):
         seconds = profile[f"attention_layer_step_cache_{layout}_s"]
         print(f"  attention/layer, {layout} cache {seconds * 1e3:8.3f} ms")
@@ -285,62 +320,98 @@ def main(argv: list[str]) -> None:
     group = _GROUP.value
     if batch % group:
         raise app.UsageError(f"--batch ({batch}) must be a multiple of --group_size ({group})")
-    cfg = get_config(_PRESET.value, param_dtype=_DTYPE.value, dtype=_DTYPE.value,
-                     max_seq_len=max(get_config(_PRESET.value).max_seq_len,
-                                     prompt_len + new_tokens))
+    cfg = get_config(
+        _PRESET.value,
+        param_dtype=_DTYPE.value,
+        dtype=_DTYPE.value,
+        max_seq_len=max(get_config(_PRESET.value).max_seq_len, prompt_len + new_tokens),
+    )
     env = common.environment()
-    print(f"preset {_PRESET.value}: {cfg.num_params() / 1e6:.1f}M params, batch {batch}, "
-          f"prompt {prompt_len}, new {new_tokens}, {_DTYPE.value}; {env['cpu_count']} CPUs, "
-          f"torch threads {env['torch_threads']}, load {env['load_average_1_5_15']}")
+    print(
+        f"preset {_PRESET.value}: {cfg.num_params() / 1e6:.1f}M params, batch {batch}, "
+        f"prompt {prompt_len}, new {new_tokens}, {_DTYPE.value}; {env['cpu_count']} CPUs, "
+        f"torch threads {env['torch_threads']}, load {env['load_average_1_5_15']}"
+    )
 
     model = Transformer(cfg, rngs=nnx.Rngs(_SEED.value))
-    prompts = np.random.default_rng(_SEED.value).integers(
-        1, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
+    prompts = (
+        np.random.default_rng(_SEED.value)
+        .integers(1, cfg.vocab_size, (batch, prompt_len))
+        .astype(np.int32)
+    )
     ref = _hf_model(model, _DTYPE.value)
     logit_diff = _check_same_model(model, ref, prompts)
 
     runs = {
         "ours": _ours_runner(model, prompts, 1, new_tokens),
-        "ours_group": _ours_runner(model, prompts[:batch // group], group, new_tokens),
+        "ours_group": _ours_runner(model, prompts[: batch // group], group, new_tokens),
         "hf": _hf_runner(ref, prompts, new_tokens),
     }
     if _HF_ONE_THREAD.value:
         runs["hf_1thread"] = _hf_runner(ref, prompts, new_tokens, threads=1)
-    warm = {"ours": _warm_up_ours(runs["ours"], batch, new_tokens),
-            "ours_group": _warm_up_ours(runs["ours_group"], batch, new_tokens)}
+    warm = {
+        "ours": _warm_up_ours(runs["ours"], batch, new_tokens),
+        "ours_group": _warm_up_ours(runs["ours_group"], batch, new_tokens),
+    }
     for name in runs:
         if name.startswith("hf"):
             start = time.perf_counter()
             runs[name]()
             warm[name] = {"first_call_s": time.perf_counter() - start}
     seconds = common.time_interleaved(runs, _REPEATS.value)
-    results = {name: {**common.summarize(seconds[name], batch * new_tokens), **warm[name]}
-               for name in runs}
+    results = {
+        name: {**common.summarize(seconds[name], batch * new_tokens), **warm[name]} for name in runs
+    }
     results["ours_group"].update(prompts=batch // group, group_size=group)
-    results["hf"].update(attn_implementation=ref.config._attn_implementation,
-                         torch_threads=env["torch_threads"])
+    results["hf"].update(
+        attn_implementation=ref.config._attn_implementation, torch_threads=env["torch_threads"]
+    )
     ours, shared, theirs = results["ours"], results["ours_group"], results["hf"]
     fastest_hf = max(r["best_per_s"] for name, r in results.items() if name.startswith("hf"))
 
     ratio = ours["best_per_s"] / theirs["best_per_s"]
     rows = [
-        ["ours (group 1)", ours["best_per_s"], ours["median_per_s"], ours["best_s"],
-         ours["compile_s"]],
-        [f"ours (group {group}, {batch // group} prompts)", shared["best_per_s"],
-         shared["median_per_s"], shared["best_s"], shared["compile_s"]],
-        [f"transformers generate ({theirs['attn_implementation']}, "
-         f"{env['torch_threads']} threads)", theirs["best_per_s"], theirs["median_per_s"],
-         theirs["best_s"], "-"],
+        [
+            "ours (group 1)",
+            ours["best_per_s"],
+            ours["median_per_s"],
+            ours["best_s"],
+            ours["compile_s"],
+        ],
+        [
+            f"ours (group {group}, {batch // group} prompts)",
+            shared["best_per_s"],
+            shared["median_per_s"],
+            shared["best_s"],
+            shared["compile_s"],
+        ],
+        [
+            f"transformers generate ({theirs['attn_implementation']}, "
+            f"{env['torch_threads']} threads)",
+            theirs["best_per_s"],
+            theirs["median_per_s"],
+            theirs["best_s"],
+            "-",
+        ],
     ]
     if "hf_1thread" in results:
         one = results["hf_1thread"]
-        rows.append([f"transformers generate ({theirs['attn_implementation']}, 1 thread)",
-                     one["best_per_s"], one["median_per_s"], one["best_s"], "-"])
+        rows.append(
+            [
+                f"transformers generate ({theirs['attn_implementation']}, 1 thread)",
+                one["best_per_s"],
+                one["median_per_s"],
+                one["best_s"],
+                "-",
+            ]
+        )
     print()
     common.print_table(rows, ["", "tok/s best", "tok/s median", "s best", "s compile"])
-    print(f"\nours / transformers (best tok/s): {ratio:.2f}x, against its faster thread "
-          f"setting {ours['best_per_s'] / fastest_hf:.2f}x  (target >= 2x); "
-          f"group {group} / group 1: {shared['best_per_s'] / ours['best_per_s']:.2f}x")
+    print(
+        f"\nours / transformers (best tok/s): {ratio:.2f}x, against its faster thread "
+        f"setting {ours['best_per_s'] / fastest_hf:.2f}x  (target >= 2x); "
+        f"group {group} / group 1: {shared['best_per_s'] / ours['best_per_s']:.2f}x"
+    )
 
     profile = None
     if _PROFILE.value:
@@ -360,10 +431,18 @@ def main(argv: list[str]) -> None:
         "ratio_vs_fastest_hf": ours["best_per_s"] / fastest_hf,
         "target_ratio": 2.0,
         "compile_seconds": ours["compile_s"],
-        "settings": {"preset": _PRESET.value, "batch": batch, "prompt_len": prompt_len,
-                     "new_tokens": new_tokens, "dtype": _DTYPE.value, "repeats": _REPEATS.value,
-                     "group_size": group, "seed": _SEED.value,
-                     "num_params": cfg.num_params(), "temperature": 1.0},
+        "settings": {
+            "preset": _PRESET.value,
+            "batch": batch,
+            "prompt_len": prompt_len,
+            "new_tokens": new_tokens,
+            "dtype": _DTYPE.value,
+            "repeats": _REPEATS.value,
+            "group_size": group,
+            "seed": _SEED.value,
+            "num_params": cfg.num_params(),
+            "temperature": 1.0,
+        },
         "max_logit_diff_vs_hf": logit_diff,
         "ours": ours,
         "ours_group": shared,

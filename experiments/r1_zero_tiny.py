@@ -8,9 +8,11 @@ from ml_collections import config_flags
 from rl_reason import r1_zero
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs", "r1_zero_tiny.py"),
+    "config",
+    os.path.join(os.path.dirname(__file__), "configs", "r1_zero_tiny.py"),
     "experiment config file[:arg]",
-    lock_config=True)
+    lock_config=True,
+)
 
 
 def main(argv):

@@ -5,8 +5,9 @@ from ml_collections import config_flags
 
 from rl_reason import r1_zero
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:arg]",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment config file[:arg]", lock_config=True
+)
 
 
 def main(argv):

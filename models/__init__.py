@@ -4,5 +4,12 @@ from models.config import PRESETS, ModelConfig, get_config
 from models.kv_cache import KVCache, LayerKV
 from models.transformer import Transformer, positions_from_mask
 
-__all__ = ["PRESETS", "KVCache", "LayerKV", "ModelConfig", "Transformer", "get_config",
-           "positions_from_mask"]
+__all__ = [
+    "PRESETS",
+    "KVCache",
+    "LayerKV",
+    "ModelConfig",
+    "Transformer",
+    "get_config",
+    "positions_from_mask",
+]

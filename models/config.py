@@ -61,23 +61,42 @@ class ModelConfig:
             if not ok:
                 raise ValueError(f"ModelConfig: {msg}")
 
-        for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "mlp_dim", "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "embed_dim",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "mlp_dim",
+            "max_seq_len",
+        ):
             value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
-        need(self.num_heads % self.num_kv_heads == 0,
-             f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-             f"({self.num_kv_heads})")
-        need(self.mlp_activation in _ACTIVATIONS,
-             f"mlp_activation {self.mlp_activation!r} is not one of {_ACTIVATIONS}")
-        need(self.param_dtype in _DTYPES, f"param_dtype {self.param_dtype!r} not in {list(_DTYPES)}")
+            need(
+                isinstance(value, int) and value > 0,
+                f"{name} must be a positive int, got {value!r}",
+            )
+        need(
+            self.num_heads % self.num_kv_heads == 0,
+            f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+            f"({self.num_kv_heads})",
+        )
+        need(
+            self.mlp_activation in _ACTIVATIONS,
+            f"mlp_activation {self.mlp_activation!r} is not one of {_ACTIVATIONS}",
+        )
+        need(
+            self.param_dtype in _DTYPES, f"param_dtype {self.param_dtype!r} not in {list(_DTYPES)}"
+        )
         need(self.dtype in _DTYPES, f"dtype {self.dtype!r} not in {list(_DTYPES)}")
         need(self.rope_theta > 0, "rope_theta must be positive")
         for cap in ("attn_logit_softcap", "final_logit_softcap"):
             value = getattr(self, cap)
             need(value is None or value > 0, f"{cap} must be None or positive")
-        need(self.sliding_window is None or self.sliding_window > 0,
-             "sliding_window must be None or positive")
+        need(
+            self.sliding_window is None or self.sliding_window > 0,
+            "sliding_window must be None or positive",
+        )
 
     @property
     def jnp_param_dtype(self) -> Any:
@@ -98,8 +117,13 @@ class ModelConfig:
 
     def num_params(self) -> int:
         """Parameter count from the shapes alone (matches the module's actual count)."""
-        d, h, k, hd, m = (self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim,
-                          self.mlp_dim)
+        d, h, k, hd, m = (
+            self.embed_dim,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.mlp_dim,
+        )
         attn = d * h * hd + 2 * d * k * hd + h * hd * d
         if self.qkv_bias:
             attn += h * hd + 2 * k * hd
@@ -113,37 +137,106 @@ class ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     # Tests and CPU demos: compiles in about a second, trains on two cores.
-    "tiny": ModelConfig(vocab_size=512, embed_dim=128, num_layers=2, num_heads=4,
-                        num_kv_heads=2, head_dim=32, mlp_dim=384, max_seq_len=512),
+    "tiny": ModelConfig(
+        vocab_size=512,
+        embed_dim=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        mlp_dim=384,
+        max_seq_len=512,
+    ),
     # The ~20M-parameter Llama shape the sampler benchmark uses.
-    "llama-20m": ModelConfig(vocab_size=32_000, embed_dim=256, num_layers=4, num_heads=8,
-                             num_kv_heads=8, head_dim=32, mlp_dim=768, rope_theta=10_000.0,
-                             norm_eps=1e-5, tie_embeddings=False, max_seq_len=2048),
+    "llama-20m": ModelConfig(
+        vocab_size=32_000,
+        embed_dim=256,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=8,
+        head_dim=32,
+        mlp_dim=768,
+        rope_theta=10_000.0,
+        norm_eps=1e-5,
+        tie_embeddings=False,
+        max_seq_len=2048,
+    ),
     # Qwen2.5-0.5B: 494,032,768 parameters (published).
-    "qwen2.5-0.5b": ModelConfig(vocab_size=151_936, embed_dim=896, num_layers=24, num_heads=14,
-                                num_kv_heads=2, head_dim=64, mlp_dim=4864, rope_theta=1e6,
-                                qkv_bias=True, norm_eps=1e-6, tie_embeddings=True,
-                                max_seq_len=32_768, param_dtype="bfloat16", dtype="bfloat16"),
+    "qwen2.5-0.5b": ModelConfig(
+        vocab_size=151_936,
+        embed_dim=896,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        mlp_dim=4864,
+        rope_theta=1e6,
+        qkv_bias=True,
+        norm_eps=1e-6,
+        tie_embeddings=True,
+        max_seq_len=32_768,
+        param_dtype="bfloat16",
+        dtype="bfloat16",
+    ),
     # Qwen2.5-1.5B: 1,543,714,304 parameters (published).
-    "qwen2.5-1.5b": ModelConfig(vocab_size=151_936, embed_dim=1536, num_layers=28, num_heads=12,
-                                num_kv_heads=2, head_dim=128, mlp_dim=8960, rope_theta=1e6,
-                                qkv_bias=True, norm_eps=1e-6, tie_embeddings=True,
-                                max_seq_len=32_768, param_dtype="bfloat16", dtype="bfloat16"),
+    "qwen2.5-1.5b": ModelConfig(
+        vocab_size=151_936,
+        embed_dim=1536,
+        num_layers=28,
+        num_heads=12,
+        num_kv_heads=2,
+        head_dim=128,
+        mlp_dim=8960,
+        rope_theta=1e6,
+        qkv_bias=True,
+        norm_eps=1e-6,
+        tie_embeddings=True,
+        max_seq_len=32_768,
+        param_dtype="bfloat16",
+        dtype="bfloat16",
+    ),
     # Llama-3.2-1B: 1,235,814,400 parameters (published).
-    "llama-3.2-1b": ModelConfig(vocab_size=128_256, embed_dim=2048, num_layers=16, num_heads=32,
-                                num_kv_heads=8, head_dim=64, mlp_dim=8192, rope_theta=500_000.0,
-                                rope_llama3_scaling=(32.0, 1.0, 4.0, 8192), norm_eps=1e-5,
-                                tie_embeddings=True, max_seq_len=131_072,
-                                param_dtype="bfloat16", dtype="bfloat16"),
+    "llama-3.2-1b": ModelConfig(
+        vocab_size=128_256,
+        embed_dim=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        mlp_dim=8192,
+        rope_theta=500_000.0,
+        rope_llama3_scaling=(32.0, 1.0, 4.0, 8192),
+        norm_eps=1e-5,
+        tie_embeddings=True,
+        max_seq_len=131_072,
+        param_dtype="bfloat16",
+        dtype="bfloat16",
+    ),
     # Gemma-2-2B: 2,614,341,888 parameters (published).
-    "gemma-2-2b": ModelConfig(vocab_size=256_000, embed_dim=2304, num_layers=26, num_heads=8,
-                              num_kv_heads=4, head_dim=256, mlp_dim=9216,
-                              mlp_activation="gelu_tanh", norm_scale_plus_one=True,
-                              rope_theta=10_000.0, tie_embeddings=True, scale_embeddings=True,
-                              post_norms=True, attn_logit_softcap=50.0, final_logit_softcap=30.0,
-                              query_scale=256**-0.5, sliding_window=4096, sliding_window_every=2,
-                              norm_eps=1e-6, max_seq_len=8192, param_dtype="bfloat16",
-                              dtype="bfloat16"),
+    "gemma-2-2b": ModelConfig(
+        vocab_size=256_000,
+        embed_dim=2304,
+        num_layers=26,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=256,
+        mlp_dim=9216,
+        mlp_activation="gelu_tanh",
+        norm_scale_plus_one=True,
+        rope_theta=10_000.0,
+        tie_embeddings=True,
+        scale_embeddings=True,
+        post_norms=True,
+        attn_logit_softcap=50.0,
+        final_logit_softcap=30.0,
+        query_scale=256**-0.5,
+        sliding_window=4096,
+        sliding_window_every=2,
+        norm_eps=1e-6,
+        max_seq_len=8192,
+        param_dtype="bfloat16",
+        dtype="bfloat16",
+    ),
 }
 
 # Published parameter counts, for the preset tests.

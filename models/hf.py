@@ -53,8 +53,10 @@ def _llama_extra(cfg: ModelConfig) -> dict[str, Any]:
 def _llama_check(hf: Mapping[str, Any]) -> None:
     # Llama's attention_bias also puts a bias on o_proj, which our attention does not have.
     if hf.get("attention_bias", False):
-        raise ValueError("Llama config has attention_bias=True (biases on q/k/v/o); our model "
-                         "supports q/k/v biases only (the Qwen2 layout)")
+        raise ValueError(
+            "Llama config has attention_bias=True (biases on q/k/v/o); our model "
+            "supports q/k/v biases only (the Qwen2 layout)"
+        )
     if hf.get("mlp_bias", False):
         raise ValueError("Llama config has mlp_bias=True; our MLP has no biases")
     if hf.get("pretraining_tp", 1) not in (None, 1):
@@ -62,21 +64,36 @@ def _llama_check(hf: Mapping[str, Any]) -> None:
 
 
 def _qwen2_extra(cfg: ModelConfig) -> dict[str, Any]:
-    return {"use_sliding_window": False, "sliding_window": None,
-            "max_window_layers": cfg.num_layers}
+    return {
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": cfg.num_layers,
+    }
 
 
 def _qwen2_check(hf: Mapping[str, Any]) -> None:
     if hf.get("use_sliding_window", False):
-        raise ValueError("Qwen2 config has use_sliding_window=True; Qwen2-style sliding "
-                         "windows (by max_window_layers) are not supported")
+        raise ValueError(
+            "Qwen2 config has use_sliding_window=True; Qwen2-style sliding "
+            "windows (by max_window_layers) are not supported"
+        )
 
 
 _FAMILIES: dict[str, _Family] = {
-    "llama": _Family("llama", "LlamaForCausalLM", qkv_bias=False, extra_config=_llama_extra,
-                     check_config=_llama_check),
-    "qwen2": _Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True, extra_config=_qwen2_extra,
-                     check_config=_qwen2_check),
+    "llama": _Family(
+        "llama",
+        "LlamaForCausalLM",
+        qkv_bias=False,
+        extra_config=_llama_extra,
+        check_config=_llama_check,
+    ),
+    "qwen2": _Family(
+        "qwen2",
+        "Qwen2ForCausalLM",
+        qkv_bias=True,
+        extra_config=_qwen2_extra,
+        check_config=_qwen2_check,
+    ),
 }
 
 _TORCH_DTYPES = ("float32", "bfloat16", "float16")
@@ -93,13 +110,16 @@ def _family_of(cfg: ModelConfig) -> _Family:
         "scale_embeddings": cfg.scale_embeddings,
         "post_norms": cfg.post_norms,
         "sliding_window": cfg.sliding_window is not None,
-        "query_scale": (cfg.query_scale is not None
-                        and not math.isclose(cfg.query_scale, cfg.head_dim**-0.5)),
+        "query_scale": (
+            cfg.query_scale is not None and not math.isclose(cfg.query_scale, cfg.head_dim**-0.5)
+        ),
     }
     bad = [name for name, is_set in unsupported.items() if is_set]
     if bad:
-        raise ValueError(f"ModelConfig fields {bad} have no Llama/Qwen2 equivalent; only these "
-                         "two families are mapped to Hugging Face so far")
+        raise ValueError(
+            f"ModelConfig fields {bad} have no Llama/Qwen2 equivalent; only these "
+            "two families are mapped to Hugging Face so far"
+        )
     return _FAMILIES["qwen2" if cfg.qkv_bias else "llama"]
 
 
@@ -131,9 +151,13 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     }
     if cfg.rope_llama3_scaling is not None:
         factor, low, high, original = cfg.rope_llama3_scaling
-        out["rope_scaling"] = {"rope_type": "llama3", "factor": float(factor),
-                               "low_freq_factor": float(low), "high_freq_factor": float(high),
-                               "original_max_position_embeddings": int(original)}
+        out["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": float(factor),
+            "low_freq_factor": float(low),
+            "high_freq_factor": float(high),
+            "original_max_position_embeddings": int(original),
+        }
     out.update(family.extra_config(cfg))
     return out
 
@@ -152,9 +176,12 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, tuple[float, float, flo
         return float(theta), None
     if rope_type != "llama3":
         raise ValueError(f"RoPE scaling type {rope_type!r} is not supported (only 'llama3')")
-    return float(theta), (float(scaling["factor"]), float(scaling["low_freq_factor"]),
-                          float(scaling["high_freq_factor"]),
-                          int(scaling["original_max_position_embeddings"]))
+    return float(theta), (
+        float(scaling["factor"]),
+        float(scaling["low_freq_factor"]),
+        float(scaling["high_freq_factor"]),
+        int(scaling["original_max_position_embeddings"]),
+    )
 
 
 def config_from_hf(hf: Mapping[str, Any] | Any, **overrides: Any) -> ModelConfig:
@@ -167,8 +194,9 @@ def config_from_hf(hf: Mapping[str, Any] | Any, **overrides: Any) -> ModelConfig
         hf = hf.to_dict()
     model_type = hf.get("model_type")
     if model_type not in _FAMILIES:
-        raise ValueError(f"model_type {model_type!r} is not supported; supported: "
-                         f"{sorted(_FAMILIES)}")
+        raise ValueError(
+            f"model_type {model_type!r} is not supported; supported: {sorted(_FAMILIES)}"
+        )
     family = _FAMILIES[model_type]
     family.check_config(hf)
     act = hf.get("hidden_act", "silu")
@@ -219,8 +247,10 @@ class _Spec:
 
 
 def _weight_specs(cfg: ModelConfig) -> list[_Spec]:
-    specs = [_Spec("model.embed_tokens.weight", ("embedding",), "same"),
-             _Spec("model.norm.weight", ("final_norm", "scale"), "same")]
+    specs = [
+        _Spec("model.embed_tokens.weight", ("embedding",), "same"),
+        _Spec("model.norm.weight", ("final_norm", "scale"), "same"),
+    ]
     if not cfg.tie_embeddings:
         specs.append(_Spec("lm_head.weight", ("lm_head",), "linear"))
     for i in range(cfg.num_layers):
@@ -238,14 +268,16 @@ def _weight_specs(cfg: ModelConfig) -> list[_Spec]:
             _Spec(pre + "mlp.down_proj.weight", layer + ("mlp", "down"), "linear"),
         ]
         if cfg.qkv_bias:
-            specs += [_Spec(pre + f"self_attn.{n}_proj.bias", layer + ("attn", f"{n}_bias"),
-                            "flat") for n in "qkv"]
+            specs += [
+                _Spec(pre + f"self_attn.{n}_proj.bias", layer + ("attn", f"{n}_bias"), "flat")
+                for n in "qkv"
+            ]
     return specs
 
 
 def _to_hf(x: np.ndarray, spec: _Spec) -> np.ndarray:
     if spec.kind == "linear":
-        n_in = math.prod(x.shape[:spec.n_in])
+        n_in = math.prod(x.shape[: spec.n_in])
         return np.ascontiguousarray(x.reshape(n_in, -1).T)
     if spec.kind == "flat":
         return x.reshape(-1)
@@ -254,7 +286,7 @@ def _to_hf(x: np.ndarray, spec: _Spec) -> np.ndarray:
 
 def _hf_shape(ours: tuple[int, ...], spec: _Spec) -> tuple[int, ...]:
     if spec.kind == "linear":
-        return (math.prod(ours[spec.n_in:]), math.prod(ours[:spec.n_in]))
+        return (math.prod(ours[spec.n_in :]), math.prod(ours[: spec.n_in]))
     if spec.kind == "flat":
         return (math.prod(ours),)
     return ours
@@ -279,9 +311,11 @@ def _check_specs_cover(model: Transformer, specs: list[_Spec]) -> None:
     ours = {path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     mapped = {spec.path for spec in specs}
     if ours != mapped:
-        raise ValueError(f"HF mapping and model parameters disagree: unmapped "
-                         f"{sorted(map(str, ours - mapped))}, absent "
-                         f"{sorted(map(str, mapped - ours))}")
+        raise ValueError(
+            f"HF mapping and model parameters disagree: unmapped "
+            f"{sorted(map(str, ours - mapped))}, absent "
+            f"{sorted(map(str, mapped - ours))}"
+        )
 
 
 def to_hf_state_dict(model: Transformer) -> dict[str, np.ndarray]:
@@ -350,15 +384,21 @@ def load_hf_state_dict(model: Transformer, state_dict: Mapping[str, Any]) -> Non
         head = _as_numpy(state_dict["lm_head.weight"])
         embed = arrays.get("model.embed_tokens.weight")
         if embed is not None and (head.shape != embed.shape or not np.array_equal(head, embed)):
-            shape_errors.append("lm_head.weight: the config ties embeddings but lm_head.weight "
-                                "differs from model.embed_tokens.weight (set "
-                                "tie_embeddings=False to load it as a separate head)")
+            shape_errors.append(
+                "lm_head.weight: the config ties embeddings but lm_head.weight "
+                "differs from model.embed_tokens.weight (set "
+                "tie_embeddings=False to load it as a separate head)"
+            )
     if missing or unexpected or shape_errors:
-        parts = [f"missing keys {missing}" if missing else "",
-                 f"unexpected keys {unexpected}" if unexpected else "",
-                 f"shape/value mismatches {shape_errors}" if shape_errors else ""]
-        raise ValueError(f"HF state dict does not fit this {_family_of(cfg).architecture} "
-                         f"config: " + "; ".join(p for p in parts if p))
+        parts = [
+            f"missing keys {missing}" if missing else "",
+            f"unexpected keys {unexpected}" if unexpected else "",
+            f"shape/value mismatches {shape_errors}" if shape_errors else "",
+        ]
+        raise ValueError(
+            f"HF state dict does not fit this {_family_of(cfg).architecture} "
+            f"config: " + "; ".join(p for p in parts if p)
+        )
 
     dtype = np.dtype(cfg.jnp_param_dtype)
     for spec in specs:
@@ -367,5 +407,6 @@ def load_hf_state_dict(model: Transformer, state_dict: Mapping[str, Any]) -> Non
         # weights never pass whole through one device.
         value = np.ascontiguousarray(arrays[spec.hf_name], dtype=dtype)
         sharding = getattr(param.get_value(), "sharding", None)
-        param.set_value(jax.device_put(value, sharding) if sharding is not None
-                        else jnp.asarray(value))
+        param.set_value(
+            jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
+        )

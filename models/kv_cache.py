@@ -37,8 +37,13 @@ class KVCache:
         return self.layers[0].k.shape[1]
 
 
-def from_prefill(prefix_kvs: tuple[LayerKV, ...], prompt_mask_PT: jax.Array,
-                 prompt_positions_PT: jax.Array, group_size: int, max_new_tokens: int) -> KVCache:
+def from_prefill(
+    prefix_kvs: tuple[LayerKV, ...],
+    prompt_mask_PT: jax.Array,
+    prompt_positions_PT: jax.Array,
+    group_size: int,
+    max_new_tokens: int,
+) -> KVCache:
     """A cache holding the prefilled prompts and room for `max_new_tokens` per sample."""
     p = prompt_mask_PT.shape[0]
 
@@ -46,7 +51,10 @@ def from_prefill(prefix_kvs: tuple[LayerKV, ...], prompt_mask_PT: jax.Array,
         shape = (p * group_size, max_new_tokens) + kv.k.shape[2:]
         return LayerKV(jnp.zeros(shape, kv.k.dtype), jnp.zeros(shape, kv.v.dtype))
 
-    return KVCache(prefix=tuple(prefix_kvs), prefix_mask=prompt_mask_PT.astype(bool),
-                   prefix_positions=prompt_positions_PT.astype(jnp.int32),
-                   layers=tuple(empty(kv) for kv in prefix_kvs),
-                   index=jnp.zeros((), jnp.int32))
+    return KVCache(
+        prefix=tuple(prefix_kvs),
+        prefix_mask=prompt_mask_PT.astype(bool),
+        prefix_positions=prompt_positions_PT.astype(jnp.int32),
+        layers=tuple(empty(kv) for kv in prefix_kvs),
+        index=jnp.zeros((), jnp.int32),
+    )

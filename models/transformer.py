@@ -58,8 +58,9 @@ class RMSNorm(nnx.Module):
 
 def rope_frequencies(cfg: ModelConfig) -> jax.Array:
     """Inverse frequencies [H/2] (half-split rotation, as in the HF Llama layout)."""
-    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32)
-                                    / cfg.head_dim))
+    inv = 1.0 / (
+        cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim)
+    )
     if cfg.rope_llama3_scaling is not None:
         factor, low, high, original = cfg.rope_llama3_scaling
         wavelen = 2 * math.pi / inv
@@ -94,8 +95,9 @@ class Attention(nnx.Module):
         self.k_proj = _param(rngs, _normal(std), (d, k, h), pd, ("embed", "kv_heads", "head_dim"))
         self.v_proj = _param(rngs, _normal(std), (d, k, h), pd, ("embed", "kv_heads", "head_dim"))
         out_std = std / math.sqrt(2 * cfg.num_layers)
-        self.o_proj = _param(rngs, _normal(out_std), (n, h, d), pd,
-                             ("q_heads", "head_dim", "embed"))
+        self.o_proj = _param(
+            rngs, _normal(out_std), (n, h, d), pd, ("q_heads", "head_dim", "embed")
+        )
         if cfg.qkv_bias:
             zeros = nnx.initializers.zeros
             self.q_bias = _param(rngs, zeros, (n, h), pd, ("q_heads", "head_dim"))
@@ -167,8 +169,9 @@ class Attention(nnx.Module):
         q = q.reshape(b, kv, r, cfg.head_dim)
 
         # Prompt keys are stored once per prompt and read once for its G samples.
-        s_pre = self._scores(q.reshape(p_count, g, kv, r, cfg.head_dim), prefix.k,
-                             "pgkrh,pskh->pgkrs").reshape(b, kv, r, -1)
+        s_pre = self._scores(
+            q.reshape(p_count, g, kv, r, cfg.head_dim), prefix.k, "pgkrh,pskh->pgkrs"
+        ).reshape(b, kv, r, -1)
         pre_ok = jnp.repeat(cache.prefix_mask, g, axis=0)
         pre_ok &= self._window_ok(positions_B[:, None], jnp.repeat(cache.prefix_positions, g, 0))
         s_pre = jnp.where(pre_ok[:, None, None, :], s_pre, _NEG_INF)
@@ -176,15 +179,19 @@ class Attention(nnx.Module):
         s_suf = self._scores(q, k_all, "bkrh,bskh->bkrs")
         slots = jnp.arange(k_all.shape[1])
         suf_positions = positions_B[:, None] - cache.index + slots[None, :]
-        suf_ok = (slots <= cache.index)[None, :] & self._window_ok(positions_B[:, None],
-                                                                   suf_positions)
+        suf_ok = (slots <= cache.index)[None, :] & self._window_ok(
+            positions_B[:, None], suf_positions
+        )
         s_suf = jnp.where(suf_ok[:, None, None, :], s_suf, _NEG_INF)
 
         sp = s_pre.shape[-1]
         probs = jax.nn.softmax(jnp.concatenate([s_pre, s_suf], axis=-1), axis=-1)
         p_pre, p_suf = probs[..., :sp], probs[..., sp:]
-        o = jnp.einsum("pgkrs,pskh->pgkrh", p_pre.reshape(p_count, g, kv, r, sp).astype(
-            prefix.v.dtype), prefix.v).reshape(b, kv, r, cfg.head_dim)
+        o = jnp.einsum(
+            "pgkrs,pskh->pgkrh",
+            p_pre.reshape(p_count, g, kv, r, sp).astype(prefix.v.dtype),
+            prefix.v,
+        ).reshape(b, kv, r, cfg.head_dim)
         o = o + jnp.einsum("bkrs,bskh->bkrh", p_suf.astype(v_all.dtype), v_all)
         out = self._out(o.reshape(b, 1, cfg.num_heads, cfg.head_dim))
         return out, LayerKV(k_all, v_all)
@@ -195,8 +202,9 @@ class MLP(nnx.Module):
         d, f, pd = cfg.embed_dim, cfg.mlp_dim, cfg.jnp_param_dtype
         self.gate = _param(rngs, _normal(0.02), (d, f), pd, ("embed", "mlp"))
         self.up = _param(rngs, _normal(0.02), (d, f), pd, ("embed", "mlp"))
-        self.down = _param(rngs, _normal(0.02 / math.sqrt(2 * cfg.num_layers)), (f, d), pd,
-                           ("mlp", "embed"))
+        self.down = _param(
+            rngs, _normal(0.02 / math.sqrt(2 * cfg.num_layers)), (f, d), pd, ("mlp", "embed")
+        )
         self.cfg = cfg
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
@@ -250,13 +258,15 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         pd = cfg.jnp_param_dtype
         self.cfg = cfg
-        self.embedding = _param(rngs, _normal(0.02), (cfg.vocab_size, cfg.embed_dim), pd,
-                                ("vocab", "embed"))
+        self.embedding = _param(
+            rngs, _normal(0.02), (cfg.vocab_size, cfg.embed_dim), pd, ("vocab", "embed")
+        )
         self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.embed_dim, cfg, rngs)
         if not cfg.tie_embeddings:
-            self.lm_head = _param(rngs, _normal(0.02), (cfg.embed_dim, cfg.vocab_size), pd,
-                                  ("embed", "vocab"))
+            self.lm_head = _param(
+                rngs, _normal(0.02), (cfg.embed_dim, cfg.vocab_size), pd, ("embed", "vocab")
+            )
 
     def embed(self, ids: jax.Array) -> jax.Array:
         x = jnp.take(self.embedding[...], ids, axis=0).astype(self.cfg.jnp_dtype)
@@ -270,13 +280,24 @@ class Transformer(nnx.Module):
         return w.astype(self.cfg.jnp_dtype)
 
     def logits(self, hidden_BTD: jax.Array) -> jax.Array:
-        out = jnp.einsum("btd,dv->btv", hidden_BTD.astype(self.cfg.jnp_dtype),
-                         self.unembed_matrix(), preferred_element_type=jnp.float32)
+        out = jnp.einsum(
+            "btd,dv->btv",
+            hidden_BTD.astype(self.cfg.jnp_dtype),
+            self.unembed_matrix(),
+            preferred_element_type=jnp.float32,
+        )
         return _softcap(out, self.cfg.final_logit_softcap)
 
-    def __call__(self, input_ids_BT: jax.Array, *, mask_BT: jax.Array | None = None,
-                 positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
-                 return_hidden: bool = False, return_kv: bool = False):
+    def __call__(
+        self,
+        input_ids_BT: jax.Array,
+        *,
+        mask_BT: jax.Array | None = None,
+        positions_BT: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
+        return_hidden: bool = False,
+        return_kv: bool = False,
+    ):
         """Full forward. mask_BT: 1 on real tokens (padding anywhere is never attended to).
 
         segment_ids_BT packs several documents in a row: tokens attend only within their own
@@ -302,8 +323,7 @@ class Transformer(nnx.Module):
         """Logits [B, V] for one new token per row, and the cache with it written."""
         x = self.embed(tokens_B[:, None])
         new_layers = []
-        for block, layer_cache, prefix in zip(self.layers, cache.layers, cache.prefix,
-                                              strict=True):
+        for block, layer_cache, prefix in zip(self.layers, cache.layers, cache.prefix, strict=True):
             x, kv = block.decode(x, positions_B, layer_cache, prefix, cache)
             new_layers.append(kv)
         logits = self.logits(self.final_norm(x))[:, 0]

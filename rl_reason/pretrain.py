@@ -48,8 +48,10 @@ def pack_documents(docs: Sequence[Sequence[int]], seq_len: int, pad_id: int) -> 
     used: list[int] = []
     for doc in docs:
         if len(doc) > seq_len:
-            raise ValueError(f"a document has {len(doc)} tokens > seq_len {seq_len}: raise "
-                             "seq_len or shorten the corpus texts")
+            raise ValueError(
+                f"a document has {len(doc)} tokens > seq_len {seq_len}: raise "
+                "seq_len or shorten the corpus texts"
+            )
         if used and used[-1] + len(doc) <= seq_len:
             rows[-1].append(doc)
             used[-1] += len(doc)
@@ -62,9 +64,9 @@ def pack_documents(docs: Sequence[Sequence[int]], seq_len: int, pad_id: int) -> 
     for r, row in enumerate(rows):
         start = 0
         for s, doc in enumerate(row, start=1):
-            ids[r, start:start + len(doc)] = doc
-            segments[r, start:start + len(doc)] = s
-            positions[r, start:start + len(doc)] = np.arange(len(doc))
+            ids[r, start : start + len(doc)] = doc
+            segments[r, start : start + len(doc)] = s
+            positions[r, start : start + len(doc)] = np.arange(len(doc))
             start += len(doc)
     return PackedRows(ids, segments, positions)
 
@@ -79,8 +81,9 @@ def lm_loss(model, ids, segments, positions):
     return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer"),
-                   donate_argnames=("params", "opt_state"))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "optimizer"), donate_argnames=("params", "opt_state")
+)
 def lm_update(graphdef, optimizer, params, opt_state, ids, segments, positions):
     def loss_fn(p):
         return lm_loss(nnx.merge(graphdef, p), ids, segments, positions)
@@ -90,15 +93,27 @@ def lm_update(graphdef, optimizer, params, opt_state, ids, segments, positions):
     return optax.apply_updates(params, updates), opt_state, loss
 
 
-def pretrain(graphdef, params, tokenizer: Tokenizer, texts: Sequence[str], cfg: PretrainConfig,
-             log_fn: Callable[[int, float, float], None] | None = None):
+def pretrain(
+    graphdef,
+    params,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    cfg: PretrainConfig,
+    log_fn: Callable[[int, float, float], None] | None = None,
+):
     """Train on `texts` (each wrapped in bos/eos) for cfg.steps; returns (params, losses)."""
     docs = tokenizer.encode_batch(list(texts), add_bos=True, add_eos=True)
     packed = pack_documents(docs, cfg.seq_len, tokenizer.pad_id)
-    optim = train_step.OptimConfig(learning_rate=cfg.learning_rate,
-                                   warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
-                                   schedule="cosine", weight_decay=cfg.weight_decay,
-                                   b1=0.9, b2=0.98, max_grad_norm=cfg.max_grad_norm)
+    optim = train_step.OptimConfig(
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        total_steps=cfg.steps,
+        schedule="cosine",
+        weight_decay=cfg.weight_decay,
+        b1=0.9,
+        b2=0.98,
+        max_grad_norm=cfg.max_grad_norm,
+    )
     optimizer = train_step.make_optimizer(optim)
     opt_state = jax.jit(optimizer.init)(params)
     rng = np.random.default_rng(cfg.seed)
@@ -107,11 +122,17 @@ def pretrain(graphdef, params, tokenizer: Tokenizer, texts: Sequence[str], cfg: 
     for step in range(cfg.steps):
         if cursor + cfg.batch_size > len(order):
             order, cursor = rng.permutation(len(packed.ids)), 0
-        idx = order[cursor:cursor + cfg.batch_size]
+        idx = order[cursor : cursor + cfg.batch_size]
         cursor += cfg.batch_size
-        params, opt_state, loss = lm_update(graphdef, optimizer, params, opt_state,
-                                            packed.ids[idx], packed.segments[idx],
-                                            packed.positions[idx])
+        params, opt_state, loss = lm_update(
+            graphdef,
+            optimizer,
+            params,
+            opt_state,
+            packed.ids[idx],
+            packed.segments[idx],
+            packed.positions[idx],
+        )
         history.append(float(loss))  # blocks each step: honest timing, bounded queue
         if log_fn is not None:
             log_fn(step + 1, history[-1], time.perf_counter() - t0)

@@ -106,8 +106,7 @@ def _choose(logits_BV: jax.Array, key: jax.Array, cfg: SamplingConfig):
     # The policy log-prob is over every embedding row, as the trainer's forward pass sees it.
     policy_lp = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
     if cfg.vocab_size is not None and cfg.vocab_size < logits_BV.shape[-1]:
-        logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < cfg.vocab_size, logits_BV,
-                              -jnp.inf)
+        logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < cfg.vocab_size, logits_BV, -jnp.inf)
     if cfg.temperature == 0.0:
         token = _argmax_first(logits_BV).astype(jnp.int32)
         sample_lp = jnp.zeros(token.shape, jnp.float32)
@@ -117,21 +116,39 @@ def _choose(logits_BV: jax.Array, key: jax.Array, cfg: SamplingConfig):
         # tokens) so that the argmax is the fast one.
         noise = jax.random.gumbel(key, filtered.shape, filtered.dtype)
         token = _argmax_first(filtered + noise).astype(jnp.int32)
-        sample_lp = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), token[:, None],
-                                        axis=-1)[:, 0]
+        sample_lp = jnp.take_along_axis(
+            jax.nn.log_softmax(filtered, axis=-1), token[:, None], axis=-1
+        )[:, 0]
     return token, sample_lp, jnp.take_along_axis(policy_lp, token[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "group_size", "buffer_len", "cfg",
-                                             "pad_id"))
-def _sample_jit(graphdef, params, prompt_ids_PT, prompt_mask_PT, key, max_new_tokens, *,
-                group_size: int, buffer_len: int, cfg: SamplingConfig, pad_id: int):
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "group_size", "buffer_len", "cfg", "pad_id")
+)
+def _sample_jit(
+    graphdef,
+    params,
+    prompt_ids_PT,
+    prompt_mask_PT,
+    key,
+    max_new_tokens,
+    *,
+    group_size: int,
+    buffer_len: int,
+    cfg: SamplingConfig,
+    pad_id: int,
+):
     model: Transformer = nnx.merge(graphdef, params)
     p = prompt_ids_PT.shape[0]
     b = p * group_size
     positions_PT = positions_from_mask(prompt_mask_PT)
-    hidden, kvs = model(prompt_ids_PT, mask_BT=prompt_mask_PT, positions_BT=positions_PT,
-                        return_hidden=True, return_kv=True)
+    hidden, kvs = model(
+        prompt_ids_PT,
+        mask_BT=prompt_mask_PT,
+        positions_BT=positions_PT,
+        return_hidden=True,
+        return_kv=True,
+    )
     # Left padding puts every prompt's last real token in the last column.
     first_logits = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], group_size, axis=0)
     cache = kv_cache.from_prefill(kvs, prompt_mask_PT, positions_PT, group_size, buffer_len)
@@ -157,15 +174,29 @@ def _sample_jit(graphdef, params, prompt_ids_PT, prompt_mask_PT, key, max_new_to
         logits, cache = model.decode(token, prompt_len_B + t, cache)
         return t + 1, cache, logits, tokens, slp, plp, stopped, done, lengths
 
-    init = (jnp.zeros((), jnp.int32), cache, first_logits,
-            jnp.full((b, buffer_len), pad_id, jnp.int32),
-            jnp.zeros((b, buffer_len), jnp.float32), jnp.zeros((b, buffer_len), jnp.float32),
-            jnp.zeros((b,), bool), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
+    init = (
+        jnp.zeros((), jnp.int32),
+        cache,
+        first_logits,
+        jnp.full((b, buffer_len), pad_id, jnp.int32),
+        jnp.zeros((b, buffer_len), jnp.float32),
+        jnp.zeros((b, buffer_len), jnp.float32),
+        jnp.zeros((b,), bool),
+        jnp.zeros((b,), bool),
+        jnp.zeros((b,), jnp.int32),
+    )
     _, _, _, tokens, slp, plp, stopped, _, lengths = jax.lax.while_loop(cond, body, init)
     mask = jnp.arange(buffer_len)[None, :] < lengths[:, None]
-    return SampleOutput(tokens=tokens, mask=mask, sample_logprobs=slp, policy_logprobs=plp,
-                        lengths=lengths, truncated=~stopped, prompt_ids=prompt_ids_PT,
-                        prompt_mask=prompt_mask_PT)
+    return SampleOutput(
+        tokens=tokens,
+        mask=mask,
+        sample_logprobs=slp,
+        policy_logprobs=plp,
+        lengths=lengths,
+        truncated=~stopped,
+        prompt_ids=prompt_ids_PT,
+        prompt_mask=prompt_mask_PT,
+    )
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -173,8 +204,9 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, width: int | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad token lists to `width` (default: the bucketed longest). Returns (ids, mask)."""
     if len(prompts) == 0:
         raise ValueError("no prompts given")
@@ -187,15 +219,23 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, width: int | None
     ids = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), bool)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = True
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = True
     return ids, mask
 
 
-def sample(model: Transformer | tuple, prompts: Sequence[Sequence[int]], key: jax.Array, *,
-           group_size: int = 1, max_new_tokens: int, config: SamplingConfig = SamplingConfig(),
-           pad_id: int = 0, buffer_len: int | None = None,
-           prompt_width: int | None = None) -> SampleOutput:
+def sample(
+    model: Transformer | tuple,
+    prompts: Sequence[Sequence[int]],
+    key: jax.Array,
+    *,
+    group_size: int = 1,
+    max_new_tokens: int,
+    config: SamplingConfig = SamplingConfig(),
+    pad_id: int = 0,
+    buffer_len: int | None = None,
+    prompt_width: int | None = None,
+) -> SampleOutput:
     """Sample `group_size` completions for each prompt (lists of token ids).
 
     `model` is a Transformer or its `nnx.split` (graphdef, params). `buffer_len` (default: the
@@ -211,6 +251,15 @@ def sample(model: Transformer | tuple, prompts: Sequence[Sequence[int]], key: ja
     if max_new_tokens > buffer_len:
         raise ValueError(f"max_new_tokens {max_new_tokens} exceeds buffer_len {buffer_len}")
     ids, mask = pad_prompts(prompts, pad_id, prompt_width)
-    return _sample_jit(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), key,
-                       jnp.asarray(max_new_tokens, jnp.int32), group_size=group_size,
-                       buffer_len=buffer_len, cfg=config, pad_id=pad_id)
+    return _sample_jit(
+        graphdef,
+        params,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        key,
+        jnp.asarray(max_new_tokens, jnp.int32),
+        group_size=group_size,
+        buffer_len=buffer_len,
+        cfg=config,
+        pad_id=pad_id,
+    )

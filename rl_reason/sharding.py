@@ -62,21 +62,23 @@ class MeshConfig:
                 raise ValueError(f"{num_devices} devices do not divide into mesh {sizes}")
             sizes[sizes.index(-1)] = num_devices // known
         if int(np.prod(sizes)) != num_devices:
-            raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} "
-                             f"devices, but {num_devices} are available")
+            raise ValueError(
+                f"mesh {dict(zip(AXES, sizes, strict=True))} needs {int(np.prod(sizes))} "
+                f"devices, but {num_devices} are available"
+            )
         return tuple(sizes)
 
 
-def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None
-              ) -> Mesh:
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh with Auto axis types (shardings propagate through jit without `set_mesh`)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = cfg.shape(len(devices))
     return Mesh(np.asarray(devices).reshape(shape), AXES)
 
 
-def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules=LOGICAL_RULES) -> PartitionSpec:
+def logical_to_spec(
+    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=LOGICAL_RULES
+) -> PartitionSpec:
     """PartitionSpec for an array with these logical axis names.
 
     A dimension whose size the mesh axis does not divide is replicated instead, with a warning:
@@ -90,8 +92,13 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
         axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
         ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
         if axes and size % ways:
-            log.warning("dimension %r of size %d is not divisible by mesh axes %s (%d): "
-                        "replicating it", name, size, axes, ways)
+            log.warning(
+                "dimension %r of size %d is not divisible by mesh axes %s (%d): replicating it",
+                name,
+                size,
+                axes,
+                ways,
+            )
             axes = ()
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
@@ -108,8 +115,11 @@ def _variable_spec(var, mesh: Mesh) -> PartitionSpec:
 
 def state_shardings(abstract_state, mesh: Mesh):
     """NamedShardings for an nnx.State of Variables, from their logical axis names."""
-    return jax.tree.map(lambda v: NamedSharding(mesh, _variable_spec(v, mesh)), abstract_state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(
+        lambda v: NamedSharding(mesh, _variable_spec(v, mesh)),
+        abstract_state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
 
 
 def batch_sharding(mesh: Mesh, rank: int) -> NamedSharding:

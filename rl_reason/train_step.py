@@ -63,14 +63,16 @@ class OptimConfig:
         if self.schedule == "constant":
             after = optax.constant_schedule(self.learning_rate)
         elif self.schedule == "cosine":
-            after = optax.cosine_decay_schedule(self.learning_rate,
-                                                max(self.total_steps - warmup, 1), alpha=0.1)
+            after = optax.cosine_decay_schedule(
+                self.learning_rate, max(self.total_steps - warmup, 1), alpha=0.1
+            )
         else:
             raise ValueError(f"unknown lr schedule {self.schedule!r}; valid: constant, cosine")
         if warmup == 0:
             return after
-        ramp = optax.linear_schedule(self.learning_rate / max(warmup, 1), self.learning_rate,
-                                     warmup)
+        ramp = optax.linear_schedule(
+            self.learning_rate / max(warmup, 1), self.learning_rate, warmup
+        )
         return optax.join_schedules([ramp, after], [warmup])
 
 
@@ -83,55 +85,103 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     chain = []
     if cfg.max_grad_norm is not None:
         chain.append(optax.clip_by_global_norm(cfg.max_grad_norm))
-    chain.append(optax.adamw(cfg.learning_rate_fn(), b1=cfg.b1, b2=cfg.b2,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    chain.append(
+        optax.adamw(
+            cfg.learning_rate_fn(),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
+    )
     return optax.chain(*chain)
 
 
-def completion_logprobs(model: Transformer, prompt_ids, prompt_mask, tokens, mask, *,
-                        chunk_size: int | None = None, with_entropy: bool = False):
+def completion_logprobs(
+    model: Transformer,
+    prompt_ids,
+    prompt_mask,
+    tokens,
+    mask,
+    *,
+    chunk_size: int | None = None,
+    with_entropy: bool = False,
+):
     """log p(tokens | prompt, previous tokens) [B, N] (and the entropy [B, N])."""
     ids = jnp.concatenate([prompt_ids, tokens], axis=1)
     full_mask = jnp.concatenate([prompt_mask.astype(bool), mask.astype(bool)], axis=1)
     hidden = model(ids, mask_BT=full_mask, return_hidden=True)
     tp, n = prompt_ids.shape[1], tokens.shape[1]
-    hidden = hidden[:, tp - 1:tp - 1 + n]
+    hidden = hidden[:, tp - 1 : tp - 1 + n]
     cfg = model.cfg
-    head = ({"embed_VD": model.embedding[...].astype(cfg.jnp_dtype)} if cfg.tie_embeddings
-            else {"unembed_DV": model.lm_head[...].astype(cfg.jnp_dtype)})
+    head = (
+        {"embed_VD": model.embedding[...].astype(cfg.jnp_dtype)}
+        if cfg.tie_embeddings
+        else {"unembed_DV": model.lm_head[...].astype(cfg.jnp_dtype)}
+    )
     return losses.token_logprobs_from_hidden(
-        hidden, tokens, chunk_size=chunk_size, final_logit_softcap=cfg.final_logit_softcap,
-        return_entropy=with_entropy, **head)
+        hidden,
+        tokens,
+        chunk_size=chunk_size,
+        final_logit_softcap=cfg.final_logit_softcap,
+        return_entropy=with_entropy,
+        **head,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
-def sequence_logprobs(graphdef, params, prompt_ids, prompt_mask, tokens, mask, *,
-                      chunk_size: int | None = None) -> jax.Array:
+def sequence_logprobs(
+    graphdef, params, prompt_ids, prompt_mask, tokens, mask, *, chunk_size: int | None = None
+) -> jax.Array:
     """Jitted `completion_logprobs` for old-policy and reference log-probs."""
     model = nnx.merge(graphdef, params)
-    return completion_logprobs(model, prompt_ids, prompt_mask, tokens, mask,
-                               chunk_size=chunk_size)
+    return completion_logprobs(model, prompt_ids, prompt_mask, tokens, mask, chunk_size=chunk_size)
 
 
 def _loss_and_metrics(params, graphdef, mb: Batch, normalizer, cfg: LossConfig):
     model = nnx.merge(graphdef, params)
-    logp, ent = completion_logprobs(model, mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask,
-                                    chunk_size=cfg.chunk_size, with_entropy=True)
+    logp, ent = completion_logprobs(
+        model,
+        mb.prompt_ids,
+        mb.prompt_mask,
+        mb.tokens,
+        mb.mask,
+        chunk_size=cfg.chunk_size,
+        with_entropy=True,
+    )
     loss, metrics = losses.policy_loss(
-        logp, mb.old_logp, mb.advantages, mb.mask, clip_eps_low=cfg.clip_eps_low,
-        clip_eps_high=cfg.clip_eps_high, ratio_level=cfg.ratio_level,
-        aggregation=cfg.aggregation, max_len=cfg.max_len,
-        ref_logp=mb.ref_logp if cfg.kl_coef > 0 else None, kl_coef=cfg.kl_coef,
-        kl_estimator=cfg.kl_estimator, normalizer=normalizer)
+        logp,
+        mb.old_logp,
+        mb.advantages,
+        mb.mask,
+        clip_eps_low=cfg.clip_eps_low,
+        clip_eps_high=cfg.clip_eps_high,
+        ratio_level=cfg.ratio_level,
+        aggregation=cfg.aggregation,
+        max_len=cfg.max_len,
+        ref_logp=mb.ref_logp if cfg.kl_coef > 0 else None,
+        kl_coef=cfg.kl_coef,
+        kl_estimator=cfg.kl_estimator,
+        normalizer=normalizer,
+    )
     tokens = jnp.maximum(jnp.sum(mb.mask), 1.0)
     metrics = dict(metrics, entropy=jnp.sum(jax.lax.stop_gradient(ent) * mb.mask) / tokens)
     return loss, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "cfg"),
-                   donate_argnames=("params", "opt_state"))
-def update(graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig, params, opt_state,
-           batch: Batch):
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "optimizer", "cfg"),
+    donate_argnames=("params", "opt_state"),
+)
+def update(
+    graphdef,
+    optimizer: optax.GradientTransformation,
+    cfg: LossConfig,
+    params,
+    opt_state,
+    batch: Batch,
+):
     """One optimizer update on a minibatch whose leaves are [microbatches, rows, ...].
 
     Gradients are summed over microbatches with the minibatch's global normaliser, so the update
@@ -166,5 +216,6 @@ def split_microbatches(batch: Batch, microbatches: int) -> Batch:
     rows = batch.advantages.shape[0]
     if rows % microbatches:
         raise ValueError(f"{rows} rows do not split into {microbatches} microbatches")
-    return jax.tree.map(lambda x: x.reshape(microbatches, rows // microbatches, *x.shape[1:]),
-                        batch)
+    return jax.tree.map(
+        lambda x: x.reshape(microbatches, rows // microbatches, *x.shape[1:]), batch
+    )

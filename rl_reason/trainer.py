@@ -96,9 +96,12 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "steps": self.steps >= 0, "prompts_per_step": self.prompts_per_step >= 1,
-            "group_size": self.group_size >= 2, "max_new_tokens": self.max_new_tokens >= 1,
-            "inner_iterations": self.inner_iterations >= 1, "minibatches": self.minibatches >= 1,
+            "steps": self.steps >= 0,
+            "prompts_per_step": self.prompts_per_step >= 1,
+            "group_size": self.group_size >= 2,
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "inner_iterations": self.inner_iterations >= 1,
+            "minibatches": self.minibatches >= 1,
             "microbatches": self.microbatches >= 1,
             "max_sampling_rounds": self.max_sampling_rounds >= 1,
             "overlong_buffer": 0 <= self.overlong_buffer < self.max_new_tokens,
@@ -106,17 +109,23 @@ class GRPOConfig:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"GRPOConfig: invalid {', '.join(f'{b}={getattr(self, b)!r}' for b in bad)}"
-                             " (group_size needs >= 2: advantages are relative to the group)")
+            listed = ", ".join(f"{b}={getattr(self, b)!r}" for b in bad)
+            raise ValueError(
+                f"GRPOConfig: invalid {listed} (group_size needs >= 2: "
+                "advantages are relative to the group)"
+            )
         rows = self.prompts_per_step * self.group_size
         if rows % (self.minibatches * self.microbatches):
-            raise ValueError(f"GRPOConfig: P*G = {rows} rows must split evenly into minibatches "
-                             f"({self.minibatches}) x microbatches ({self.microbatches})")
+            raise ValueError(
+                f"GRPOConfig: P*G = {rows} rows must split evenly into minibatches "
+                f"({self.minibatches}) x microbatches ({self.microbatches})"
+            )
         for name, value, valid in (
-                ("advantage_estimator", self.advantage_estimator, losses.ADVANTAGE_ESTIMATORS),
-                ("aggregation", self.aggregation, losses.AGGREGATIONS),
-                ("ratio_level", self.ratio_level, losses.RATIO_LEVELS),
-                ("kl_estimator", self.kl_estimator, losses.KL_ESTIMATORS)):
+            ("advantage_estimator", self.advantage_estimator, losses.ADVANTAGE_ESTIMATORS),
+            ("aggregation", self.aggregation, losses.AGGREGATIONS),
+            ("ratio_level", self.ratio_level, losses.RATIO_LEVELS),
+            ("kl_estimator", self.kl_estimator, losses.KL_ESTIMATORS),
+        ):
             if value not in valid:
                 raise ValueError(f"GRPOConfig.{name}={value!r}; valid: {list(valid)}")
 
@@ -126,22 +135,33 @@ class GRPOConfig:
 
     def loss_config(self) -> train_step.LossConfig:
         return train_step.LossConfig(
-            clip_eps_low=self.clip_eps_low, clip_eps_high=self.clip_eps_high,
-            ratio_level=self.ratio_level, aggregation=self.aggregation,
-            max_len=self.max_new_tokens, kl_coef=self.kl_coef, kl_estimator=self.kl_estimator,
-            chunk_size=self.logprob_chunk_size)
+            clip_eps_low=self.clip_eps_low,
+            clip_eps_high=self.clip_eps_high,
+            ratio_level=self.ratio_level,
+            aggregation=self.aggregation,
+            max_len=self.max_new_tokens,
+            kl_coef=self.kl_coef,
+            kl_estimator=self.kl_estimator,
+            chunk_size=self.logprob_chunk_size,
+        )
 
     def optim_config(self) -> train_step.OptimConfig:
         updates = self.steps * self.inner_iterations * self.minibatches
         return train_step.OptimConfig(
-            learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
-            total_steps=max(updates, 1), schedule=self.lr_schedule,
-            weight_decay=self.weight_decay, b1=self.adam_b1, b2=self.adam_b2,
-            max_grad_norm=self.max_grad_norm)
+            learning_rate=self.learning_rate,
+            warmup_steps=self.warmup_steps,
+            total_steps=max(updates, 1),
+            schedule=self.lr_schedule,
+            weight_decay=self.weight_decay,
+            b1=self.adam_b1,
+            b2=self.adam_b2,
+            max_grad_norm=self.max_grad_norm,
+        )
 
 
-def overlong_penalty(lengths: np.ndarray, max_new_tokens: int, buffer: int,
-                     penalty: float) -> np.ndarray:
+def overlong_penalty(
+    lengths: np.ndarray, max_new_tokens: int, buffer: int, penalty: float
+) -> np.ndarray:
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 up to L_max - buffer, then
     linearly down to -penalty at L_max."""
     if buffer <= 0:
@@ -170,7 +190,7 @@ def _extract_answer(text: str) -> str | None:
     if start < 0:
         return None
     end = text.find("</answer>", start)
-    return text[start + len("<answer>"):end].strip() if end >= 0 else None
+    return text[start + len("<answer>") : end].strip() if end >= 0 else None
 
 
 class GRPOTrainer:
@@ -190,11 +210,22 @@ class GRPOTrainer:
       response_stats: optional fn(texts, examples) -> dict of extra eval metrics.
     """
 
-    def __init__(self, cfg: GRPOConfig, *, graphdef, params, tokenizer: Tokenizer, task: Task,
-                 train_batches: Iterator[list[dict]], eval_examples: Sequence[dict] = (),
-                 pool, metrics=None, checkpointer=None,
-                 stop_token_ids: Sequence[int] | None = None,
-                 response_stats: Callable[[list[str], list[dict]], dict] | None = None):
+    def __init__(
+        self,
+        cfg: GRPOConfig,
+        *,
+        graphdef,
+        params,
+        tokenizer: Tokenizer,
+        task: Task,
+        train_batches: Iterator[list[dict]],
+        eval_examples: Sequence[dict] = (),
+        pool,
+        metrics=None,
+        checkpointer=None,
+        stop_token_ids: Sequence[int] | None = None,
+        response_stats: Callable[[list[str], list[dict]], dict] | None = None,
+    ):
         self.cfg = cfg
         self.graphdef = graphdef
         self.params = params
@@ -207,8 +238,9 @@ class GRPOTrainer:
         self.checkpointer = checkpointer
         self.response_stats = response_stats
         stops = (tokenizer.eos_id,) if stop_token_ids is None else tuple(stop_token_ids)
-        self.sampling = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k,
-                                       top_p=cfg.top_p, stop_token_ids=stops)
+        self.sampling = SamplingConfig(
+            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop_token_ids=stops
+        )
         # The budget is fixed for the run, so its width needs no power-of-two bucket: every row of
         # the training batch is Tp + buffer_len wide, and spare width costs compute.
         self.buffer_len = -(-cfg.max_new_tokens // 8) * 8
@@ -219,7 +251,7 @@ class GRPOTrainer:
         self.lr_fn = self.optim_cfg.learning_rate_fn()
         self.opt_state = jax.jit(self.optimizer.init)(params)
         # The frozen reference policy: a copy of the initial weights (only with a KL term).
-        self.ref_params = (jax.tree.map(jnp.copy, params) if cfg.kl_coef > 0 else None)
+        self.ref_params = jax.tree.map(jnp.copy, params) if cfg.kl_coef > 0 else None
         self.loss_cfg = cfg.loss_config()
         self.key = jax.random.key(cfg.seed)
         self.step_count = 0
@@ -230,33 +262,43 @@ class GRPOTrainer:
     # -- sampling and verification --------------------------------------------------------------
 
     def _encode_prompts(self, examples: Sequence[dict]) -> list[list[int]]:
-        ids = self.tokenizer.encode_batch([self.task.prompt(ex) for ex in examples],
-                                          add_bos=True)
+        ids = self.tokenizer.encode_batch([self.task.prompt(ex) for ex in examples], add_bos=True)
         too_long = [len(x) for x in ids if len(x) > self.cfg.max_prompt_len]
         if too_long:
-            raise ValueError(f"a prompt has {max(too_long)} tokens > max_prompt_len "
-                             f"{self.cfg.max_prompt_len}: raise max_prompt_len")
+            raise ValueError(
+                f"a prompt has {max(too_long)} tokens > max_prompt_len "
+                f"{self.cfg.max_prompt_len}: raise max_prompt_len"
+            )
         return ids
 
-    def _generate(self, examples: Sequence[dict], key, *, group_size: int,
-                  config: SamplingConfig):
+    def _generate(self, examples: Sequence[dict], key, *, group_size: int, config: SamplingConfig):
         return sampling.sample(
-            (self.graphdef, self.params), self._encode_prompts(examples), key,
-            group_size=group_size, max_new_tokens=self.cfg.max_new_tokens, config=config,
-            pad_id=self.tokenizer.pad_id, buffer_len=self.buffer_len,
-            prompt_width=self.cfg.max_prompt_len)
+            (self.graphdef, self.params),
+            self._encode_prompts(examples),
+            key,
+            group_size=group_size,
+            max_new_tokens=self.cfg.max_new_tokens,
+            config=config,
+            pad_id=self.tokenizer.pad_id,
+            buffer_len=self.buffer_len,
+            prompt_width=self.cfg.max_prompt_len,
+        )
 
     def _texts(self, out) -> tuple[list[str], np.ndarray, np.ndarray]:
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-        texts = self.tokenizer.decode_batch([row[:n] for row, n in zip(tokens, lengths)])
+        texts = self.tokenizer.decode_batch(
+            [row[:n] for row, n in zip(tokens, lengths, strict=True)]
+        )
         return texts, lengths, np.asarray(out.truncated)
 
     def _submit(self, texts: list[str], examples: list[dict], group_size: int):
         per_row = [examples[i // group_size] for i in range(len(texts))]
-        items = [(ex.get("verifier", self.task.verifier_name), text, ex)
-                 for text, ex in zip(texts, per_row)]
+        items = [
+            (ex.get("verifier", self.task.verifier_name), text, ex)
+            for text, ex in zip(texts, per_row, strict=True)
+        ]
         if self.cfg.format_reward:
-            items += [("format", text, ex) for text, ex in zip(texts, per_row)]
+            items += [("format", text, ex) for text, ex in zip(texts, per_row, strict=True)]
         return self.pool.submit(items)
 
     def _collect(self, handle, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -264,12 +306,14 @@ class GRPOTrainer:
         rewards = np.asarray([r.reward for r in results[:n]], np.float32)
         correct = np.asarray([r.correct for r in results[:n]], bool)
         if self.cfg.format_reward:
-            rewards += self.cfg.format_reward * np.asarray([r.reward for r in results[n:]],
-                                                           np.float32)
+            rewards += self.cfg.format_reward * np.asarray(
+                [r.reward for r in results[n:]], np.float32
+            )
         return rewards, correct
 
-    def rollout(self, examples: list[dict], key, before_collect: Callable[[Any], Any] | None = None
-                ) -> tuple[Rollout, Any]:
+    def rollout(
+        self, examples: list[dict], key, before_collect: Callable[[Any], Any] | None = None
+    ) -> tuple[Rollout, Any]:
         """Sample, decode, verify. `before_collect(out)` runs on the device while the pool works."""
         g = self.cfg.group_size
         out = self._generate(examples, key, group_size=g, config=self.sampling)
@@ -280,10 +324,20 @@ class GRPOTrainer:
         t_wait = time.perf_counter()
         rewards, correct = self._collect(handle, len(texts))
         t1 = time.perf_counter()
-        rewards += overlong_penalty(lengths, self.cfg.max_new_tokens, self.cfg.overlong_buffer,
-                                    self.cfg.overlong_penalty)
-        return Rollout(examples, out, texts, rewards, correct, lengths, truncated,
-                       verify_seconds=t1 - t0, verify_wait_seconds=t1 - t_wait), device_work
+        rewards += overlong_penalty(
+            lengths, self.cfg.max_new_tokens, self.cfg.overlong_buffer, self.cfg.overlong_penalty
+        )
+        return Rollout(
+            examples,
+            out,
+            texts,
+            rewards,
+            correct,
+            lengths,
+            truncated,
+            verify_seconds=t1 - t0,
+            verify_wait_seconds=t1 - t_wait,
+        ), device_work
 
     # -- one step ---------------------------------------------------------------------------------
 
@@ -294,10 +348,16 @@ class GRPOTrainer:
         prompt_mask = jnp.repeat(out.prompt_mask, g, axis=0)
         args = (prompt_ids, prompt_mask, out.tokens, out.mask)
         chunk = self.cfg.logprob_chunk_size
-        ref = (train_step.sequence_logprobs(self.graphdef, self.ref_params, *args,
-                                            chunk_size=chunk) if self.ref_params else None)
-        old = (train_step.sequence_logprobs(self.graphdef, self.params, *args, chunk_size=chunk)
-               if self.cfg.recompute_old_logprobs else None)
+        ref = (
+            train_step.sequence_logprobs(self.graphdef, self.ref_params, *args, chunk_size=chunk)
+            if self.ref_params
+            else None
+        )
+        old = (
+            train_step.sequence_logprobs(self.graphdef, self.params, *args, chunk_size=chunk)
+            if self.cfg.recompute_old_logprobs
+            else None
+        )
         return ref, old
 
     def _gather_rollouts(self, key) -> tuple[list[tuple[Rollout, Any]], int]:
@@ -334,8 +394,9 @@ class GRPOTrainer:
     def _assemble(self, parts) -> tuple[train_step.Batch, dict[str, np.ndarray]]:
         """Concatenate the chosen groups of each rollout into one [B] training batch."""
         cfg, g = self.cfg, self.cfg.group_size
-        pieces: dict[str, list] = {k: [] for k in ("prompt_ids", "prompt_mask", "tokens", "mask",
-                                                   "old_logp", "ref_logp")}
+        pieces: dict[str, list] = {
+            k: [] for k in ("prompt_ids", "prompt_mask", "tokens", "mask", "old_logp", "ref_logp")
+        }
         host: dict[str, list] = {k: [] for k in ("rewards", "correct", "lengths", "truncated")}
         for ro, (ref, old), sel in parts:
             rows = np.repeat(sel, g)
@@ -348,14 +409,16 @@ class GRPOTrainer:
                 mask = mask * (~out.truncated[rows])[:, None]
             pieces["mask"].append(mask)
             pieces["old_logp"].append((old if old is not None else out.policy_logprobs)[rows])
-            pieces["ref_logp"].append(ref[rows] if ref is not None
-                                      else jnp.zeros(out.tokens[rows].shape, jnp.float32))
+            pieces["ref_logp"].append(
+                ref[rows] if ref is not None else jnp.zeros(out.tokens[rows].shape, jnp.float32)
+            )
             for k in host:
                 host[k].append(getattr(ro, k)[rows])
         arrays = {k: jnp.concatenate(v) for k, v in pieces.items()}
         hosts = {k: np.concatenate(v) for k, v in host.items()}
-        advantages = losses.compute_advantages(jnp.asarray(hosts["rewards"]), g,
-                                               estimator=cfg.advantage_estimator)
+        advantages = losses.compute_advantages(
+            jnp.asarray(hosts["rewards"]), g, estimator=cfg.advantage_estimator
+        )
         return train_step.Batch(advantages=advantages.astype(jnp.float32), **arrays), hosts
 
     def _train_on(self, batch: train_step.Batch) -> dict[str, float]:
@@ -363,15 +426,18 @@ class GRPOTrainer:
         rows_per_mb = cfg.rows // cfg.minibatches
         collected = []
         for epoch in range(cfg.inner_iterations):
-            perm = (np.arange(cfg.rows) if epoch == 0 else
-                    np.random.default_rng([cfg.seed, self.step_count, epoch]).permutation(
-                        cfg.rows))
+            perm = (
+                np.arange(cfg.rows)
+                if epoch == 0
+                else np.random.default_rng([cfg.seed, self.step_count, epoch]).permutation(cfg.rows)
+            )
             for m in range(cfg.minibatches):
-                idx = perm[m * rows_per_mb:(m + 1) * rows_per_mb]
-                mb = jax.tree.map(lambda x: x[idx], batch)
+                idx = perm[m * rows_per_mb : (m + 1) * rows_per_mb]
+                mb = jax.tree.map(lambda x, idx=idx: x[idx], batch)
                 mb = train_step.split_microbatches(mb, cfg.microbatches)
                 self.params, self.opt_state, metrics = train_step.update(
-                    self.graphdef, self.optimizer, self.loss_cfg, self.params, self.opt_state, mb)
+                    self.graphdef, self.optimizer, self.loss_cfg, self.params, self.opt_state, mb
+                )
                 # Fetching the metrics blocks on each update: it keeps the host honest about step
                 # time and avoids the CPU collective stalls seen with unblocked sharded loops.
                 collected.append(jax.device_get(metrics))
@@ -386,7 +452,8 @@ class GRPOTrainer:
                 raise FloatingPointError(
                     f"{self._nonfinite_in_a_row} steps in a row had a non-finite loss or "
                     "gradient (updates were skipped). Lower the learning rate, check the data, "
-                    "or set dtype=float32.")
+                    "or set dtype=float32."
+                )
         keys = collected[-1].keys()
         return {k: float(np.mean([m[k] for m in collected])) for k in keys}
 
@@ -408,7 +475,8 @@ class GRPOTrainer:
         generated = sum(int(p[0].lengths.sum()) for p in parts)
         sample_time = t_sampled - t0
         metrics = {
-            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
             "accuracy": float(host["correct"].mean()),
             "zero_std_groups": float(np.mean(rewards.max(1) == rewards.min(1))),
             "response_length_mean": float(host["lengths"].mean()),
@@ -418,23 +486,32 @@ class GRPOTrainer:
             "clip_frac_low": train_metrics["clip_frac_low"],
             "clip_frac_high": train_metrics["clip_frac_high"],
             "ratio_mean": train_metrics["ratio_mean"],
-            "kl_ref": train_metrics["kl_ref"], "kl_old": train_metrics["approx_kl_old"],
-            "entropy": train_metrics["entropy"], "loss": train_metrics["loss"],
+            "kl_ref": train_metrics["kl_ref"],
+            "kl_old": train_metrics["approx_kl_old"],
+            "entropy": train_metrics["entropy"],
+            "loss": train_metrics["loss"],
             "grad_norm": train_metrics["grad_norm"],
             "learning_rate": float(self.lr_fn(max(self.updates - 1, 0))),
             "nonfinite_updates": float(self._nonfinite_total),
             "sampling_rounds": float(rounds),
-            "time_sample_verify": sample_time, "time_verify": verify,
+            "time_sample_verify": sample_time,
+            "time_verify": verify,
             "time_verify_hidden": max(verify - verify_wait, 0.0),
-            "time_train": t_trained - t_sampled, "time_step": t_trained - t0,
+            "time_train": t_trained - t_sampled,
+            "time_step": t_trained - t0,
             "generated_tokens_per_s": generated / max(sample_time, 1e-9),
         }
         return metrics
 
     # -- evaluation ---------------------------------------------------------------------------
 
-    def evaluate(self, examples: Sequence[dict] | None = None, *, samples: int | None = None,
-                 batch_size: int = 64) -> dict[str, float]:
+    def evaluate(
+        self,
+        examples: Sequence[dict] | None = None,
+        *,
+        samples: int | None = None,
+        batch_size: int = 64,
+    ) -> dict[str, float]:
         """Greedy accuracy, and mean@k / maj@k / pass@k over k sampled answers per problem."""
         examples = list(self.eval_examples if examples is None else examples)
         if not examples:
@@ -446,7 +523,7 @@ class GRPOTrainer:
         greedy_correct, greedy_len, greedy_texts = [], [], []
         correct_k, answers_k = [], []
         for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
+            chunk = examples[start : start + batch_size]
             out = self._generate(chunk, key, group_size=1, config=greedy_cfg)
             texts, lengths, _ = self._texts(out)
             _, ok = self._collect(self._submit(texts, chunk, 1), len(texts))
@@ -459,13 +536,16 @@ class GRPOTrainer:
                 texts, _, _ = self._texts(out)
                 _, ok = self._collect(self._submit(texts, chunk, k), len(texts))
                 correct_k += list(ok.reshape(-1, k))
-                answers_k += [[_extract_answer(t) for t in texts[i * k:(i + 1) * k]]
-                              for i in range(len(chunk))]
-        result = {"accuracy": evaluation.greedy_accuracy(greedy_correct),
-                  "mean_response_tokens": float(np.mean(greedy_len))}
+                answers_k += [
+                    [_extract_answer(t) for t in texts[i * k : (i + 1) * k]]
+                    for i in range(len(chunk))
+                ]
+        result = {
+            "accuracy": evaluation.greedy_accuracy(greedy_correct),
+            "mean_response_tokens": float(np.mean(greedy_len)),
+        }
         if k > 0:
-            summary = evaluation.summarize(np.asarray(correct_k), answers_k,
-                                           ks=sorted({1, k}))
+            summary = evaluation.summarize(np.asarray(correct_k), answers_k, ks=sorted({1, k}))
             result.update({key_: float(v) for key_, v in summary.items()})
         if self.response_stats is not None:
             result.update(self.response_stats(greedy_texts, examples))
@@ -484,8 +564,7 @@ class GRPOTrainer:
                 self.metrics.write(step + 1, metrics)
                 self.metrics.log_progress(step + 1, metrics)
             if self.checkpointer is not None:
-                self.checkpointer.save(step + 1, self.state(),
-                                       force=step + 1 == self.cfg.steps)
+                self.checkpointer.save(step + 1, self.state(), force=step + 1 == self.cfg.steps)
             history.append(metrics)
             if on_step is not None:
                 on_step(step + 1, metrics)

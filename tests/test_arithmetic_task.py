@@ -224,8 +224,9 @@ def test_corpus_style_counts_and_determinism():
     # (420 in the template).
     counts = collections.Counter(
         classify(t)[0]
-        for t in arithmetic.pretraining_corpus(0, 1000, cfg, frac_worked=0.4, frac_template=0.7,
-                                               frac_template_worked=0.1)
+        for t in arithmetic.pretraining_corpus(
+            0, 1000, cfg, frac_worked=0.4, frac_template=0.7, frac_template_worked=0.1
+        )
     )
     assert counts == {"worked": 40, "steps": 360, "bare": 420, "qa": 180}
     with pytest.raises(ValueError, match="frac_template_worked"):

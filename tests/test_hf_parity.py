@@ -47,17 +47,34 @@ VARIANTS = {
 
 
 def _hf_model(v: Variant, seed: int = 0):
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                  max_position_embeddings=256, tie_word_embeddings=v.tied,
-                  attn_implementation="eager", bos_token_id=None, eos_token_id=None,
-                  pad_token_id=0)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        tie_word_embeddings=v.tied,
+        attn_implementation="eager",
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     if v.family == "llama":
         rope = dict(rope_theta=10_000.0)
         if v.llama3:
-            rope = dict(rope_theta=500_000.0, rope_scaling={
-                "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+            rope = dict(
+                rope_theta=500_000.0,
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                },
+            )
         config = transformers.LlamaConfig(**common, **rope)
         cls = transformers.LlamaForCausalLM
     else:
@@ -137,8 +154,10 @@ def test_config_from_hf_reads_the_family(pair):
     assert (cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (64, 4, 2, 16)
     assert cfg.qkv_bias == (v.family == "qwen2")
     assert cfg.tie_embeddings == v.tied
-    assert cfg.rope_theta == {"llama": 500_000.0 if v.llama3 else 10_000.0,
-                              "qwen2": 1_000_000.0}[v.family]
+    assert (
+        cfg.rope_theta
+        == {"llama": 500_000.0 if v.llama3 else 10_000.0, "qwen2": 1_000_000.0}[v.family]
+    )
     assert cfg.rope_llama3_scaling == ((8.0, 1.0, 4.0, 16) if v.llama3 else None)
 
 
@@ -175,14 +194,25 @@ def test_greedy_generation_matches(name):
     ids = np.zeros((len(prompts), width), np.int64)
     mask = np.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
     with torch.inference_mode():
-        out = ref.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-                           do_sample=False, max_new_tokens=16, min_new_tokens=16)
+        out = ref.generate(
+            torch.as_tensor(ids),
+            attention_mask=torch.as_tensor(mask),
+            do_sample=False,
+            max_new_tokens=16,
+            min_new_tokens=16,
+        )
     expected = out[:, width:].numpy()
     # Our sampler pads to a bucketed width of 16: padding must not change the result either.
-    got = sample(ours, prompts, jax.random.key(0), group_size=1, max_new_tokens=16,
-                 config=SamplingConfig(temperature=0.0))
+    got = sample(
+        ours,
+        prompts,
+        jax.random.key(0),
+        group_size=1,
+        max_new_tokens=16,
+        config=SamplingConfig(temperature=0.0),
+    )
     assert expected.shape == (3, 16)
     np.testing.assert_array_equal(np.asarray(got.tokens)[:, :16], expected)
     assert len(np.unique(expected)) > 4  # not one repeated token
@@ -200,8 +230,7 @@ def test_export_round_trip(pair):
         np.testing.assert_array_equal(exported[k], original[k], err_msg=k)
 
     fresh = _hf_model(v, seed=7)
-    result = fresh.load_state_dict({k: torch.tensor(a) for k, a in exported.items()},
-                                   strict=False)
+    result = fresh.load_state_dict({k: torch.tensor(a) for k, a in exported.items()}, strict=False)
     assert list(result.unexpected_keys) == []
     assert list(result.missing_keys) == (["lm_head.weight"] if v.tied else [])
     ids = _random_ids((2, 16), seed=3)
@@ -264,8 +293,10 @@ def test_hf_model_from_hf_config_has_our_parameter_count():
 
 
 def _values(model) -> dict:
-    return {path: np.asarray(v.get_value())
-            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {
+        path: np.asarray(v.get_value())
+        for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
 
 
 def test_load_errors_name_the_keys_and_change_nothing():
@@ -289,8 +320,7 @@ def test_load_errors_name_the_keys_and_change_nothing():
         np.testing.assert_array_equal(after[path], before[path])
 
     # Loading over concrete weights replaces them all (and keeps their placement).
-    devices = {p: v.get_value().sharding for p, v in
-               nnx.to_flat_state(nnx.state(ours, nnx.Param))}
+    devices = {p: v.get_value().sharding for p, v in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
     hf.load_hf_state_dict(ours, good)
     for path, v in nnx.to_flat_state(nnx.state(ours, nnx.Param)):
         assert not np.array_equal(np.asarray(v.get_value()), before[path]), path

@@ -6,18 +6,26 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import Transformer, get_config
-from models import kv_cache
+from models import Transformer, get_config, kv_cache
 from models.config import PRESETS, PUBLISHED_NUM_PARAMS
 
 TINY = get_config("tiny")
 # Every optional feature of the family switched on, at tiny size: GQA, qkv bias, QK-norm,
 # Gemma norms, soft-capping, post-norms, sliding windows, scaled embeddings, untied head.
-FEATURES = TINY.replace(qkv_bias=True, qk_norm=True, norm_scale_plus_one=True,
-                        attn_logit_softcap=5.0, final_logit_softcap=3.0, post_norms=True,
-                        sliding_window=3, scale_embeddings=True, tie_embeddings=False,
-                        mlp_activation="gelu_tanh", query_scale=0.1,
-                        rope_llama3_scaling=(8.0, 1.0, 4.0, 64))
+FEATURES = TINY.replace(
+    qkv_bias=True,
+    qk_norm=True,
+    norm_scale_plus_one=True,
+    attn_logit_softcap=5.0,
+    final_logit_softcap=3.0,
+    post_norms=True,
+    sliding_window=3,
+    scale_embeddings=True,
+    tie_embeddings=False,
+    mlp_activation="gelu_tanh",
+    query_scale=0.1,
+    rope_llama3_scaling=(8.0, 1.0, 4.0, 64),
+)
 CONFIGS = {"tiny": TINY, "features": FEATURES, "mqa": TINY.replace(num_kv_heads=1)}
 
 
@@ -28,7 +36,10 @@ def _model(cfg, seed=0):
         state = nnx.state(model, nnx.Param)
         leaves, treedef = jax.tree.flatten(state)
         keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-        leaves = [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+        leaves = [
+            x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+            for x, k in zip(leaves, keys, strict=True)
+        ]
         nnx.update(model, jax.tree.unflatten(treedef, leaves))
     return model
 
@@ -58,8 +69,7 @@ def test_cached_decode_matches_full_forward(name):
     prompt_len_b = np.repeat(prompt_lens, g)
     cached = []
     for t in range(n):
-        logits, cache = decode(state, jnp.asarray(cont[:, t]), jnp.asarray(prompt_len_b + t),
-                               cache)
+        logits, cache = decode(state, jnp.asarray(cont[:, t]), jnp.asarray(prompt_len_b + t), cache)
         cached.append(np.asarray(logits))
     cached = np.stack(cached, 1)
 
@@ -69,12 +79,12 @@ def test_cached_decode_matches_full_forward(name):
     rows = np.zeros((p * g, width), np.int64)
     row_mask = np.zeros((p * g, width), bool)
     for b in range(p * g):
-        row = np.concatenate([prompts[b // g][tp - prompt_lens[b // g]:], cont[b]])
+        row = np.concatenate([prompts[b // g][tp - prompt_lens[b // g] :], cont[b]])
         rows[b, : len(row)], row_mask[b, : len(row)] = row, True
     full = np.asarray(model(jnp.asarray(rows), mask_BT=jnp.asarray(row_mask)))
     for b in range(p * g):
         start = prompt_lens[b // g]
-        np.testing.assert_allclose(cached[b], full[b, start:start + n], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(cached[b], full[b, start : start + n], atol=1e-5, rtol=1e-5)
 
 
 def test_causal():

@@ -27,10 +27,23 @@ def test_r1_zero_tiny_smoke(tmp_path):
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, config.grpo.steps + 1))
     for row in rows:
-        for key in ("reward_mean", "accuracy", "zero_std_groups", "response_length_mean",
-                    "truncated_frac", "clip_frac_low", "clip_frac_high", "kl_ref", "entropy",
-                    "grad_norm", "learning_rate", "time_sample_verify", "time_train",
-                    "generated_tokens_per_s", "loss"):
+        for key in (
+            "reward_mean",
+            "accuracy",
+            "zero_std_groups",
+            "response_length_mean",
+            "truncated_frac",
+            "clip_frac_low",
+            "clip_frac_high",
+            "kl_ref",
+            "entropy",
+            "grad_norm",
+            "learning_rate",
+            "time_sample_verify",
+            "time_train",
+            "generated_tokens_per_s",
+            "loss",
+        ):
             assert key in row, key
         assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
     # The overlong penalty gives the smoke run reward variance: the policy really moved.

@@ -41,9 +41,8 @@ def test_padded_prompts_give_identical_samples(model):
     np.testing.assert_allclose(a.policy_logprobs, b.policy_logprobs, atol=1e-5)
     # Each prompt alone (no padding at width 16 beyond its own) gives the same rows too.
     for i, prompt in enumerate(PROMPTS):
-        alone = _np(sample(model, [prompt] * len(PROMPTS), key, group_size=2,
-                           max_new_tokens=12))
-        np.testing.assert_array_equal(alone.tokens[2 * i:2 * i + 2], a.tokens[2 * i:2 * i + 2])
+        alone = _np(sample(model, [prompt] * len(PROMPTS), key, group_size=2, max_new_tokens=12))
+        np.testing.assert_array_equal(alone.tokens[2 * i : 2 * i + 2], a.tokens[2 * i : 2 * i + 2])
 
 
 def test_deterministic_for_a_key_and_different_across_keys(model):
@@ -68,24 +67,26 @@ def test_shared_prefill_equals_repeated_prompts(model):
 
 def test_policy_logprobs_equal_full_forward(model):
     cfg = SamplingConfig(temperature=0.7, top_k=20, top_p=0.9)
-    out = _np(sample(model, PROMPTS, jax.random.key(4), group_size=2, max_new_tokens=12,
-                     config=cfg))
+    out = _np(
+        sample(model, PROMPTS, jax.random.key(4), group_size=2, max_new_tokens=12, config=cfg)
+    )
     g = 2
     ids = np.concatenate([np.repeat(out.prompt_ids, g, 0), out.tokens], 1)
     mask = np.concatenate([np.repeat(out.prompt_mask, g, 0), out.mask], 1)
     logits = _fwd(model, jnp.asarray(ids), jnp.asarray(mask))
     logp = np.asarray(jax.nn.log_softmax(logits))
     tp = out.prompt_ids.shape[1]
-    expected = np.take_along_axis(logp[:, tp - 1:-1], ids[:, tp:, None], -1)[..., 0]
+    expected = np.take_along_axis(logp[:, tp - 1 : -1], ids[:, tp:, None], -1)[..., 0]
     # The sharpened test model has logits of order 10: float32 rounding is ~1e-5 relative.
     np.testing.assert_allclose(out.policy_logprobs * out.mask, expected * out.mask, atol=5e-5)
     # Sampling log-probs: the filtered, renormalised distribution, from the same full pass.
     b, n = out.tokens.shape
-    step_logits = logits[:, tp - 1:-1].reshape(b * n, -1)
+    step_logits = logits[:, tp - 1 : -1].reshape(b * n, -1)
     filtered = jax.nn.log_softmax(filter_logits(step_logits, cfg)).reshape(b, n, -1)
     expected = np.take_along_axis(np.asarray(filtered), out.tokens[..., None], -1)[..., 0]
-    np.testing.assert_allclose(out.sample_logprobs * out.mask, np.where(out.mask, expected, 0),
-                               atol=5e-5)
+    np.testing.assert_allclose(
+        out.sample_logprobs * out.mask, np.where(out.mask, expected, 0), atol=5e-5
+    )
     assert (np.abs(out.sample_logprobs - out.policy_logprobs) * out.mask).max() > 1e-2
 
 
@@ -95,17 +96,22 @@ def _greedy_reference(model, prompt, n):
     ids[0, : len(prompt)] = prompt
     for t in range(len(prompt), len(prompt) + n):
         ids[0, t] = int(jnp.argmax(_fwd(model, jnp.asarray(ids))[0, t - 1]))
-    return list(ids[0, len(prompt):])
+    return list(ids[0, len(prompt) :])
 
 
 def test_greedy_top_k1_and_low_temperature_agree(model):
     key = jax.random.key(5)
-    greedy = _np(sample(model, PROMPTS, key, max_new_tokens=8,
-                        config=SamplingConfig(temperature=0.0)))
-    top1 = _np(sample(model, PROMPTS, key, max_new_tokens=8,
-                      config=SamplingConfig(temperature=1.0, top_k=1)))
-    cold = _np(sample(model, PROMPTS, key, max_new_tokens=8,
-                      config=SamplingConfig(temperature=1e-6)))
+    greedy = _np(
+        sample(model, PROMPTS, key, max_new_tokens=8, config=SamplingConfig(temperature=0.0))
+    )
+    top1 = _np(
+        sample(
+            model, PROMPTS, key, max_new_tokens=8, config=SamplingConfig(temperature=1.0, top_k=1)
+        )
+    )
+    cold = _np(
+        sample(model, PROMPTS, key, max_new_tokens=8, config=SamplingConfig(temperature=1e-6))
+    )
     np.testing.assert_array_equal(greedy.tokens, top1.tokens)
     np.testing.assert_array_equal(greedy.tokens, cold.tokens)
     assert (greedy.sample_logprobs == 0).all() and (top1.sample_logprobs == 0).all()
@@ -159,8 +165,17 @@ def test_rows_end_at_stop_tokens_and_rest_is_masked(model):
     free = _np(sample(model, PROMPTS, key, group_size=4, max_new_tokens=16))
     stop = int(free.tokens[0, 3])  # a token the first row emits at step 3
     pad = 0
-    out = _np(sample(model, PROMPTS, key, group_size=4, max_new_tokens=16, pad_id=pad,
-                     config=SamplingConfig(stop_token_ids=(stop,))))
+    out = _np(
+        sample(
+            model,
+            PROMPTS,
+            key,
+            group_size=4,
+            max_new_tokens=16,
+            pad_id=pad,
+            config=SamplingConfig(stop_token_ids=(stop,)),
+        )
+    )
     for row in range(out.tokens.shape[0]):
         seq = list(free.tokens[row])
         end = seq.index(stop) + 1 if stop in seq else 16

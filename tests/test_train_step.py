@@ -17,9 +17,14 @@ CFG = get_config("tiny").replace(vocab_size=64, num_layers=1)
 def _rollout(g=4):
     model = Transformer(CFG, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
-    out = sampling.sample((graphdef, params), [[5, 6, 7], [8, 9]], jax.random.key(0),
-                          group_size=g, max_new_tokens=12,
-                          config=sampling.SamplingConfig(stop_token_ids=(3,)))
+    out = sampling.sample(
+        (graphdef, params),
+        [[5, 6, 7], [8, 9]],
+        jax.random.key(0),
+        group_size=g,
+        max_new_tokens=12,
+        config=sampling.SamplingConfig(stop_token_ids=(3,)),
+    )
     return graphdef, params, out
 
 
@@ -27,18 +32,25 @@ def _batch(out, g=4, rewards=None):
     b = out.tokens.shape[0]
     rewards = jnp.arange(b, dtype=jnp.float32) % 3 if rewards is None else rewards
     return train_step.Batch(
-        prompt_ids=jnp.repeat(out.prompt_ids, g, 0), prompt_mask=jnp.repeat(out.prompt_mask, g, 0),
-        tokens=out.tokens, mask=out.mask.astype(jnp.float32), old_logp=out.policy_logprobs,
-        ref_logp=jnp.zeros(out.tokens.shape), advantages=losses.compute_advantages(rewards, g))
+        prompt_ids=jnp.repeat(out.prompt_ids, g, 0),
+        prompt_mask=jnp.repeat(out.prompt_mask, g, 0),
+        tokens=out.tokens,
+        mask=out.mask.astype(jnp.float32),
+        old_logp=out.policy_logprobs,
+        ref_logp=jnp.zeros(out.tokens.shape),
+        advantages=losses.compute_advantages(rewards, g),
+    )
 
 
 def test_trainer_logprobs_equal_sampler_policy_logprobs():
     graphdef, params, out = _rollout()
     b = _batch(out)
-    logp = train_step.sequence_logprobs(graphdef, params, b.prompt_ids, b.prompt_mask, b.tokens,
-                                        b.mask, chunk_size=5)
-    np.testing.assert_allclose(np.asarray(logp * b.mask), np.asarray(out.policy_logprobs * b.mask),
-                               atol=1e-5)
+    logp = train_step.sequence_logprobs(
+        graphdef, params, b.prompt_ids, b.prompt_mask, b.tokens, b.mask, chunk_size=5
+    )
+    np.testing.assert_allclose(
+        np.asarray(logp * b.mask), np.asarray(out.policy_logprobs * b.mask), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
@@ -53,16 +65,20 @@ def test_microbatched_update_equals_whole_batch(aggregation):
     for micro in (1, 4):
         p = jax.tree.map(jnp.copy, params)
         state = opt.init(p)
-        p, _, metrics = train_step.update(graphdef, opt, loss_cfg, p, state,
-                                          train_step.split_microbatches(batch, micro))
+        p, _, metrics = train_step.update(
+            graphdef, opt, loss_cfg, p, state, train_step.split_microbatches(batch, micro)
+        )
         results.append((p, metrics))
     (p1, m1), (p4, m4) = results
     assert float(m1["grad_norm"]) > 0  # a real update happened
     np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(float(m1["grad_norm"]), float(m4["grad_norm"]), rtol=1e-4)
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7, rtol=1e-5)
-    changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(params))]
+    changed = [
+        not np.allclose(a, b)
+        for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(params), strict=True)
+    ]
     assert any(changed)
 
 
@@ -72,10 +88,16 @@ def test_nonfinite_update_is_skipped():
     opt = train_step.make_optimizer(train_step.OptimConfig(learning_rate=1e-2))
     before = jax.tree.map(np.asarray, params)
     p = jax.tree.map(jnp.copy, params)
-    p, _, metrics = train_step.update(graphdef, opt, train_step.LossConfig(), p, opt.init(p),
-                                      train_step.split_microbatches(batch, 1))
+    p, _, metrics = train_step.update(
+        graphdef,
+        opt,
+        train_step.LossConfig(),
+        p,
+        opt.init(p),
+        train_step.split_microbatches(batch, 1),
+    )
     assert float(metrics["finite"]) == 0.0
-    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(before)):
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(before), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 

@@ -20,37 +20,79 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0
     c.smoke = False
 
-    c.task = ml_collections.ConfigDict(dict(min_ops=2, max_ops=4, max_value=9, ops="+-",
-                                            max_factor=3))
-    c.data = ml_collections.ConfigDict(dict(
-        corpus_size=40_000,  # pretraining texts
-        # The base model learns arithmetic from worked texts in other layouts, but inside the RL
-        # prompt template it has mostly seen bare answers.
-        frac_worked=0.5,  # share of corpus texts that show their steps
-        frac_template=0.7,  # share of bare-answer texts written in the RL prompt template
-        frac_template_worked=0.15,  # share of worked texts written in the template
-        eval_size=256,  # held-out problems for before/after evaluation
-        rl_pool_size=8192,  # RL training problems (none in the corpus)
-    ))
+    c.task = ml_collections.ConfigDict(
+        dict(min_ops=2, max_ops=4, max_value=9, ops="+-", max_factor=3)
+    )
+    c.data = ml_collections.ConfigDict(
+        dict(
+            corpus_size=40_000,  # pretraining texts
+            # The base model learns arithmetic from worked texts in other layouts, but inside the RL
+            # prompt template it has mostly seen bare answers.
+            frac_worked=0.5,  # share of corpus texts that show their steps
+            frac_template=0.7,  # share of bare-answer texts written in the RL prompt template
+            frac_template_worked=0.15,  # share of worked texts written in the template
+            eval_size=256,  # held-out problems for before/after evaluation
+            rl_pool_size=8192,  # RL training problems (none in the corpus)
+        )
+    )
     c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=256, train_texts=5000))
-    c.model = ml_collections.ConfigDict(dict(
-        preset="tiny",
-        overrides=ml_collections.ConfigDict(dict(num_layers=4, embed_dim=128, num_heads=4,
-                                                 num_kv_heads=4, head_dim=32, mlp_dim=384,
-                                                 max_seq_len=256)),
-    ))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            preset="tiny",
+            overrides=ml_collections.ConfigDict(
+                dict(
+                    num_layers=4,
+                    embed_dim=128,
+                    num_heads=4,
+                    num_kv_heads=4,
+                    head_dim=32,
+                    mlp_dim=384,
+                    max_seq_len=256,
+                )
+            ),
+        )
+    )
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.pretrain = ml_collections.ConfigDict(dict(steps=1500, batch_size=16, seq_len=256,
-                                                learning_rate=3e-3, warmup_steps=50,
-                                                weight_decay=0.01, max_grad_norm=1.0, seed=0))
-    c.grpo = ml_collections.ConfigDict(dict(
-        steps=60, prompts_per_step=16, group_size=8, max_prompt_len=64, max_new_tokens=64,
-        temperature=1.0, learning_rate=2e-4, warmup_steps=5, lr_schedule="constant",
-        max_grad_norm=1.0, inner_iterations=1, minibatches=1, microbatches=1,
-        advantage_estimator="grpo", aggregation="token-mean", kl_coef=0.0,
-        clip_eps_low=0.2, clip_eps_high=0.2, eval_every=0, eval_samples=4,
-        checkpoint_every=30, verifier_workers=2, verifier_timeout_s=10.0, seed=0,
-    ))
+    c.pretrain = ml_collections.ConfigDict(
+        dict(
+            steps=1500,
+            batch_size=16,
+            seq_len=256,
+            learning_rate=3e-3,
+            warmup_steps=50,
+            weight_decay=0.01,
+            max_grad_norm=1.0,
+            seed=0,
+        )
+    )
+    c.grpo = ml_collections.ConfigDict(
+        dict(
+            steps=60,
+            prompts_per_step=16,
+            group_size=8,
+            max_prompt_len=64,
+            max_new_tokens=64,
+            temperature=1.0,
+            learning_rate=2e-4,
+            warmup_steps=5,
+            lr_schedule="constant",
+            max_grad_norm=1.0,
+            inner_iterations=1,
+            minibatches=1,
+            microbatches=1,
+            advantage_estimator="grpo",
+            aggregation="token-mean",
+            kl_coef=0.0,
+            clip_eps_low=0.2,
+            clip_eps_high=0.2,
+            eval_every=0,
+            eval_samples=4,
+            checkpoint_every=30,
+            verifier_workers=2,
+            verifier_timeout_s=10.0,
+            seed=0,
+        )
+    )
 
     if arg == "smoke":
         c.smoke = True
@@ -61,9 +103,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.pretrain.update(steps=20, batch_size=4, warmup_steps=2)
         # The soft overlong penalty makes rewards vary even for an untrained model, so the
         # smoke run exercises real (non-zero) updates.
-        c.grpo.update(steps=3, prompts_per_step=4, group_size=4, max_new_tokens=32,
-                      overlong_buffer=16,
-                      eval_samples=2, checkpoint_every=2, verifier_workers=1)
+        c.grpo.update(
+            steps=3,
+            prompts_per_step=4,
+            group_size=4,
+            max_new_tokens=32,
+            overlong_buffer=16,
+            eval_samples=2,
+            checkpoint_every=2,
+            verifier_workers=1,
+        )
     elif arg:
         raise ValueError(f"unknown config arg {arg!r}; valid: '' or 'smoke'")
 

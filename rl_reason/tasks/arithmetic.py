@@ -232,8 +232,9 @@ def generate_problems(seed: int, n: int, cfg: ArithmeticConfig = DEFAULT_CONFIG)
 
 def worked_solution(problem: Mapping[str, Any]) -> str:
     """One ``"Step i: a op b = c"`` line per step, joined by newlines (no trailing newline)."""
-    return "\n".join(f"Step {i}: {a} {op} {b} = {c}"
-                     for i, (a, op, b, c) in enumerate(problem["steps"], 1))
+    return "\n".join(
+        f"Step {i}: {a} {op} {b} = {c}" for i, (a, op, b, c) in enumerate(problem["steps"], 1)
+    )
 
 
 def make_prompt(question: str) -> str:
@@ -269,8 +270,13 @@ def format_pretraining_example(problem: Mapping[str, Any], style: str) -> str:
     raise ValueError(f"Unknown pretraining style {style!r}; expected one of {STYLES}")
 
 
-def corpus_styles(n: int, *, frac_worked: float, frac_template: float = 0.5,
-                  frac_template_worked: float | None = None) -> list[str]:
+def corpus_styles(
+    n: int,
+    *,
+    frac_worked: float,
+    frac_template: float = 0.5,
+    frac_template_worked: float | None = None,
+) -> list[str]:
     """The unshuffled style of each of `n` corpus texts: exact counts, rounded.
 
     ``round(frac_worked * n)`` texts carry worked steps ("worked" or "steps"), the others only
@@ -280,8 +286,11 @@ def corpus_styles(n: int, *, frac_worked: float, frac_template: float = 0.5,
     """
     if frac_template_worked is None:
         frac_template_worked = frac_template
-    for name, frac in (("frac_worked", frac_worked), ("frac_template", frac_template),
-                       ("frac_template_worked", frac_template_worked)):
+    for name, frac in (
+        ("frac_worked", frac_worked),
+        ("frac_template", frac_template),
+        ("frac_template_worked", frac_template_worked),
+    ):
         if not 0.0 <= frac <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {frac}")
     n_worked = round(frac_worked * n)
@@ -313,8 +322,12 @@ def pretraining_corpus(
     Problems whose `problem_key` is in `exclude_keys` never appear; problems may repeat.
     """
     rng = _rng(seed, _CORPUS_STREAM)
-    styles = corpus_styles(n, frac_worked=frac_worked, frac_template=frac_template,
-                           frac_template_worked=frac_template_worked)
+    styles = corpus_styles(
+        n,
+        frac_worked=frac_worked,
+        frac_template=frac_template,
+        frac_template_worked=frac_template_worked,
+    )
     styles = [styles[i] for i in rng.permutation(n)]
     exclude_keys = _as_set(exclude_keys)
     problems = _draw(rng, n, cfg, exclude_keys, unique=False)
