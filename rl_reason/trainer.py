@@ -30,6 +30,7 @@ from flax import nnx
 from rl_reason import evaluation, losses, sampling, train_step
 from rl_reason.sampling import SamplingConfig
 from rl_reason.tokenizer import Tokenizer
+from rl_reason.verifiers import answer_extraction
 
 log = logging.getLogger(__name__)
 
@@ -185,12 +186,10 @@ class Rollout:
     verify_wait_seconds: float
 
 
-def _extract_answer(text: str) -> str | None:
-    start = text.rfind("<answer>")
-    if start < 0:
-        return None
-    end = text.find("</answer>", start)
-    return text[start + len("<answer>") : end].strip() if end >= 0 else None
+def _vote_answer(text: str) -> str | None:
+    """The answer maj@k votes on: the verifiers' anchored extraction, None unless unique."""
+    answers = answer_extraction.final_answers(text).answers
+    return answers[0] if len(answers) == 1 else None
 
 
 class GRPOTrainer:
@@ -426,14 +425,17 @@ class GRPOTrainer:
         rows_per_mb = cfg.rows // cfg.minibatches
         collected = []
         for epoch in range(cfg.inner_iterations):
-            perm = (
-                np.arange(cfg.rows)
-                if epoch == 0
-                else np.random.default_rng([cfg.seed, self.step_count, epoch]).permutation(cfg.rows)
-            )
+            # One minibatch is the whole batch: its gradient does not depend on row order, so
+            # only several minibatches need (re)shuffled rows.
+            perm = None
+            if cfg.minibatches > 1:
+                rng = np.random.default_rng([cfg.seed, self.step_count, epoch])
+                perm = np.arange(cfg.rows) if epoch == 0 else rng.permutation(cfg.rows)
             for m in range(cfg.minibatches):
-                idx = perm[m * rows_per_mb : (m + 1) * rows_per_mb]
-                mb = jax.tree.map(lambda x, idx=idx: x[idx], batch)
+                mb = batch
+                if perm is not None:
+                    idx = perm[m * rows_per_mb : (m + 1) * rows_per_mb]
+                    mb = jax.tree.map(lambda x, idx=idx: x[idx], batch)
                 mb = train_step.split_microbatches(mb, cfg.microbatches)
                 self.params, self.opt_state, metrics = train_step.update(
                     self.graphdef, self.optimizer, self.loss_cfg, self.params, self.opt_state, mb
@@ -537,8 +539,7 @@ class GRPOTrainer:
                 _, ok = self._collect(self._submit(texts, chunk, k), len(texts))
                 correct_k += list(ok.reshape(-1, k))
                 answers_k += [
-                    [_extract_answer(t) for t in texts[i * k : (i + 1) * k]]
-                    for i in range(len(chunk))
+                    [_vote_answer(t) for t in texts[i * k : (i + 1) * k]] for i in range(len(chunk))
                 ]
         result = {
             "accuracy": evaluation.greedy_accuracy(greedy_correct),
