@@ -1,7 +1,8 @@
 """Device mesh, logical-axis rules, and sharded creation of the policy.
 
 Sharding is declared once: parameters carry logical axis names (models/transformer.py) and
-`LOGICAL_RULES` maps each name to a mesh axis. The mesh has three axes:
+`LOGICAL_RULES` (models/partitioning.py, re-exported here) maps each name to a mesh axis. The
+mesh has three axes:
 
   data    pure data parallelism (parameters replicated)
   fsdp    data parallelism with parameters sharded over their `embed` dimension
@@ -23,23 +24,16 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models import ModelConfig, Transformer
+from models.partitioning import (  # noqa: F401  (re-exported: the one rules table)
+    BATCH_AXES,
+    LOGICAL_RULES,
+    logical_to_spec,
+    state_shardings,
+)
 
 log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
-
-# Logical name -> mesh axis (or None: replicated).
-LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", BATCH_AXES),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("q_heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("norm", None),
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,52 +68,6 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | No
     devices = list(jax.devices() if devices is None else devices)
     shape = cfg.shape(len(devices))
     return Mesh(np.asarray(devices).reshape(shape), AXES)
-
-
-def logical_to_spec(
-    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=LOGICAL_RULES
-) -> PartitionSpec:
-    """PartitionSpec for an array with these logical axis names.
-
-    A dimension whose size the mesh axis does not divide is replicated instead, with a warning:
-    e.g. 2 kv-heads on a tensor axis of 4.
-    """
-    table = dict(rules)
-    spec, used = [], set()
-    for name, size in zip(names, shape, strict=True):
-        axis = table.get(name) if name is not None else None
-        axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
-        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
-        ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-        if axes and size % ways:
-            log.warning(
-                "dimension %r of size %d is not divisible by mesh axes %s (%d): replicating it",
-                name,
-                size,
-                axes,
-                ways,
-            )
-            axes = ()
-        used.update(axes)
-        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return PartitionSpec(*spec)
-
-
-def _variable_spec(var, mesh: Mesh) -> PartitionSpec:
-    names = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
-    shape = var.shape
-    if names is None:
-        return PartitionSpec()
-    return logical_to_spec(names, shape, mesh)
-
-
-def state_shardings(abstract_state, mesh: Mesh):
-    """NamedShardings for an nnx.State of Variables, from their logical axis names."""
-    return jax.tree.map(
-        lambda v: NamedSharding(mesh, _variable_spec(v, mesh)),
-        abstract_state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
 
 
 def batch_sharding(mesh: Mesh, rank: int) -> NamedSharding:
