@@ -2,6 +2,7 @@
 
 from models.config import PRESETS, ModelConfig, get_config
 from models.kv_cache import KVCache, LayerKV
+from models.pretrained import from_pretrained, load_config, save_pretrained
 from models.transformer import Transformer, positions_from_mask
 
 __all__ = [
@@ -10,6 +11,9 @@ __all__ = [
     "LayerKV",
     "ModelConfig",
     "Transformer",
+    "from_pretrained",
     "get_config",
+    "load_config",
     "positions_from_mask",
+    "save_pretrained",
 ]

@@ -1,18 +1,22 @@
-"""Hugging Face (transformers) config and weight mapping, per model family.
+"""Hugging Face (transformers) config and weight mapping: Llama, Qwen2, Qwen3 and Gemma-2.
 
-Supported now: the Llama and Qwen2 architectures (`LlamaForCausalLM`, `Qwen2ForCausalLM`). They
-share one tensor layout; Qwen2 adds q/k/v biases. A further family is an entry in `_FAMILIES`
-(its config keys) plus, if it has tensors the others lack, a few lines in `_weight_specs`.
+The config side (config.json <-> ModelConfig, and what each family fixes) is in
+`models.hf_families`; this module maps the weights. All four families share one tensor layout
+apart from Qwen2's q/k/v biases, Qwen3's q_norm/k_norm and Gemma-2's norm names (its
+`post_attention_layernorm` is the norm *after* attention, where Llama's is the one before the MLP).
 
 Layouts. HF `nn.Linear` weights are [out, in]; ours are [in, out] with the head axes split out:
 q_proj [D, N, H], k_proj/v_proj [D, K, H], o_proj [N, H, D], mlp gate/up [D, F], down [F, D],
 lm_head [D, V]. Both sides rotate the two halves of each head (HF's `rotate_half`), so q and k
-need no permutation, only a reshape and a transpose.
+need no permutation, only a reshape and a transpose. Gemma's norm weights w are stored as w on
+both sides ((1 + w) is applied in the forward).
 
-    hf_config(cfg)                -> dict for config.json
-    config_from_hf(config_dict)   -> ModelConfig
-    to_hf_state_dict(model)       -> {hf_name: np.ndarray}
-    load_hf_state_dict(model, sd) -> None (updates the model in place)
+    hf_config(cfg)                   -> dict for config.json
+    config_from_hf(config_dict)      -> ModelConfig
+    to_hf_state_dict(model)          -> {hf_name: np.ndarray}
+    hf_tensor_entries(model)         -> [(hf_name, shape, dtype, fetch)], one tensor at a time
+    load_hf_state_dict(model, sd)    -> None (updates the model in place)
+    load_hf_tensors(model, tensors, shardings) -> None (lazy arrays, placed shard by shard)
 """
 
 from __future__ import annotations
@@ -28,208 +32,26 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
+from models.hf_families import FAMILIES, config_from_hf, family_of, hf_config
 from models.transformer import Transformer
+
+__all__ = [
+    "FAMILIES",
+    "config_from_hf",
+    "hf_config",
+    "hf_tensor_entries",
+    "load_hf_state_dict",
+    "load_hf_tensors",
+    "to_hf_state_dict",
+]
 
 # Tensors that some checkpoints carry but that are recomputed, never loaded (old Llama exports
 # saved the RoPE inverse frequencies as a buffer).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
-
-@dataclasses.dataclass(frozen=True)
-class _Family:
-    model_type: str
-    architecture: str
-    qkv_bias: bool
-    # config.json keys this family writes beyond the shared ones.
-    extra_config: Callable[[ModelConfig], dict[str, Any]]
-    # Raises ValueError when a config.json asks for something our model cannot represent.
-    check_config: Callable[[Mapping[str, Any]], None]
-
-
-def _llama_extra(cfg: ModelConfig) -> dict[str, Any]:
-    return {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
-
-
-def _llama_check(hf: Mapping[str, Any]) -> None:
-    # Llama's attention_bias also puts a bias on o_proj, which our attention does not have.
-    if hf.get("attention_bias", False):
-        raise ValueError(
-            "Llama config has attention_bias=True (biases on q/k/v/o); our model "
-            "supports q/k/v biases only (the Qwen2 layout)"
-        )
-    if hf.get("mlp_bias", False):
-        raise ValueError("Llama config has mlp_bias=True; our MLP has no biases")
-    if hf.get("pretraining_tp", 1) not in (None, 1):
-        raise ValueError(f"pretraining_tp={hf['pretraining_tp']} is not supported; use 1")
-
-
-def _qwen2_extra(cfg: ModelConfig) -> dict[str, Any]:
-    return {
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": cfg.num_layers,
-    }
-
-
-def _qwen2_check(hf: Mapping[str, Any]) -> None:
-    if hf.get("use_sliding_window", False):
-        raise ValueError(
-            "Qwen2 config has use_sliding_window=True; Qwen2-style sliding "
-            "windows (by max_window_layers) are not supported"
-        )
-
-
-_FAMILIES: dict[str, _Family] = {
-    "llama": _Family(
-        "llama",
-        "LlamaForCausalLM",
-        qkv_bias=False,
-        extra_config=_llama_extra,
-        check_config=_llama_check,
-    ),
-    "qwen2": _Family(
-        "qwen2",
-        "Qwen2ForCausalLM",
-        qkv_bias=True,
-        extra_config=_qwen2_extra,
-        check_config=_qwen2_check,
-    ),
-}
-
-_TORCH_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _family_of(cfg: ModelConfig) -> _Family:
-    """The family whose architecture represents `cfg` exactly, or a ValueError saying why not."""
-    unsupported = {
-        "mlp_activation": cfg.mlp_activation != "silu",
-        "norm_scale_plus_one": cfg.norm_scale_plus_one,
-        "qk_norm": cfg.qk_norm,
-        "attn_logit_softcap": cfg.attn_logit_softcap is not None,
-        "final_logit_softcap": cfg.final_logit_softcap is not None,
-        "scale_embeddings": cfg.scale_embeddings,
-        "post_norms": cfg.post_norms,
-        "sliding_window": cfg.sliding_window is not None,
-        "query_scale": (
-            cfg.query_scale is not None and not math.isclose(cfg.query_scale, cfg.head_dim**-0.5)
-        ),
-    }
-    bad = [name for name, is_set in unsupported.items() if is_set]
-    if bad:
-        raise ValueError(
-            f"ModelConfig fields {bad} have no Llama/Qwen2 equivalent; only these "
-            "two families are mapped to Hugging Face so far"
-        )
-    return _FAMILIES["qwen2" if cfg.qkv_bias else "llama"]
-
-
-def hf_config(cfg: ModelConfig) -> dict[str, Any]:
-    """A transformers `config.json` dict: Qwen2 when `cfg.qkv_bias`, else Llama.
-
-    Keys follow the layout of checkpoints on the Hub (`rope_theta`, `rope_scaling`,
-    `torch_dtype`), which transformers 4.x reads directly and 5.x converts on load.
-    """
-    family = _family_of(cfg)
-    out: dict[str, Any] = {
-        "architectures": [family.architecture],
-        "model_type": family.model_type,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.embed_dim,
-        "intermediate_size": cfg.mlp_dim,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_dropout": 0.0,
-        "torch_dtype": cfg.param_dtype,
-    }
-    if cfg.rope_llama3_scaling is not None:
-        factor, low, high, original = cfg.rope_llama3_scaling
-        out["rope_scaling"] = {
-            "rope_type": "llama3",
-            "factor": float(factor),
-            "low_freq_factor": float(low),
-            "high_freq_factor": float(high),
-            "original_max_position_embeddings": int(original),
-        }
-    out.update(family.extra_config(cfg))
-    return out
-
-
-def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, tuple[float, float, float, int] | None]:
-    """(rope_theta, llama3 scaling) from either config layout.
-
-    transformers 5 writes `rope_parameters` = {rope_type, rope_theta, ...}; Hub checkpoints and
-    transformers 4 write `rope_theta` plus an optional `rope_scaling` dict.
-    """
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or params
-    theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "default":
-        return float(theta), None
-    if rope_type != "llama3":
-        raise ValueError(f"RoPE scaling type {rope_type!r} is not supported (only 'llama3')")
-    return float(theta), (
-        float(scaling["factor"]),
-        float(scaling["low_freq_factor"]),
-        float(scaling["high_freq_factor"]),
-        int(scaling["original_max_position_embeddings"]),
-    )
-
-
-def config_from_hf(hf: Mapping[str, Any] | Any, **overrides: Any) -> ModelConfig:
-    """A ModelConfig from a transformers config (`config.json` dict, or a config object).
-
-    `param_dtype` and `dtype` follow the checkpoint's `torch_dtype` (float32 when absent);
-    `overrides` replace any field afterwards (e.g. dtype="bfloat16", max_seq_len=4096).
-    """
-    if not isinstance(hf, Mapping):
-        hf = hf.to_dict()
-    model_type = hf.get("model_type")
-    if model_type not in _FAMILIES:
-        raise ValueError(
-            f"model_type {model_type!r} is not supported; supported: {sorted(_FAMILIES)}"
-        )
-    family = _FAMILIES[model_type]
-    family.check_config(hf)
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"hidden_act {act!r} is not supported by the {model_type} mapping")
-    heads = int(hf["num_attention_heads"])
-    theta, llama3 = _rope_from_hf(hf)
-    dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-    dtype = str(dtype).removeprefix("torch.")
-    if dtype not in _TORCH_DTYPES:
-        raise ValueError(f"checkpoint dtype {dtype!r} is not one of {_TORCH_DTYPES}")
-    cfg = ModelConfig(
-        vocab_size=int(hf["vocab_size"]),
-        embed_dim=int(hf["hidden_size"]),
-        num_layers=int(hf["num_hidden_layers"]),
-        num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
-        mlp_dim=int(hf["intermediate_size"]),
-        norm_eps=float(hf["rms_norm_eps"]),
-        rope_theta=theta,
-        rope_llama3_scaling=llama3,
-        # Absent means untied: the Llama and Qwen2 config classes both default to False.
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=family.qkv_bias,
-        max_seq_len=int(hf["max_position_embeddings"]),
-        param_dtype=dtype,
-        dtype=dtype,
-    )
-    return cfg.replace(**overrides) if overrides else cfg
-
-
-# --- weights ----------------------------------------------------------------------------------
+Path_ = tuple[str | int, ...]
+# The base weights: LoRA adapters are nnx.LoRAParam, a subclass of nnx.Param.
+_BASE = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +63,7 @@ class _Spec:
     """
 
     hf_name: str
-    path: tuple[str | int, ...]
+    path: Path_
     kind: str
     n_in: int = 1
 
@@ -253,12 +75,23 @@ def _weight_specs(cfg: ModelConfig) -> list[_Spec]:
     ]
     if not cfg.tie_embeddings:
         specs.append(_Spec("lm_head.weight", ("lm_head",), "linear"))
+    if cfg.post_norms:  # Gemma-2
+        norms = {
+            "input_layernorm": "attn_norm",
+            "post_attention_layernorm": "post_attn_norm",
+            "pre_feedforward_layernorm": "mlp_norm",
+            "post_feedforward_layernorm": "post_mlp_norm",
+        }
+    else:
+        norms = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}
     for i in range(cfg.num_layers):
         pre = f"model.layers.{i}."
         layer = ("layers", i)
         specs += [
-            _Spec(pre + "input_layernorm.weight", layer + ("attn_norm", "scale"), "same"),
-            _Spec(pre + "post_attention_layernorm.weight", layer + ("mlp_norm", "scale"), "same"),
+            _Spec(pre + f"{theirs}.weight", layer + (ours, "scale"), "same")
+            for theirs, ours in norms.items()
+        ]
+        specs += [
             _Spec(pre + "self_attn.q_proj.weight", layer + ("attn", "q_proj"), "linear"),
             _Spec(pre + "self_attn.k_proj.weight", layer + ("attn", "k_proj"), "linear"),
             _Spec(pre + "self_attn.v_proj.weight", layer + ("attn", "v_proj"), "linear"),
@@ -272,6 +105,10 @@ def _weight_specs(cfg: ModelConfig) -> list[_Spec]:
                 _Spec(pre + f"self_attn.{n}_proj.bias", layer + ("attn", f"{n}_bias"), "flat")
                 for n in "qkv"
             ]
+        if cfg.qk_norm:
+            for n in "qk":
+                path = layer + ("attn", f"{n}_norm", "scale")
+                specs.append(_Spec(pre + f"self_attn.{n}_norm.weight", path, "same"))
     return specs
 
 
@@ -293,12 +130,14 @@ def _hf_shape(ours: tuple[int, ...], spec: _Spec) -> tuple[int, ...]:
 
 
 def _from_hf(w: np.ndarray, spec: _Spec, ours: tuple[int, ...]) -> np.ndarray:
+    # Transposing and splitting axes are both strided views: for a memory-mapped tensor nothing
+    # is read until a slice of the result is.
     if spec.kind == "linear":
         return w.T.reshape(ours)
     return w.reshape(ours)
 
 
-def _param_at(model: Transformer, path: tuple[str | int, ...]) -> nnx.Param:
+def _param_at(model: Transformer, path: Path_) -> nnx.Variable:
     node: Any = model
     for part in path:
         node = node[part] if isinstance(part, int) else getattr(node, part)
@@ -308,7 +147,7 @@ def _param_at(model: Transformer, path: tuple[str | int, ...]) -> nnx.Param:
 def _check_specs_cover(model: Transformer, specs: list[_Spec]) -> None:
     # A parameter the table does not know would be silently dropped on export / left at its
     # random init on load.
-    ours = {path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    ours = {path for path, _ in nnx.to_flat_state(nnx.state(model, _BASE))}
     mapped = {spec.path for spec in specs}
     if ours != mapped:
         raise ValueError(
@@ -318,20 +157,51 @@ def _check_specs_cover(model: Transformer, specs: list[_Spec]) -> None:
         )
 
 
+def _specs_for(model: Transformer) -> list[_Spec]:
+    family_of(model.cfg)
+    specs = _weight_specs(model.cfg)
+    _check_specs_cover(model, specs)
+    return specs
+
+
+def hf_tensor_entries(
+    model: Transformer,
+) -> list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]]:
+    """(HF name, HF shape, dtype, fetch) per tensor; `fetch()` copies that one tensor to host.
+
+    For writing a checkpoint tensor by tensor. With tied embeddings `lm_head.weight` is left
+    out, as in HF checkpoints. A model with LoRA adapters is refused: merge them first
+    (`models.lora.merge_lora`).
+    """
+    if nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        raise ValueError(
+            "The model has LoRA adapters, which have no place in a Hugging Face checkpoint: "
+            "export models.lora.merge_lora(model) instead"
+        )
+    entries = []
+    for spec in _specs_for(model):
+        value = _param_at(model, spec.path).get_value()
+        if not getattr(value, "is_fully_addressable", True):
+            raise ValueError(
+                f"{spec.hf_name} is sharded across processes; gather it before exporting "
+                "(export from a single-process run, or all-gather the parameters first)"
+            )
+
+        def fetch(value=value, spec=spec) -> np.ndarray:
+            return _to_hf(np.asarray(jax.device_get(value)), spec)
+
+        shape = _hf_shape(tuple(value.shape), spec)
+        entries.append((spec.hf_name, shape, np.dtype(value.dtype), fetch))
+    return entries
+
+
 def to_hf_state_dict(model: Transformer) -> dict[str, np.ndarray]:
     """The model's weights under HF names and layouts, as numpy arrays in the param dtype.
 
     With tied embeddings `lm_head.weight` is left out, as in HF safetensors checkpoints (torch's
     `load_state_dict` then needs `strict=False`, or `model.tie_weights()` afterwards).
     """
-    _family_of(model.cfg)
-    specs = _weight_specs(model.cfg)
-    _check_specs_cover(model, specs)
-    out = {}
-    for spec in specs:
-        value = jax.device_get(_param_at(model, spec.path).get_value())
-        out[spec.hf_name] = _to_hf(np.asarray(value), spec)
-    return out
+    return {name: fetch() for name, _, _, fetch in hf_tensor_entries(model)}
 
 
 def _as_numpy(x: Any) -> np.ndarray:
@@ -344,45 +214,54 @@ def _as_numpy(x: Any) -> np.ndarray:
             # numpy has no bfloat16: reinterpret the bits as the ml_dtypes type jax uses.
             return x.view(torch.int16).numpy().view(jnp.bfloat16)
         return x.numpy()
-    return np.asarray(x)
+    return x if isinstance(x, np.ndarray) else np.asarray(x)
 
 
-def load_hf_state_dict(model: Transformer, state_dict: Mapping[str, Any]) -> None:
-    """Replace the model's weights, in place, by HF-named tensors (numpy, jax or torch).
+def _default_sharding(param: nnx.Variable) -> jax.sharding.Sharding:
+    # A concrete parameter keeps its placement; an abstract one goes to the default device.
+    sharding = getattr(param.get_value(), "sharding", None)
+    return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def load_hf_tensors(
+    model: Transformer,
+    tensors: Mapping[str, np.ndarray],
+    shardings: Mapping[Path_, jax.sharding.Sharding] | None = None,
+) -> None:
+    """Replace the model's weights, in place, by HF-named arrays that may be lazy (memory-mapped).
 
     Every expected key must be present with its HF shape and no other key may appear (apart from
     saved RoPE buffers); otherwise a ValueError lists the missing, unexpected and mis-shaped keys
     and nothing is changed. With tied embeddings `lm_head.weight` may be present but must equal
-    the embedding. Values are cast to the config's param dtype and placed with each parameter's
-    current sharding. The model may be abstract (`nnx.eval_shape(lambda: Transformer(...))`), so
-    that a checkpoint loads without first materialising a random init.
+    the embedding. Each parameter is built with `jax.make_array_from_callback` on
+    `shardings[path]` (default: its current sharding, or the default device for an abstract
+    model), so each device reads and casts only its own slice of the tensor; values are cast to
+    the config's param dtype. The model may be abstract (`nnx.eval_shape(...)`), so that a
+    checkpoint loads without first materialising a random init.
     """
     cfg = model.cfg
-    _family_of(cfg)
-    specs = _weight_specs(cfg)
-    _check_specs_cover(model, specs)
+    specs = _specs_for(model)
     expected = {spec.hf_name for spec in specs}
-    given = {k for k in state_dict if not k.endswith(_IGNORED_SUFFIXES)}
+    given = {k for k in tensors if not k.endswith(_IGNORED_SUFFIXES)}
     tied_head = cfg.tie_embeddings and "lm_head.weight" in given
     if tied_head:
         given.discard("lm_head.weight")
 
     missing, unexpected = sorted(expected - given), sorted(given - expected)
     shape_errors = []
-    arrays: dict[str, np.ndarray] = {}
+    views: dict[str, np.ndarray] = {}
     for spec in specs:
-        if spec.hf_name not in state_dict:
+        if spec.hf_name not in tensors:
             continue
-        w = _as_numpy(state_dict[spec.hf_name])
+        w = tensors[spec.hf_name]
         ours = tuple(_param_at(model, spec.path).get_value().shape)
         want = _hf_shape(ours, spec)
         if tuple(w.shape) != want:
             shape_errors.append(f"{spec.hf_name}: got {tuple(w.shape)}, expected {want}")
             continue
-        arrays[spec.hf_name] = _from_hf(w, spec, ours)
+        views[spec.hf_name] = _from_hf(w, spec, ours)
     if tied_head:
-        head = _as_numpy(state_dict["lm_head.weight"])
-        embed = arrays.get("model.embed_tokens.weight")
+        head, embed = tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")
         if embed is not None and (head.shape != embed.shape or not np.array_equal(head, embed)):
             shape_errors.append(
                 "lm_head.weight: the config ties embeddings but lm_head.weight "
@@ -396,17 +275,29 @@ def load_hf_state_dict(model: Transformer, state_dict: Mapping[str, Any]) -> Non
             f"shape/value mismatches {shape_errors}" if shape_errors else "",
         ]
         raise ValueError(
-            f"HF state dict does not fit this {_family_of(cfg).architecture} "
+            f"HF state dict does not fit this {family_of(cfg).architecture} "
             f"config: " + "; ".join(p for p in parts if p)
         )
 
     dtype = np.dtype(cfg.jnp_param_dtype)
+    arrays = {}
     for spec in specs:
         param = _param_at(model, spec.path)
-        # Cast on the host and transfer straight to the target sharding: a sharded model's
-        # weights never pass whole through one device.
-        value = np.ascontiguousarray(arrays[spec.hf_name], dtype=dtype)
-        sharding = getattr(param.get_value(), "sharding", None)
-        param.set_value(
-            jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
-        )
+        sharding = (shardings or {}).get(spec.path) or _default_sharding(param)
+        view = views[spec.hf_name]
+
+        # A fresh C-ordered copy per slice: the device buffer must not alias the file mapping.
+        def read(index, view=view) -> np.ndarray:
+            return np.array(view[index], dtype=dtype, order="C")
+
+        arrays[spec.path] = jax.make_array_from_callback(view.shape, sharding, read)
+    for spec in specs:
+        _param_at(model, spec.path).set_value(arrays[spec.path])
+
+
+def load_hf_state_dict(model: Transformer, state_dict: Mapping[str, Any]) -> None:
+    """`load_hf_tensors` for an in-memory state dict of numpy, jax or torch tensors.
+
+    Each parameter keeps its current sharding (the default device for an abstract model).
+    """
+    load_hf_tensors(model, {k: _as_numpy(v) for k, v in state_dict.items()})

@@ -82,6 +82,17 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) 
     return out.astype(x_BTNH.dtype)
 
 
+def _dense(module: nnx.Module, name: str, spec: str, x: jax.Array, dt) -> jax.Array:
+    """x times the weight `module.<name>` (an einsum `spec`), in compute dtype `dt`.
+
+    A LoRA adapter attached as `module.<name>_lora` (models/lora.py) adds its low-rank term
+    computed from x, so W + AB is never formed.
+    """
+    y = jnp.einsum(spec, x, getattr(module, name)[...].astype(dt))
+    adapter = getattr(module, name + "_lora", None)
+    return y if adapter is None else y + adapter(x, dt)
+
+
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else cap * jnp.tanh(x / cap)
 
@@ -113,9 +124,9 @@ class Attention(nnx.Module):
     def _project(self, x_BTD: jax.Array, positions_BT: jax.Array):
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         x = x_BTD.astype(dt)
-        q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(dt))
+        q = _dense(self, "q_proj", "btd,dnh->btnh", x, dt)
+        k = _dense(self, "k_proj", "btd,dkh->btkh", x, dt)
+        v = _dense(self, "v_proj", "btd,dkh->btkh", x, dt)
         if cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -131,7 +142,7 @@ class Attention(nnx.Module):
 
     def _out(self, o_BTNH: jax.Array) -> jax.Array:
         dt = self.cfg.jnp_dtype
-        return jnp.einsum("btnh,nhd->btd", o_BTNH.astype(dt), self.o_proj[...].astype(dt))
+        return _dense(self, "o_proj", "btnh,nhd->btd", o_BTNH.astype(dt), dt)
 
     def _window_ok(self, q_pos, k_pos):
         if self.window is None:
@@ -210,12 +221,13 @@ class MLP(nnx.Module):
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         dt = self.cfg.jnp_dtype
         x = x_BTD.astype(dt)
-        gate = x @ self.gate[...].astype(dt)
+        gate = _dense(self, "gate", "...d,df->...f", x, dt)
         if self.cfg.mlp_activation == "silu":
             act = jax.nn.silu(gate)
         else:
             act = jax.nn.gelu(gate, approximate=self.cfg.mlp_activation == "gelu_tanh")
-        return (act * (x @ self.up[...].astype(dt))) @ self.down[...].astype(dt)
+        h = act * _dense(self, "up", "...d,df->...f", x, dt)
+        return _dense(self, "down", "...f,fd->...d", h, dt)
 
 
 class Block(nnx.Module):
@@ -271,7 +283,10 @@ class Transformer(nnx.Module):
     def embed(self, ids: jax.Array) -> jax.Array:
         x = jnp.take(self.embedding[...], ids, axis=0).astype(self.cfg.jnp_dtype)
         if self.cfg.scale_embeddings:
-            x = x * jnp.asarray(math.sqrt(self.cfg.embed_dim), self.cfg.jnp_dtype)
+            # Gemma rounds sqrt(D) to the weights' dtype (HF and the reference both do): in
+            # bfloat16, sqrt(2304) = 48 exactly but sqrt(3584) = 59.87 becomes 59.75 (Gemma-2-9B).
+            norm = jnp.asarray(math.sqrt(self.cfg.embed_dim), self.cfg.jnp_param_dtype)
+            x = x * norm.astype(self.cfg.jnp_dtype)
         return x
 
     def unembed_matrix(self) -> jax.Array:
