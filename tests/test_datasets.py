@@ -91,8 +91,14 @@ def test_gsm8k_official_jsonl(tmp_path):
         assert verifiers.get("gsm8k")(f"<answer>{example['answer']}</answer>", example).correct
 
 
-def test_gsm8k_hugging_face_parquet_reads_main_only(tmp_path):
-    builder = datasets.prepare("gsm8k", data_dir=tmp_path, manual_dir=FIXTURES / "gsm8k" / "hf")
+def test_gsm8k_hugging_face_parquet_reads_main_only(tmp_path, monkeypatch):
+    # The standard tfds way to pass the manual_dir, here relative to the working directory.
+    monkeypatch.chdir(FIXTURES)
+    builder = datasets.get_builder("gsm8k", data_dir=tmp_path)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir="gsm8k/hf")
+    )
+    assert builder.info.metadata["source"]["manual_dir"] == str(FIXTURES / "gsm8k" / "hf")
     train = _split(builder, "train")
     assert [(e["question"], e["answer"]) for e in train] == [
         ("A tank holds 500 liters and is 40% full. How many liters are in it?", "200"),

@@ -114,8 +114,9 @@ class ManualDirBuilder(Builder, skip_registration=True):
         if root is None:
             # tfds's default location; its own accessor raises a bare AssertionError when empty.
             root = getattr(dl_manager, "_manual_dir", None)
+        if root is not None:
+            root = Path(root).expanduser().absolute()
         layout, files = manual_files.find_layout(self.name, root, self.LAYOUTS, self.DOWNLOAD)
-        root = Path(root)
         log.info("%s: reading %s from %s", self.name, layout.description, root)
         self.info.metadata["source"] = {
             "manual_dir": str(root),
