@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,7 @@ def data_source(
     data_dir: str | Path,
     manual_dir: str | Path | None = None,
     **params: Any,
-):
+) -> Sequence[Any]:
     """A random-access source of one split, building the dataset first if needed."""
     builder = prepare(name, data_dir=data_dir, manual_dir=manual_dir, **params)
     splits = sorted(builder.info.splits)

@@ -20,12 +20,15 @@ Names: ``arithmetic``, ``countdown`` (keyword arguments: their builder config pa
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rl_reason import verifiers
 from rl_reason.tasks import templates
+
+if TYPE_CHECKING:  # tensorflow_datasets loads only when a builder is asked for
+    import tensorflow_datasets as tfds
 
 Example = dict[str, Any]
 
@@ -94,7 +97,7 @@ class DatasetTask:
     def validate(self, example: Mapping[str, Any]) -> str | None:
         return validate_example(example)
 
-    def get_builder(self, *, data_dir: str | Path, manual_dir: str | Path | None = None):
+    def get_builder(self, *, data_dir: str | Path, manual_dir: str | Path | None = None) -> Any:
         """The tfds builder of this task (not yet prepared)."""
         from rl_reason.tasks import datasets
 
@@ -104,7 +107,7 @@ class DatasetTask:
 
     def data_source(
         self, split: str, *, data_dir: str | Path, manual_dir: str | Path | None = None
-    ):
+    ) -> Sequence[Any]:
         """A random-access source of ``split``, building the dataset first if needed."""
         from rl_reason.tasks import datasets
 
