@@ -97,7 +97,9 @@ class DatasetTask:
     def validate(self, example: Mapping[str, Any]) -> str | None:
         return validate_example(example)
 
-    def get_builder(self, *, data_dir: str | Path, manual_dir: str | Path | None = None) -> Any:
+    def get_builder(
+        self, *, data_dir: str | Path, manual_dir: str | Path | None = None
+    ) -> tfds.core.DatasetBuilder:
         """The tfds builder of this task (not yet prepared)."""
         from rl_reason.tasks import datasets
 
