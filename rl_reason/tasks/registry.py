@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from rl_reason import verifiers
 from rl_reason.tasks import templates
 
-if TYPE_CHECKING:  # tensorflow_datasets loads only when a builder is asked for
+if TYPE_CHECKING:  # annotations only; the builder modules import it themselves
     import tensorflow_datasets as tfds
 
 Example = dict[str, Any]
