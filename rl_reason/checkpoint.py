@@ -11,8 +11,8 @@ A checkpoint step directory holds composite items:
 
 Params may be an ``nnx.State`` or its ``nnx.to_pure_dict``; the two lay out differently on disk
 (a State has a ``value`` level under each variable), so restore with the same kind that was saved.
-Typed PRNG keys (``jax.random.key``) are stored as their key data and the key implementation's
-name, and come back as typed keys of the implementation the abstract tree asks for.
+Typed PRNG keys (``jax.random.key``) are stored as their key data plus the implementation's name
+and come back as typed keys; restoring one as another implementation is a mismatch.
 ``save`` returns once the arrays are copied to host memory, so the caller may donate or delete
 them while an asynchronous write is still in progress.
 
@@ -30,12 +30,16 @@ step again), and resumes from the newest step that reads.
 Typical use in a trainer::
 
     ckpt = Checkpointer(workdir / "checkpoints", save_every=50, best_metric="eval_accuracy")
-    abstract = jax.eval_shape(init_state)           # or with shardings, see abstract_on
-    start, state = 0, None
-    if (resumed := ckpt.restore_latest(abstract)) is not None:
+    params = abstract_on(abstract_params, sharding.state_shardings(abstract_params, mesh))
+    abstract = {"params": params, "opt_state": abstract_opt_state(optimizer, params),
+                "step": ..., "key": ...}       # ShapeDtypeStructs, e.g. from jax.eval_shape
+    resumed = ckpt.restore_latest(abstract)
+    if resumed is None:
+        start, state = 0, init_state()
+    else:
         start, state, meta = resumed
         data_iter.set_state(meta["data"])
-    with PreemptionGuard() as guard:                # rl_reason.preemption
+    with PreemptionGuard() as guard:            # rl_reason.preemption
         for step in range(start, total):
             ...
             stop = guard.should_stop(step + 1)
@@ -454,11 +458,13 @@ class Checkpointer:
         abstract_state = jax.tree.map(_to_abstract, abstract_state)
         # Typed keys travel as their uint32 key data; remember where, to wrap them again.
         key_impls: dict[str, str] = {}
+        key_targets: dict[str, jax.ShapeDtypeStruct] = {}
 
         def key_to_data(path, x):
             if not _is_key(x):
                 return x
             data, key_impls[_path_str(path)] = _key_data_abstract(x)
+            key_targets[_path_str(path)] = x
             return data
 
         target = jax.tree_util.tree_map_with_path(key_to_data, abstract_state)
@@ -469,14 +475,19 @@ class Checkpointer:
                 **{STATE: ocp.args.StandardRestore(target), META: ocp.args.JsonRestore()}
             ),
         )
-        state = jax.tree_util.tree_map_with_path(
-            lambda p, x: (
-                jax.random.wrap_key_data(x, impl=key_impls[_path_str(p)])
-                if _path_str(p) in key_impls
-                else x
-            ),
-            restored[STATE],
-        )
+
+        def data_to_key(path, x):
+            name = _path_str(path)
+            if name not in key_impls:
+                return x
+            key = jax.random.wrap_key_data(x, impl=key_impls[name])
+            sharding = key_targets[name].sharding
+            if sharding is None or key.sharding == sharding:
+                return key
+            # jit rather than device_put: the sharding may span other processes' devices.
+            return jax.jit(lambda k: k, out_shardings=sharding)(key)
+
+        state = jax.tree_util.tree_map_with_path(data_to_key, restored[STATE])
         meta = restored[META]
         if meta is not None and not isinstance(meta, dict):
             raise CheckpointReadError(f"meta of {self._step_dir(step)} is not a JSON object")

@@ -34,15 +34,10 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-from jax._src import distributed
+import jax
 from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
-
-
-def _distributed_initialized() -> bool:
-    # `multihost_utils.reached_preemption_sync_point` reads the same private state.
-    return distributed.global_state.client is not None
 
 
 class PreemptionGuard:
@@ -69,11 +64,12 @@ class PreemptionGuard:
         self._received: list[signal.Signals] = []
         self._stop_step: int | None = None
         self._active = False
+        self._sync = False
 
     @property
     def uses_sync_point(self) -> bool:
         if self._use_sync_point is None:
-            return _distributed_initialized()
+            return jax.distributed.is_initialized()
         return self._use_sync_point
 
     @property
@@ -94,14 +90,10 @@ class PreemptionGuard:
     def __enter__(self) -> PreemptionGuard:
         if self._active:
             raise RuntimeError("this PreemptionGuard is already in use; create one per loop")
-        if self.uses_sync_point:
-            if distributed.global_state.preemption_sync_manager is None:
-                raise RuntimeError(
-                    "jax.distributed is initialized without its preemption sync manager, so "
-                    "hosts cannot agree on a step to stop at; enable the "
-                    "'jax_enable_preemption_service' config before jax.distributed.initialize"
-                )
-        else:
+        # With the sync point, JAX's notifier owns the signal: a Python handler would replace it.
+        # (Without 'jax_enable_preemption_service', the first should_stop says so and raises.)
+        self._sync = self.uses_sync_point
+        if not self._sync:
             if threading.current_thread() is not threading.main_thread():
                 raise RuntimeError(
                     "PreemptionGuard installs signal handlers, which Python allows only in the "
@@ -113,12 +105,8 @@ class PreemptionGuard:
         return self
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        sig = signal.Signals(signum)
-        self._received.append(sig)
-        if len(self._received) == 1:
-            log.warning("%s received: saving and stopping at the end of this step", sig.name)
-        else:
-            log.warning("%s received again: already stopping, the save continues", sig.name)
+        # Only record: logging here could re-enter a stream write the signal interrupted.
+        self._received.append(signal.Signals(signum))
 
     def should_stop(self, step: int) -> bool:
         """True once preemption was announced; stays True for later steps.
@@ -130,15 +118,22 @@ class PreemptionGuard:
             raise RuntimeError("call should_stop inside `with PreemptionGuard() as guard:`")
         if self._stop_step is not None:
             return True
-        if self.uses_sync_point:
+        if self._sync:
             stop = multihost_utils.reached_preemption_sync_point(int(step))
         else:
             stop = bool(self._received)
         if stop:
             self._stop_step = int(step)
+            cause = self._received[0].name if self._received else "preemption notice"
+            log.warning("%s: stopping at step %d to save and exit", cause, step)
         return stop
 
     def __exit__(self, *exc: object) -> None:
+        if len(self._received) > 1:
+            log.warning(
+                "%d signals received while stopping; the ones after the first were ignored",
+                len(self._received),
+            )
         for sig, previous in self._previous.items():
             # None: a handler installed from C; the default is the closest Python can restore.
             signal.signal(sig, signal.SIG_DFL if previous is None else previous)
