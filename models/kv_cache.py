@@ -13,6 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+# Logical axis names of every cache array (models/partitioning.py maps them onto a mesh).
+KV_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
+
 
 @struct.dataclass
 class LayerKV:

@@ -73,9 +73,12 @@ def variable_spec(var, mesh: Mesh, rules=LOGICAL_RULES) -> PartitionSpec:
 
 
 def state_shardings(abstract_state, mesh: Mesh, rules=LOGICAL_RULES):
-    """NamedShardings for an nnx.State of Variables, from their logical axis names."""
-    return jax.tree.map(
-        lambda v: NamedSharding(mesh, variable_spec(v, mesh, rules)),
-        abstract_state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
+    """NamedShardings for an nnx.State of Variables, from their logical axis names.
+
+    The result has the state's own tree structure (each Variable holding its sharding), so it
+    zips with the params in `jax.tree.map`, optax's `tree_map_params` and jit shardings alike.
+    """
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    variables = jax.tree.leaves(abstract_state, is_leaf=is_var)
+    shardings = [NamedSharding(mesh, variable_spec(v, mesh, rules)) for v in variables]
+    return jax.tree.unflatten(jax.tree.structure(abstract_state), shardings)

@@ -105,14 +105,19 @@ def summarize(
         out[f"pass@{k}"] = float(np.mean([pass_at_k(n, int(c), k) for c in c_P]))
     if answers is not None:
         for k in ks:
-            hits = 0
-            for p in range(num_problems):
-                row = answers[p][:k]
-                voted = majority_vote(row)
-                if voted is not None:
-                    hits += any(a == voted and correct_Pn[p, j] for j, a in enumerate(row))
+            hits = sum(
+                majority_correct(answers[p][:k], correct_Pn[p, :k]) for p in range(num_problems)
+            )
             out[f"maj@{k}"] = hits / num_problems
     return out
+
+
+def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
+    """Whether the majority answer of these samples is correct (see `summarize`'s maj@k)."""
+    voted = majority_vote(answers)
+    return voted is not None and any(
+        a == voted and bool(c) for a, c in zip(answers, correct, strict=True)
+    )
 
 
 def greedy_accuracy(correct_greedy: Sequence[bool]) -> float:

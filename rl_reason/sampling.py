@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from models import kv_cache
+from models import kv_cache, partitioning
 from models.transformer import Transformer, positions_from_mask
 
 
@@ -122,23 +123,40 @@ def _choose(logits_BV: jax.Array, key: jax.Array, cfg: SamplingConfig):
     return token, sample_lp, jnp.take_along_axis(policy_lp, token[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "group_size", "buffer_len", "cfg", "pad_id")
-)
-def _sample_jit(
+def _constrain_cache(cache: kv_cache.KVCache, mesh: Mesh) -> kv_cache.KVCache:
+    """Pin the cache's layout: rows over data x fsdp, kv-heads over tensor (models/partitioning)."""
+
+    def pin(x, names):
+        spec = partitioning.logical_to_spec(names, x.shape, mesh)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    kv = lambda layer: kv_cache.LayerKV(
+        pin(layer.k, kv_cache.KV_AXES), pin(layer.v, kv_cache.KV_AXES)
+    )
+    return cache.replace(
+        prefix=tuple(kv(layer) for layer in cache.prefix),
+        layers=tuple(kv(layer) for layer in cache.layers),
+        prefix_mask=pin(cache.prefix_mask, ("batch", None)),
+        prefix_positions=pin(cache.prefix_positions, ("batch", None)),
+    )
+
+
+def _sample_impl(
     graphdef,
     params,
     prompt_ids_PT,
     prompt_mask_PT,
-    key,
+    key_data,
     max_new_tokens,
     *,
     group_size: int,
     buffer_len: int,
     cfg: SamplingConfig,
     pad_id: int,
+    mesh: Mesh,
 ):
     model: Transformer = nnx.merge(graphdef, params)
+    key = jax.random.wrap_key_data(key_data)
     p = prompt_ids_PT.shape[0]
     b = p * group_size
     positions_PT = positions_from_mask(prompt_mask_PT)
@@ -151,7 +169,9 @@ def _sample_jit(
     )
     # Left padding puts every prompt's last real token in the last column.
     first_logits = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], group_size, axis=0)
-    cache = kv_cache.from_prefill(kvs, prompt_mask_PT, positions_PT, group_size, buffer_len)
+    cache = _constrain_cache(
+        kv_cache.from_prefill(kvs, prompt_mask_PT, positions_PT, group_size, buffer_len), mesh
+    )
     prompt_len_B = jnp.repeat(jnp.sum(prompt_mask_PT, axis=-1, dtype=jnp.int32), group_size)
     stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
     max_new = jnp.minimum(max_new_tokens, buffer_len)
@@ -172,6 +192,7 @@ def _sample_jit(
         stopped = stopped | hit_stop
         done = done | hit_stop | (t + 1 >= max_new)
         logits, cache = model.decode(token, prompt_len_B + t, cache)
+        cache = _constrain_cache(cache, mesh)
         return t + 1, cache, logits, tokens, slp, plp, stopped, done, lengths
 
     init = (
@@ -196,6 +217,54 @@ def _sample_jit(
         truncated=~stopped,
         prompt_ids=prompt_ids_PT,
         prompt_mask=prompt_mask_PT,
+    )
+
+
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def _compiled(graphdef, params, mesh: Mesh, **static) -> Callable:
+    """The sampler jitted for one mesh with explicit in/out shardings (cached per shape key)."""
+    key = (graphdef, mesh, tuple(sorted(static.items())))
+    if key not in _COMPILED:
+        batch = lambda rank: NamedSharding(
+            mesh, PartitionSpec(partitioning.BATCH_AXES, *[None] * (rank - 1))
+        )
+        repl = NamedSharding(mesh, PartitionSpec())
+        out = SampleOutput(*([batch(2)] * 4), batch(1), batch(1), batch(2), batch(2))
+        _COMPILED[key] = jax.jit(
+            functools.partial(_sample_impl, graphdef, mesh=mesh, **static),
+            in_shardings=(
+                partitioning.state_shardings(params, mesh),
+                batch(2),
+                batch(2),
+                repl,
+                repl,
+            ),
+            out_shardings=out,
+        )
+    return _COMPILED[key]
+
+
+def compiled_count() -> int:
+    """Executables compiled so far by the sampler (tests check that budgets do not recompile)."""
+    return sum(fn._cache_size() for fn in _COMPILED.values())
+
+
+def mesh_of(params) -> Mesh:
+    """The mesh the params live on; a one-device mesh for params on a single device."""
+    for leaf in jax.tree.leaves(params):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+        if sharding is not None:
+            devices = sorted(sharding.device_set, key=lambda d: d.id)
+            if len(devices) == 1:
+                return Mesh(np.asarray(devices).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+            break
+    raise ValueError(
+        "cannot tell which mesh the params live on: create them with "
+        "rl_reason.sharding.create_model (or pass mesh=)"
     )
 
 
@@ -235,12 +304,18 @@ def sample(
     pad_id: int = 0,
     buffer_len: int | None = None,
     prompt_width: int | None = None,
+    mesh: Mesh | None = None,
 ) -> SampleOutput:
     """Sample `group_size` completions for each prompt (lists of token ids).
 
     `model` is a Transformer or its `nnx.split` (graphdef, params). `buffer_len` (default: the
     bucketed `max_new_tokens`) fixes the compiled completion width; calls with any
     `max_new_tokens <= buffer_len` reuse the same executable.
+
+    `mesh` (default: the one the params live on) splits prompts and rows over data x fsdp and
+    the KV cache's kv-heads over tensor. With several processes, `prompts` are this process's
+    prompts (the same number on each) and the outputs are global arrays; read this process's
+    rows with `rl_reason.sharding.local_rows`.
     """
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -250,16 +325,30 @@ def sample(
     buffer_len = bucket(max_new_tokens) if buffer_len is None else buffer_len
     if max_new_tokens > buffer_len:
         raise ValueError(f"max_new_tokens {max_new_tokens} exceeds buffer_len {buffer_len}")
+    mesh = mesh_of(params) if mesh is None else mesh
+    shards = int(np.prod([mesh.shape[a] for a in partitioning.BATCH_AXES])) // jax.process_count()
+    if len(prompts) % max(shards, 1):
+        raise ValueError(
+            f"{len(prompts)} prompts do not split over the {shards} local batch shards of mesh "
+            f"{dict(mesh.shape)}: pass a multiple of {shards} prompts"
+        )
     ids, mask = pad_prompts(prompts, pad_id, prompt_width)
-    return _sample_jit(
+    fn = _compiled(
         graphdef,
         params,
-        jnp.asarray(ids),
-        jnp.asarray(mask),
-        key,
-        jnp.asarray(max_new_tokens, jnp.int32),
+        mesh,
         group_size=group_size,
         buffer_len=buffer_len,
         cfg=config,
         pad_id=pad_id,
+    )
+    batch = NamedSharding(mesh, PartitionSpec(partitioning.BATCH_AXES, None))
+    return fn(
+        params,
+        jax.make_array_from_process_local_data(batch, ids),
+        jax.make_array_from_process_local_data(batch, mask),
+        # Raw key bits: a host value every process holds alike (a typed key array would be
+        # committed to one local device).
+        np.asarray(jax.random.key_data(key)),
+        np.asarray(max_new_tokens, np.int32),
     )

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models import ModelConfig, Transformer
@@ -77,6 +79,119 @@ def batch_sharding(mesh: Mesh, rank: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways a batch is split (data x fsdp): batch sizes must be multiples of it."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+# --- multi-host ------------------------------------------------------------------------------
+
+_TPU_ENV = (
+    "TPU_WORKER_HOSTNAMES",
+    "CLOUD_TPU_TASK_ID",
+    "TPU_WORKER_ID",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+)
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: Sequence[int] | None = None,
+) -> tuple[int, int]:
+    """Start JAX's multi-controller runtime; returns (process_index, process_count).
+
+    With a coordinator address (flags), all three of address / count / id are needed. Without
+    one, a TPU VM slice (or SLURM / Open MPI launch) is detected from its environment and
+    `jax.distributed.initialize()` reads the topology itself; otherwise this is one process and
+    nothing is started. Call it before any other JAX call touches the devices.
+    """
+    if coordinator_address:
+        if num_processes is None or process_id is None:
+            raise ValueError(
+                "a coordinator address needs num_processes and process_id too (e.g. "
+                "--coordinator_address=10.0.0.2:1234 --num_processes=2 --process_id=0)"
+            )
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"process_id {process_id} is not in [0, {num_processes})")
+        jax.distributed.initialize(
+            coordinator_address,
+            num_processes,
+            process_id,
+            local_device_ids=local_device_ids,
+        )
+    elif num_processes not in (None, 1):
+        raise ValueError(
+            f"num_processes={num_processes} needs a coordinator_address (host:port of process 0)"
+        )
+    elif any(k in os.environ for k in _TPU_ENV) or "SLURM_JOB_ID" in os.environ:
+        jax.distributed.initialize()
+    log.info(
+        "JAX process %d of %d, %d local devices of %d",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+    return jax.process_index(), jax.process_count()
+
+
+def process_rows(sharding: NamedSharding, num_rows: int) -> slice:
+    """The contiguous block of leading-axis rows that this process's devices hold.
+
+    With `make_mesh`'s device order (processes in order, tensor within a process), a batch
+    split over data x fsdp gives each process one contiguous block; anything else is an error
+    because host-local data could not be matched to its rows.
+    """
+    starts, stops = set(), set()
+    for index in sharding.addressable_devices_indices_map((num_rows,)).values():
+        rows = index[0]
+        starts.add(rows.start or 0)
+        stops.add(num_rows if rows.stop is None else rows.stop)
+    lo, hi = min(starts), max(stops)
+    per_shard = {b - a for a, b in zip(sorted(starts), sorted(stops), strict=True)}
+    if len(per_shard) != 1 or (hi - lo) != len(starts) * per_shard.pop():
+        raise ValueError(
+            "this process's devices do not hold one contiguous block of the batch; build the "
+            "mesh with sharding.make_mesh so that each host's devices are adjacent"
+        )
+    return slice(lo, hi)
+
+
+def to_global(local, mesh: Mesh) -> jax.Array:
+    """A batch-sharded global array from this process's rows (all rows when one process)."""
+    local = np.asarray(local)
+    sharding = batch_sharding(mesh, max(local.ndim, 1))
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+def from_global_full(full, mesh: Mesh) -> jax.Array:
+    """A batch-sharded global array from host data every process holds whole."""
+    full = np.asarray(full)
+    sharding = batch_sharding(mesh, max(full.ndim, 1))
+    return jax.make_array_from_callback(full.shape, sharding, lambda index: full[index])
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, as numpy (all of it on one host)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    shards = {}
+    for shard in x.addressable_shards:
+        start = shard.index[0].start or 0
+        shards.setdefault(start, shard.data)
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)], axis=0)
+
+
+def all_rows(local) -> np.ndarray:
+    """Every process's rows, in process order (the global batch), on every host."""
+    local = np.asarray(local)
+    if jax.process_count() == 1:
+        return local
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
 def create_model(cfg: ModelConfig, mesh: Mesh, seed: int = 0):

@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from models import partitioning
 from models.transformer import Transformer
 from rl_reason import losses
 
 
 @struct.dataclass
 class Batch:
-    """B training rows. Leaves may carry a leading microbatch axis inside `update`."""
+    """B training rows (split into microbatches inside the jitted update)."""
 
     prompt_ids: jax.Array  # [B, Tp] int32, left-padded
     prompt_mask: jax.Array  # [B, Tp] bool
@@ -129,15 +132,6 @@ def completion_logprobs(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
-def sequence_logprobs(
-    graphdef, params, prompt_ids, prompt_mask, tokens, mask, *, chunk_size: int | None = None
-) -> jax.Array:
-    """Jitted `completion_logprobs` for old-policy and reference log-probs."""
-    model = nnx.merge(graphdef, params)
-    return completion_logprobs(model, prompt_ids, prompt_mask, tokens, mask, chunk_size=chunk_size)
-
-
 def _loss_and_metrics(params, graphdef, mb: Batch, normalizer, cfg: LossConfig):
     model = nnx.merge(graphdef, params)
     logp, ent = completion_logprobs(
@@ -169,27 +163,40 @@ def _loss_and_metrics(params, graphdef, mb: Batch, normalizer, cfg: LossConfig):
     return loss, metrics
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "optimizer", "cfg"),
-    donate_argnames=("params", "opt_state"),
-)
-def update(
+def _split_microbatches(batch: Batch, microbatches: int, mesh: Mesh) -> Batch:
+    """[B, ...] -> [microbatches, B / microbatches, ...], row i going to microbatch i % M.
+
+    Strided rather than contiguous: each device holds a contiguous block of rows, so every
+    microbatch then has rows on every device and none sits idle (any split gives the same
+    accumulated gradient).
+    """
+    rows = batch.advantages.shape[0]
+
+    def split(x):
+        x = x.reshape(rows // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+        spec = PartitionSpec(None, partitioning.BATCH_AXES, *[None] * (x.ndim - 2))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(split, batch)
+
+
+def _update_impl(
     graphdef,
     optimizer: optax.GradientTransformation,
     cfg: LossConfig,
+    microbatches: int,
+    mesh: Mesh,
     params,
     opt_state,
     batch: Batch,
 ):
-    """One optimizer update on a minibatch whose leaves are [microbatches, rows, ...].
+    """One optimizer update on a [B, ...] minibatch, accumulated over `microbatches`.
 
     Gradients are summed over microbatches with the minibatch's global normaliser, so the update
     equals the one computed on the whole minibatch at once. A non-finite loss or gradient leaves
     params and optimizer state untouched (reported as `finite` = 0).
     """
-    flat_mask = batch.mask.reshape(-1, batch.mask.shape[-1])
-    normalizer = losses.loss_normalizer(flat_mask, cfg.aggregation, cfg.max_len)
+    normalizer = losses.loss_normalizer(batch.mask, cfg.aggregation, cfg.max_len)
     grad_fn = jax.value_and_grad(_loss_and_metrics, has_aux=True)
 
     def micro(grad_sum, mb):
@@ -197,7 +204,8 @@ def update(
         return jax.tree.map(jnp.add, grad_sum, grads), (loss, metrics)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, (loss_parts, metric_parts) = jax.lax.scan(micro, zeros, batch)
+    stacked = _split_microbatches(batch, microbatches, mesh)
+    grads, (loss_parts, metric_parts) = jax.lax.scan(micro, zeros, stacked)
     loss = jnp.sum(loss_parts)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -211,11 +219,147 @@ def update(
     return params, opt_state, metrics
 
 
-def split_microbatches(batch: Batch, microbatches: int) -> Batch:
-    """[B, ...] -> [microbatches, B / microbatches, ...]."""
-    rows = batch.advantages.shape[0]
-    if rows % microbatches:
-        raise ValueError(f"{rows} rows do not split into {microbatches} microbatches")
-    return jax.tree.map(
-        lambda x: x.reshape(microbatches, rows // microbatches, *x.shape[1:]), batch
+def _logprobs_impl(graphdef, chunk_size, params, prompt_ids_PT, prompt_mask_PT, tokens, mask):
+    """Completion log-probs [B, N] of B = P * G rows whose prompts are given once each [P, Tp]."""
+    g = tokens.shape[0] // prompt_ids_PT.shape[0]
+    model = nnx.merge(graphdef, params)
+    return completion_logprobs(
+        model,
+        jnp.repeat(prompt_ids_PT, g, axis=0),
+        jnp.repeat(prompt_mask_PT, g, axis=0),
+        tokens,
+        mask,
+        chunk_size=chunk_size,
+    )
+
+
+def _batch_impl(mask_truncated: bool, rollouts, rows_B, advantages_B) -> Batch:
+    """Training rows from sampling rounds: rollouts are (prompt_ids_PT, prompt_mask_PT, tokens,
+    mask, truncated, old_logp, ref_logp | None) each; rows_B picks rows of their concatenation
+    (None: all, in order)."""
+    parts = []
+    for prompt_ids, prompt_mask, tokens, mask, truncated, old, ref in rollouts:
+        g = tokens.shape[0] // prompt_ids.shape[0]
+        mask = mask.astype(jnp.float32)
+        if mask_truncated:
+            mask = mask * (~truncated)[:, None]
+        parts.append(
+            (
+                jnp.repeat(prompt_ids, g, axis=0),
+                jnp.repeat(prompt_mask, g, axis=0),
+                tokens,
+                mask,
+                old,
+                jnp.zeros(tokens.shape, jnp.float32) if ref is None else ref,
+            )
+        )
+    fields = [jnp.concatenate(column, axis=0) for column in zip(*parts, strict=True)]
+    if rows_B is not None:
+        fields = [x[rows_B] for x in fields]
+    return Batch(*fields, advantages=advantages_B.astype(jnp.float32))
+
+
+class StepFns:
+    """The device side of one training setup, jitted with explicit shardings over `mesh`.
+
+    Params and optimizer state are sharded as the rules in models/partitioning.py say, batches
+    over data x fsdp; `update` donates the params and optimizer state it replaces.
+
+      init_opt_state(params) -> opt_state
+      update(params, opt_state, batch [B, ...]) -> (params, opt_state, metrics)
+      logprobs(params, prompt_ids_PT, prompt_mask_PT, tokens, mask) -> [B, N] (old / reference)
+      make_batch(rollouts, rows_B, advantages_B) -> Batch (see `_batch_impl`)
+      take_rows(batch, idx) -> Batch of those rows (minibatches)
+    """
+
+    def __init__(
+        self,
+        graphdef,
+        params,
+        optimizer: optax.GradientTransformation,
+        loss_cfg: LossConfig,
+        mesh: Mesh,
+        *,
+        microbatches: int = 1,
+        mask_truncated: bool = False,
+    ):
+        if microbatches < 1:
+            raise ValueError(f"microbatches must be >= 1, got {microbatches}")
+        self.mesh = mesh
+        self.microbatches = microbatches
+        self.param_shardings = partitioning.state_shardings(params, mesh)
+        self.opt_shardings = _opt_state_shardings(optimizer, params, self.param_shardings, mesh)
+        repl = NamedSharding(mesh, PartitionSpec())
+        rows = lambda rank: NamedSharding(
+            mesh, PartitionSpec(partitioning.BATCH_AXES, *[None] * (rank - 1))
+        )
+        batch = Batch(*([rows(2)] * 6), advantages=rows(1))
+        self._rows, self._repl, self._batch = rows, repl, batch
+        self._mask_truncated = mask_truncated
+        self._batch_fns: dict[tuple, Callable] = {}
+        self._take = jax.jit(
+            lambda b, idx: jax.tree.map(lambda x: x[idx], b),
+            in_shardings=(batch, repl),
+            out_shardings=batch,
+        )
+        self._init = jax.jit(optimizer.init, out_shardings=self.opt_shardings)
+        self._update = jax.jit(
+            functools.partial(_update_impl, graphdef, optimizer, loss_cfg, microbatches, mesh),
+            in_shardings=(self.param_shardings, self.opt_shardings, batch),
+            out_shardings=(self.param_shardings, self.opt_shardings, repl),
+            donate_argnums=(0, 1),
+        )
+        self._logprobs = jax.jit(
+            functools.partial(_logprobs_impl, graphdef, loss_cfg.chunk_size),
+            in_shardings=(self.param_shardings, rows(2), rows(2), rows(2), rows(2)),
+            out_shardings=rows(2),
+        )
+
+    def init_opt_state(self, params):
+        return self._init(params)
+
+    def update(self, params, opt_state, batch: Batch):
+        rows = batch.advantages.shape[0]
+        if rows % self.microbatches:
+            raise ValueError(f"{rows} rows do not split into {self.microbatches} microbatches")
+        return self._update(params, opt_state, batch)
+
+    def logprobs(self, params, prompt_ids_PT, prompt_mask_PT, tokens, mask) -> jax.Array:
+        return self._logprobs(params, prompt_ids_PT, prompt_mask_PT, tokens, mask)
+
+    def make_batch(self, rollouts, rows_B, advantages_B) -> Batch:
+        """Batch from rollouts (tuples as in `_batch_impl`); `rows_B` numpy or None."""
+        rollouts = tuple(tuple(r) for r in rollouts)
+        key = (len(rollouts), tuple(r[-1] is None for r in rollouts), rows_B is None)
+        if key not in self._batch_fns:
+            r2, r1 = self._rows(2), self._rows(1)
+            one = lambda r: (r2, r2, r2, r2, r1, r2, None if r[-1] is None else r2)
+            self._batch_fns[key] = jax.jit(
+                functools.partial(_batch_impl, self._mask_truncated),
+                in_shardings=(
+                    tuple(one(r) for r in rollouts),
+                    None if rows_B is None else self._repl,
+                    self._repl,
+                ),
+                out_shardings=self._batch,
+            )
+        return self._batch_fns[key](rollouts, rows_B, advantages_B)
+
+    def take_rows(self, batch: Batch, idx) -> Batch:
+        return self._take(batch, idx)
+
+
+def _opt_state_shardings(optimizer, params, params_shardings, mesh: Mesh):
+    """Moments sharded like their parameter, everything else (step counters) replicated.
+
+    A jitted `optimizer.init` would otherwise leave the counters unsharded (STACK.md).
+    """
+    abstract = jax.eval_shape(optimizer.init, params)
+    return optax.tree_map_params(
+        optimizer,
+        lambda _, sharding: sharding,
+        abstract,
+        params_shardings,
+        transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()),
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
     )

@@ -10,7 +10,7 @@ One step, in the order it runs:
   4. Rewards (+ DAPO overlong penalty, + optional format reward) -> group advantages. With
      dynamic sampling, groups whose rewards are all equal are dropped and more prompts sampled.
   5. mu passes over the batch, each split into minibatches (one optimizer update each) and
-     microbatches (exact gradient accumulation, `train_step.update`).
+     microbatches (exact gradient accumulation, `train_step.StepFns.update`).
   6. Metrics to console / JSONL / TensorBoard; periodic evaluation and checkpoints.
 """
 
@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from rl_reason import evaluation, losses, sampling, train_step
+from rl_reason import evaluation, losses, sampling, sharding, train_step
 from rl_reason.sampling import SamplingConfig
 from rl_reason.tokenizer import Tokenizer
 from rl_reason.verifiers import answer_extraction
@@ -206,7 +207,11 @@ class GRPOTrainer:
         handle with `result()`).
       metrics: a `rl_reason.metrics.MetricsWriter` (optional).
       stop_token_ids: end-of-completion tokens (default: the tokenizer's eos).
-      response_stats: optional fn(texts, examples) -> dict of extra eval metrics.
+      response_stats: optional fn(texts, examples) -> dict of extra eval metrics (means).
+      mesh: the device mesh (default: the one the params live on). With several JAX processes
+        `train_batches` yields this process's P / process_count examples per step (its slice of
+        the global batch, in process order), each process verifies only its own completions, and
+        rewards and metrics are gathered so that every process takes the same decisions.
     """
 
     def __init__(
@@ -224,6 +229,7 @@ class GRPOTrainer:
         checkpointer=None,
         stop_token_ids: Sequence[int] | None = None,
         response_stats: Callable[[list[str], list[dict]], dict] | None = None,
+        mesh: Mesh | None = None,
     ):
         self.cfg = cfg
         self.graphdef = graphdef
@@ -245,18 +251,53 @@ class GRPOTrainer:
         self.buffer_len = -(-cfg.max_new_tokens // 8) * 8
         model_vocab = nnx.merge(graphdef, params).cfg.vocab_size
         tokenizer.assert_fits(model_vocab)
+        self.mesh = sampling.mesh_of(params) if mesh is None else mesh
+        self.processes = jax.process_count()
+        self._check_batch_split()
         self.optim_cfg = cfg.optim_config()
         self.optimizer = train_step.make_optimizer(self.optim_cfg)
         self.lr_fn = self.optim_cfg.learning_rate_fn()
-        self.opt_state = jax.jit(self.optimizer.init)(params)
-        # The frozen reference policy: a copy of the initial weights (only with a KL term).
-        self.ref_params = jax.tree.map(jnp.copy, params) if cfg.kl_coef > 0 else None
         self.loss_cfg = cfg.loss_config()
+        self.fns = train_step.StepFns(
+            graphdef,
+            params,
+            self.optimizer,
+            self.loss_cfg,
+            self.mesh,
+            microbatches=cfg.microbatches,
+            mask_truncated=cfg.mask_truncated,
+        )
+        # The trainer owns (and donates) these arrays from here on.
+        self.params = jax.device_put(params, self.fns.param_shardings)
+        self.opt_state = self.fns.init_opt_state(self.params)
+        # The frozen reference policy: a copy of the initial weights (only with a KL term).
+        self.ref_params = jax.tree.map(jnp.copy, self.params) if cfg.kl_coef > 0 else None
         self.key = jax.random.key(cfg.seed)
         self.step_count = 0
         self.updates = 0
         self._nonfinite_in_a_row = 0
         self._nonfinite_total = 0
+
+    def _check_batch_split(self) -> None:
+        cfg, shards = self.cfg, sharding.batch_shards(self.mesh)
+        problems = []
+        if cfg.prompts_per_step % shards:
+            problems.append(f"prompts_per_step ({cfg.prompts_per_step})")
+        if (cfg.rows // cfg.minibatches) % shards:
+            problems.append(f"rows per minibatch ({cfg.rows // cfg.minibatches})")
+        if cfg.prompts_per_step % self.processes:
+            problems.append(f"prompts_per_step over {self.processes} processes")
+        if problems:
+            raise ValueError(
+                f"{' and '.join(problems)} must split evenly over the {shards} batch shards "
+                f"(data x fsdp) of mesh {dict(self.mesh.shape)}: change prompts_per_step, "
+                "group_size or minibatches, or the mesh"
+            )
+
+    @property
+    def local_prompts(self) -> int:
+        """Examples this process contributes to each step's batch."""
+        return self.cfg.prompts_per_step // self.processes
 
     # -- sampling and verification --------------------------------------------------------------
 
@@ -281,14 +322,16 @@ class GRPOTrainer:
             pad_id=self.tokenizer.pad_id,
             buffer_len=self.buffer_len,
             prompt_width=self.cfg.max_prompt_len,
+            mesh=self.mesh,
         )
 
     def _texts(self, out) -> tuple[list[str], np.ndarray, np.ndarray]:
-        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        """This process's completions as text, with their lengths and truncation flags."""
+        tokens, lengths = sharding.local_rows(out.tokens), sharding.local_rows(out.lengths)
         texts = self.tokenizer.decode_batch(
             [row[:n] for row, n in zip(tokens, lengths, strict=True)]
         )
-        return texts, lengths, np.asarray(out.truncated)
+        return texts, lengths, sharding.local_rows(out.truncated)
 
     def _submit(self, texts: list[str], examples: list[dict], group_size: int):
         per_row = [examples[i // group_size] for i in range(len(texts))]
@@ -313,7 +356,11 @@ class GRPOTrainer:
     def rollout(
         self, examples: list[dict], key, before_collect: Callable[[Any], Any] | None = None
     ) -> tuple[Rollout, Any]:
-        """Sample, decode, verify. `before_collect(out)` runs on the device while the pool works."""
+        """Sample, decode, verify. `before_collect(out)` runs on the device while the pool works.
+
+        `examples` are this process's; the returned rewards, correctness, lengths and truncation
+        flags are every process's (the global batch), `texts` this process's.
+        """
         g = self.cfg.group_size
         out = self._generate(examples, key, group_size=g, config=self.sampling)
         texts, lengths, truncated = self._texts(out)
@@ -330,10 +377,7 @@ class GRPOTrainer:
             examples,
             out,
             texts,
-            rewards,
-            correct,
-            lengths,
-            truncated,
+            *(sharding.all_rows(x) for x in (rewards, correct, lengths, truncated)),
             verify_seconds=t1 - t0,
             verify_wait_seconds=t1 - t_wait,
         ), device_work
@@ -342,21 +386,9 @@ class GRPOTrainer:
 
     def _device_logprobs(self, out):
         """Reference (and recomputed old) log-probs, dispatched asynchronously."""
-        g = self.cfg.group_size
-        prompt_ids = jnp.repeat(out.prompt_ids, g, axis=0)
-        prompt_mask = jnp.repeat(out.prompt_mask, g, axis=0)
-        args = (prompt_ids, prompt_mask, out.tokens, out.mask)
-        chunk = self.cfg.logprob_chunk_size
-        ref = (
-            train_step.sequence_logprobs(self.graphdef, self.ref_params, *args, chunk_size=chunk)
-            if self.ref_params
-            else None
-        )
-        old = (
-            train_step.sequence_logprobs(self.graphdef, self.params, *args, chunk_size=chunk)
-            if self.cfg.recompute_old_logprobs
-            else None
-        )
+        args = (out.prompt_ids, out.prompt_mask, out.tokens, out.mask)
+        ref = self.fns.logprobs(self.ref_params, *args) if self.ref_params else None
+        old = self.fns.logprobs(self.params, *args) if self.cfg.recompute_old_logprobs else None
         return ref, old
 
     def _gather_rollouts(self, key) -> tuple[list[tuple[Rollout, Any]], int]:
@@ -367,7 +399,13 @@ class GRPOTrainer:
         n_kept, rounds = 0, 0
         while True:
             key, sub = jax.random.split(key)
-            examples = next(self.train_batches)
+            examples = list(next(self.train_batches))
+            if len(examples) != self.local_prompts:
+                raise ValueError(
+                    f"train_batches gave {len(examples)} examples; each step needs "
+                    f"{self.local_prompts} from this process (prompts_per_step "
+                    f"{self.cfg.prompts_per_step} / {self.processes} processes)"
+                )
             ro, dev = self.rollout(examples, sub, before_collect=self._device_logprobs)
             rounds += 1
             groups = ro.rewards.reshape(cfg.prompts_per_step, cfg.group_size)
@@ -391,34 +429,30 @@ class GRPOTrainer:
         return [c for c in chosen if c[2].any()], rounds
 
     def _assemble(self, parts) -> tuple[train_step.Batch, dict[str, np.ndarray]]:
-        """Concatenate the chosen groups of each rollout into one [B] training batch."""
+        """The chosen groups of each rollout as one [B] training batch (and host arrays [B])."""
         cfg, g = self.cfg, self.cfg.group_size
-        pieces: dict[str, list] = {
-            k: [] for k in ("prompt_ids", "prompt_mask", "tokens", "mask", "old_logp", "ref_logp")
-        }
         host: dict[str, list] = {k: [] for k in ("rewards", "correct", "lengths", "truncated")}
-        for ro, (ref, old), sel in parts:
-            rows = np.repeat(sel, g)
+        rollouts, rows = [], []
+        for i, (ro, (ref, old), sel) in enumerate(parts):
             out = ro.out
-            pieces["prompt_ids"].append(jnp.repeat(out.prompt_ids[sel], g, axis=0))
-            pieces["prompt_mask"].append(jnp.repeat(out.prompt_mask[sel], g, axis=0))
-            pieces["tokens"].append(out.tokens[rows])
-            mask = out.mask[rows].astype(jnp.float32)
-            if cfg.mask_truncated:
-                mask = mask * (~out.truncated[rows])[:, None]
-            pieces["mask"].append(mask)
-            pieces["old_logp"].append((old if old is not None else out.policy_logprobs)[rows])
-            pieces["ref_logp"].append(
-                ref[rows] if ref is not None else jnp.zeros(out.tokens[rows].shape, jnp.float32)
+            old = out.policy_logprobs if old is None else old
+            rollouts.append(
+                (out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.truncated, old, ref)
             )
+            picked = np.repeat(sel, g)
+            rows.append(i * cfg.rows + np.flatnonzero(picked))
             for k in host:
-                host[k].append(getattr(ro, k)[rows])
-        arrays = {k: jnp.concatenate(v) for k, v in pieces.items()}
+                host[k].append(getattr(ro, k)[picked])
         hosts = {k: np.concatenate(v) for k, v in host.items()}
+        rows_B = np.concatenate(rows).astype(np.int32)
+        identity = len(parts) == 1 and np.array_equal(rows_B, np.arange(cfg.rows))
         advantages = losses.compute_advantages(
             jnp.asarray(hosts["rewards"]), g, estimator=cfg.advantage_estimator
         )
-        return train_step.Batch(advantages=advantages.astype(jnp.float32), **arrays), hosts
+        batch = self.fns.make_batch(
+            rollouts, None if identity else rows_B, np.asarray(advantages, np.float32)
+        )
+        return batch, hosts
 
     def _train_on(self, batch: train_step.Batch) -> dict[str, float]:
         cfg = self.cfg
@@ -434,11 +468,10 @@ class GRPOTrainer:
             for m in range(cfg.minibatches):
                 mb = batch
                 if perm is not None:
-                    idx = perm[m * rows_per_mb : (m + 1) * rows_per_mb]
-                    mb = jax.tree.map(lambda x, idx=idx: x[idx], batch)
-                mb = train_step.split_microbatches(mb, cfg.microbatches)
-                self.params, self.opt_state, metrics = train_step.update(
-                    self.graphdef, self.optimizer, self.loss_cfg, self.params, self.opt_state, mb
+                    idx = perm[m * rows_per_mb : (m + 1) * rows_per_mb].astype(np.int32)
+                    mb = self.fns.take_rows(batch, idx)
+                self.params, self.opt_state, metrics = self.fns.update(
+                    self.params, self.opt_state, mb
                 )
                 # Fetching the metrics blocks on each update: it keeps the host honest about step
                 # time and avoids the CPU collective stalls seen with unblocked sharded loops.
@@ -514,42 +547,74 @@ class GRPOTrainer:
         samples: int | None = None,
         batch_size: int = 64,
     ) -> dict[str, float]:
-        """Greedy accuracy, and mean@k / maj@k / pass@k over k sampled answers per problem."""
+        """Greedy accuracy, and mean@k / maj@k / pass@k over k sampled answers per problem.
+
+        Every process passes the same `examples`; each chunk of them is split over the processes
+        like a training batch (padded to a multiple of the batch shards with copies of its last
+        example, which are not counted) and the per-problem results are gathered.
+        """
         examples = list(self.eval_examples if examples is None else examples)
         if not examples:
             return {}
         k = self.cfg.eval_samples if samples is None else samples
+        ks = sorted({1, k}) if k > 0 else []
         greedy_cfg = dataclasses.replace(self.sampling, temperature=0.0, top_k=0, top_p=1.0)
         sample_cfg = dataclasses.replace(self.sampling, temperature=self.cfg.eval_temperature)
         key = jax.random.key(self.cfg.seed + 10_007)
-        greedy_correct, greedy_len, greedy_texts = [], [], []
-        correct_k, answers_k = [], []
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            out = self._generate(chunk, key, group_size=1, config=greedy_cfg)
+        shards = sharding.batch_shards(self.mesh)
+        chunk_size = -(-batch_size // shards) * shards
+        greedy_correct, greedy_len, correct_k, maj_hits = [], [], [], []
+        stats_sums: dict[str, float] = {}
+        for start in range(0, len(examples), chunk_size):
+            real = examples[start : start + chunk_size]
+            width = -(-len(real) // shards) * shards
+            padded = real + [real[-1]] * (width - len(real))
+            lo = jax.process_index() * width // self.processes
+            local = padded[lo : lo + width // self.processes]
+            n_real = max(min(len(real) - lo, len(local)), 0)
+
+            out = self._generate(local, key, group_size=1, config=greedy_cfg)
             texts, lengths, _ = self._texts(out)
-            _, ok = self._collect(self._submit(texts, chunk, 1), len(texts))
-            greedy_correct += list(ok)
-            greedy_len += list(lengths)
-            greedy_texts += texts
+            _, ok = self._collect(self._submit(texts, local, 1), len(texts))
+            greedy_correct += list(sharding.all_rows(ok)[: len(real)])
+            greedy_len += list(sharding.all_rows(lengths)[: len(real)])
+            if self.response_stats is not None:
+                # Called on every process (at least one text) so all gather the same names.
+                m = max(n_real, 1)
+                stats = self.response_stats(texts[:m], local[:m])
+                for name, value in stats.items():
+                    stats_sums[name] = stats_sums.get(name, 0.0) + value * n_real
             if k > 0:
                 key, sub = jax.random.split(key)
-                out = self._generate(chunk, sub, group_size=k, config=sample_cfg)
+                out = self._generate(local, sub, group_size=k, config=sample_cfg)
                 texts, _, _ = self._texts(out)
-                _, ok = self._collect(self._submit(texts, chunk, k), len(texts))
-                correct_k += list(ok.reshape(-1, k))
-                answers_k += [
-                    [_vote_answer(t) for t in texts[i * k : (i + 1) * k]] for i in range(len(chunk))
+                _, ok = self._collect(self._submit(texts, local, k), len(texts))
+                ok = ok.reshape(-1, k)
+                votes = [
+                    [_vote_answer(t) for t in texts[i * k : (i + 1) * k]] for i in range(len(local))
                 ]
+                hits = [
+                    [evaluation.majority_correct(v[:kk], o[:kk]) for kk in ks]
+                    for v, o in zip(votes, ok, strict=True)
+                ]
+                correct_k += list(sharding.all_rows(ok)[: len(real)])
+                maj_hits += list(sharding.all_rows(np.asarray(hits, bool))[: len(real)])
         result = {
             "accuracy": evaluation.greedy_accuracy(greedy_correct),
             "mean_response_tokens": float(np.mean(greedy_len)),
         }
         if k > 0:
-            summary = evaluation.summarize(np.asarray(correct_k), answers_k, ks=sorted({1, k}))
+            summary = evaluation.summarize(np.asarray(correct_k), None, ks=ks)
             result.update({key_: float(v) for key_, v in summary.items()})
+            result.update(
+                {f"maj@{kk}": float(np.mean(np.asarray(maj_hits)[:, i])) for i, kk in enumerate(ks)}
+            )
         if self.response_stats is not None:
-            result.update(self.response_stats(greedy_texts, examples))
+            names = sorted(stats_sums)
+            totals = sharding.all_rows(np.asarray([[stats_sums[n] for n in names]], np.float64))
+            result.update(
+                {n: float(totals[:, i].sum() / len(examples)) for i, n in enumerate(names)}
+            )
         return result
 
     # -- the loop -------------------------------------------------------------------------------

@@ -189,12 +189,12 @@ def test_rows_end_at_stop_tokens_and_rest_is_masked(model):
 
 
 def test_budget_is_traced_and_buffer_bucketed(model):
-    before = sampling._sample_jit._cache_size()
+    before = sampling.compiled_count()
     for n in (5, 9, 13):
         out = _np(sample(model, PROMPTS, jax.random.key(7), max_new_tokens=n, buffer_len=16))
         assert (out.lengths == n).all() and out.truncated.all()
         assert not out.mask[:, n:].any()
-    assert sampling._sample_jit._cache_size() == before + 1
+    assert sampling.compiled_count() == before + 1
     # Prompt widths are bucketed: lengths 3..5 and 9 share the width-16 executable.
     sample(model, [[1] * 9], jax.random.key(7), max_new_tokens=5, buffer_len=16)
     assert sampling.pad_prompts([[1] * 9], 0)[0].shape == (1, 16)

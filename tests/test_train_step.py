@@ -42,12 +42,18 @@ def _batch(out, g=4, rewards=None):
     )
 
 
+def _fns(graphdef, params, opt, loss_cfg=None, micro=1):
+    loss_cfg = train_step.LossConfig() if loss_cfg is None else loss_cfg
+    return train_step.StepFns(
+        graphdef, params, opt, loss_cfg, sampling.mesh_of(params), microbatches=micro
+    )
+
+
 def test_trainer_logprobs_equal_sampler_policy_logprobs():
     graphdef, params, out = _rollout()
     b = _batch(out)
-    logp = train_step.sequence_logprobs(
-        graphdef, params, b.prompt_ids, b.prompt_mask, b.tokens, b.mask, chunk_size=5
-    )
+    fns = _fns(graphdef, params, optax.sgd(1.0), train_step.LossConfig(chunk_size=5))
+    logp = fns.logprobs(params, b.prompt_ids, b.prompt_mask, b.tokens, b.mask)
     np.testing.assert_allclose(
         np.asarray(logp * b.mask), np.asarray(out.policy_logprobs * b.mask), atol=1e-5
     )
@@ -63,11 +69,9 @@ def test_microbatched_update_equals_whole_batch(aggregation):
     loss_cfg = train_step.LossConfig(aggregation=aggregation, max_len=16)
     results = []
     for micro in (1, 4):
+        fns = _fns(graphdef, params, opt, loss_cfg, micro)
         p = jax.tree.map(jnp.copy, params)
-        state = opt.init(p)
-        p, _, metrics = train_step.update(
-            graphdef, opt, loss_cfg, p, state, train_step.split_microbatches(batch, micro)
-        )
+        p, _, metrics = fns.update(p, fns.init_opt_state(p), batch)
         results.append((p, metrics))
     (p1, m1), (p4, m4) = results
     assert float(m1["grad_norm"]) > 0  # a real update happened
@@ -88,14 +92,8 @@ def test_nonfinite_update_is_skipped():
     opt = train_step.make_optimizer(train_step.OptimConfig(learning_rate=1e-2))
     before = jax.tree.map(np.asarray, params)
     p = jax.tree.map(jnp.copy, params)
-    p, _, metrics = train_step.update(
-        graphdef,
-        opt,
-        train_step.LossConfig(),
-        p,
-        opt.init(p),
-        train_step.split_microbatches(batch, 1),
-    )
+    fns = _fns(graphdef, params, opt)
+    p, _, metrics = fns.update(p, fns.init_opt_state(p), batch)
     assert float(metrics["finite"]) == 0.0
     for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(before), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)

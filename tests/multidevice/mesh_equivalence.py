@@ -1,0 +1,96 @@
+"""One sampling call and one GRPO update on several meshes; results written for the test to compare.
+
+Run as `python -m tests.multidevice.mesh_equivalence OUT_DIR` with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_sharding.py does). For each mesh it
+writes OUT_DIR/<name>.npz holding the sampled tokens and log-probs, the update's loss and grad
+norm, the initial and updated params, and each param's shard shape and PartitionSpec as seen on
+the arrays themselves (`.sharding`, `.addressable_shards`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import numpy as np
+import optax
+
+from models import get_config
+from rl_reason import losses, sampling, sharding, train_step
+
+MESHES = {
+    "1x1x1": (1, 1, 1),
+    "8x1x1": (8, 1, 1),
+    "1x8x1": (1, 8, 1),
+    "1x4x2": (1, 4, 2),
+    "2x2x2": (2, 2, 2),
+}
+# Every parameter axis divides 8 (or 2 for kv heads over tensor), so the rules shard everything
+# they name: vocab 512, width 128, 4 query / 2 kv heads, MLP 384.
+CFG = get_config("tiny").replace(num_layers=2, max_seq_len=128)
+P, G, NEW = 8, 4, 12
+PROMPTS = [[1 + (7 * i + j) % 500 for j in range(3 + i % 5)] for i in range(P)]
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
+
+
+def run(name: str, shape: tuple[int, int, int], out_dir: str) -> None:
+    devices = jax.devices()[: int(np.prod(shape))]
+    mesh = sharding.make_mesh(sharding.MeshConfig(*shape), devices)
+    graphdef, params = sharding.create_model(CFG, mesh, seed=0)
+    record: dict[str, np.ndarray] = {}
+    for path, x in _flat(params).items():
+        record[f"init{path}"] = np.asarray(x)
+        record[f"spec{path}"] = np.asarray(repr(tuple(x.sharding.spec)))
+        record[f"shard{path}"] = np.asarray(x.addressable_shards[0].data.shape)
+
+    cfg = sampling.SamplingConfig(temperature=1.0, stop_token_ids=tuple(range(3, 512, 6)))
+    out = sampling.sample(
+        (graphdef, params),
+        PROMPTS,
+        jax.random.key(3),
+        group_size=G,
+        max_new_tokens=NEW,
+        config=cfg,
+        mesh=mesh,
+    )
+    record["tokens"] = np.asarray(out.tokens)
+    record["lengths"] = np.asarray(out.lengths)
+    record["policy_logprobs"] = np.asarray(out.policy_logprobs)
+    record["tokens_spec"] = np.asarray(repr(tuple(out.tokens.sharding.spec)))
+
+    # Rewards that vary within groups: the completion's length parity and its first token.
+    lengths = np.asarray(out.lengths)
+    rewards = ((lengths % 2) + (np.asarray(out.tokens)[:, 0] % 3 == 0)).astype(np.float32)
+    advantages = np.asarray(losses.compute_advantages(rewards, G), np.float32)
+    # SGD with momentum: the updated params are the gradient itself (Adam would turn 1e-8
+    # differences of near-zero gradients into lr-sized ones), and the momentum is state that
+    # must be sharded like the params.
+    optimizer = optax.sgd(0.5, momentum=0.9)
+    fns = train_step.StepFns(
+        graphdef, params, optimizer, train_step.LossConfig(kl_coef=0.0), mesh, microbatches=2
+    )
+    rollout = (out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.truncated)
+    batch = fns.make_batch([(*rollout, out.policy_logprobs, None)], None, advantages)
+    opt_state = fns.init_opt_state(params)
+    new_params, new_opt, metrics = fns.update(params, opt_state, batch)
+    metrics = jax.device_get(metrics)
+    record["loss"] = np.asarray(metrics["loss"])
+    record["grad_norm"] = np.asarray(metrics["grad_norm"])
+    for path, x in _flat(new_params).items():
+        record[f"updated{path}"] = np.asarray(x)
+        record[f"updated_spec{path}"] = np.asarray(repr(tuple(x.sharding.spec)))
+    for path, x in _flat(new_opt).items():
+        record[f"opt_spec{path}"] = np.asarray(repr(tuple(x.sharding.spec)))
+    np.savez(os.path.join(out_dir, f"{name}.npz"), **record)
+
+
+if __name__ == "__main__":
+    assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    for mesh_name, mesh_shape in MESHES.items():
+        run(mesh_name, mesh_shape, sys.argv[1])
+    print("done")
