@@ -4,7 +4,8 @@
 
 Every process holds XLA_FLAGS' fake CPU devices; the mesh (--mesh, default data x fsdp x
 tensor = 2 x 2 x 2) spans all of them. Each process feeds its slice of the same global batches
-and verifies only its own completions. Process 0 writes the per-step metrics and the final params (gathered whole).
+and verifies only its own completions. Process 0 writes the per-step metrics and the final
+params (gathered whole).
 """
 
 from __future__ import annotations
