@@ -215,24 +215,21 @@ FAMILIES: dict[str, Family] = {
 
 def family_of(cfg: ModelConfig) -> Family:
     """The family whose architecture represents `cfg` exactly, or a ValueError saying why not."""
-    name = (
-        "gemma2"
-        if cfg.post_norms
-        else "qwen3"
-        if cfg.qk_norm
-        else "qwen2"
-        if cfg.qkv_bias
-        else "llama"
-    )
+    if cfg.post_norms:
+        name = "gemma2"
+    elif cfg.qk_norm:
+        name = "qwen3"
+    else:
+        name = "qwen2" if cfg.qkv_bias else "llama"
     family = FAMILIES[name]
-    bad = {k: getattr(cfg, k) for k, v in family.fixed.items() if getattr(cfg, k) != v}
+    need = {k: v for k, v in family.fixed.items() if getattr(cfg, k) != v}
     if name != "gemma2" and not _default_query_scale(cfg):
-        bad["query_scale"] = cfg.query_scale
-    if bad:
+        need["query_scale"] = "1/sqrt(head_dim)"
+    if need:
+        has = {k: getattr(cfg, k) for k in need}
         raise ValueError(
-            f"ModelConfig has no Hugging Face equivalent: as {family.architecture} (chosen by "
-            f"post_norms/qk_norm/qkv_bias) it needs { ({k: family.fixed.get(k) for k in bad}) }, "
-            f"but has {bad}"
+            f"ModelConfig has no Hugging Face equivalent: as {family.architecture} (the family "
+            f"its post_norms/qk_norm/qkv_bias select) it needs {need}, but has {has}"
         )
     return family
 

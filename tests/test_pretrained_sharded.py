@@ -315,6 +315,9 @@ def test_round_trip_is_bit_exact_in_bfloat16(tmp_path):
     model = random_model(cfg)
     files = save_pretrained(model, tmp_path, extra_config={"eos_token_id": 1, "pad_token_id": 0})
     assert files == ["model.safetensors"]
+    # Weights are as readable as config.json (plain files under the umask, not private temps).
+    mode = lambda name: (tmp_path / name).stat().st_mode & 0o777
+    assert mode("model.safetensors") == mode("config.json")
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["model_type"], config["torch_dtype"], config["eos_token_id"]) == (
         "gemma2",
