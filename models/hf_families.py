@@ -124,7 +124,9 @@ def _gemma2_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "query_pre_attn_scalar": scalar,
         "attn_logit_softcapping": cfg.attn_logit_softcap,
         "final_logit_softcapping": cfg.final_logit_softcap,
-        "sliding_window": cfg.sliding_window,
+        # With no sliding layers the value is unused, but transformers builds a sliding mask
+        # regardless and refuses None.
+        "sliding_window": cfg.sliding_window or cfg.max_seq_len,
         "layer_types": [
             _SLIDING if cfg.layer_window(i) is not None else _FULL for i in range(cfg.num_layers)
         ],

@@ -467,6 +467,21 @@ def test_hf_model_from_hf_config_has_our_parameter_count():
         assert model.num_parameters() == cfg.num_params()
 
 
+def test_gemma2_without_a_window_exports_as_all_global_layers():
+    cfg = get_config("gemma-2-2b").replace(
+        vocab_size=VOCAB, embed_dim=64, num_layers=2, head_dim=16, mlp_dim=96, num_kv_heads=2
+    )
+    cfg = cfg.replace(sliding_window=None, max_seq_len=256)
+    d = hf.hf_config(cfg)
+    assert d["layer_types"] == ["full_attention"] * 2
+    assert hf.config_from_hf(d) == cfg
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**d), attn_implementation="eager"
+    )
+    with torch.inference_mode():
+        assert model(torch.zeros((1, 4), dtype=torch.long)).logits.shape == (1, 4, VOCAB)
+
+
 def _values(model) -> dict:
     return {
         path: np.asarray(v.get_value())
