@@ -68,6 +68,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from rl_reason.sharding import opt_state_shardings
+
 log = logging.getLogger(__name__)
 
 STATE = "state"
@@ -162,14 +164,12 @@ def abstract_opt_state(optimizer: optax.GradientTransformation, abstract_params:
             "abstract_opt_state needs abstract params whose every leaf has a NamedSharding; "
             "build them with checkpoint.abstract_on(abstract_params, state_shardings(...))"
         )
-    replicated = NamedSharding(named[0].mesh, PartitionSpec())
-    abstract_state = jax.eval_shape(optimizer.init, abstract_params)
-    return optax.tree_map_params(
-        optimizer,
-        lambda x, p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=p.sharding),
-        abstract_state,
-        abstract_params,
-        transform_non_params=lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+    params_shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
+    shardings = opt_state_shardings(optimizer, abstract_params, params_shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(optimizer.init, abstract_params),
+        shardings,
     )
 
 

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
-from rl_reason import train_step
+from rl_reason import sharding, train_step
 from rl_reason.tokenizer import Tokenizer
 
 
@@ -81,10 +82,7 @@ def lm_loss(model, ids, segments, positions):
     return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "optimizer"), donate_argnames=("params", "opt_state")
-)
-def lm_update(graphdef, optimizer, params, opt_state, ids, segments, positions):
+def _lm_update(graphdef, optimizer, params, opt_state, ids, segments, positions):
     def loss_fn(p):
         return lm_loss(nnx.merge(graphdef, p), ids, segments, positions)
 
@@ -100,8 +98,23 @@ def pretrain(
     texts: Sequence[str],
     cfg: PretrainConfig,
     log_fn: Callable[[int, float, float], None] | None = None,
+    *,
+    mesh: Mesh | None = None,
+    should_stop: Callable[[int], bool] | None = None,
 ):
-    """Train on `texts` (each wrapped in bos/eos) for cfg.steps; returns (params, losses)."""
+    """Train on `texts` (each wrapped in bos/eos) for cfg.steps; returns (params, losses).
+
+    The update is jitted over `mesh` (default: the params' own) with params and optimizer state
+    sharded by the rules and rows over data x fsdp; every process packs the same corpus and
+    feeds its rows of each batch. `should_stop(step)` is asked after each step (preemption):
+    True ends training early.
+    """
+    mesh = sharding.mesh_of(params) if mesh is None else mesh
+    if cfg.batch_size % sharding.batch_shards(mesh):
+        raise ValueError(
+            f"pretrain batch_size {cfg.batch_size} must split over the "
+            f"{sharding.batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)}"
+        )
     docs = tokenizer.encode_batch(list(texts), add_bos=True, add_eos=True)
     packed = pack_documents(docs, cfg.seq_len, tokenizer.pad_id)
     optim = train_step.OptimConfig(
@@ -115,7 +128,16 @@ def pretrain(
         max_grad_norm=cfg.max_grad_norm,
     )
     optimizer = train_step.make_optimizer(optim)
-    opt_state = jax.jit(optimizer.init)(params)
+    param_sh = sharding.state_shardings(params, mesh)
+    opt_sh = sharding.opt_state_shardings(optimizer, params, param_sh)
+    rows = sharding.batch_sharding(mesh, 2)
+    update = jax.jit(
+        functools.partial(_lm_update, graphdef, optimizer),
+        in_shardings=(param_sh, opt_sh, rows, rows, rows),
+        out_shardings=(param_sh, opt_sh, sharding.replicated(mesh)),
+        donate_argnums=(0, 1),
+    )
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(packed.ids))
     cursor, history, t0 = 0, [], time.perf_counter()
@@ -124,16 +146,14 @@ def pretrain(
             order, cursor = rng.permutation(len(packed.ids)), 0
         idx = order[cursor : cursor + cfg.batch_size]
         cursor += cfg.batch_size
-        params, opt_state, loss = lm_update(
-            graphdef,
-            optimizer,
-            params,
-            opt_state,
-            packed.ids[idx],
-            packed.segments[idx],
-            packed.positions[idx],
-        )
+        batch = [
+            sharding.from_global_full(x[idx], mesh)
+            for x in (packed.ids, packed.segments, packed.positions)
+        ]
+        params, opt_state, loss = update(params, opt_state, *batch)
         history.append(float(loss))  # blocks each step: honest timing, bounded queue
         if log_fn is not None:
             log_fn(step + 1, history[-1], time.perf_counter() - t0)
+        if should_stop is not None and should_stop(step + 1):
+            break
     return params, history

@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models import kv_cache, partitioning
 from models.transformer import Transformer, positions_from_mask
+from rl_reason import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,23 +252,6 @@ def compiled_count() -> int:
     return sum(fn._cache_size() for fn in _COMPILED.values())
 
 
-def mesh_of(params) -> Mesh:
-    """The mesh the params live on; a one-device mesh for params on a single device."""
-    for leaf in jax.tree.leaves(params):
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, NamedSharding):
-            return sharding.mesh
-        if sharding is not None:
-            devices = sorted(sharding.device_set, key=lambda d: d.id)
-            if len(devices) == 1:
-                return Mesh(np.asarray(devices).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-            break
-    raise ValueError(
-        "cannot tell which mesh the params live on: create them with "
-        "rl_reason.sharding.create_model (or pass mesh=)"
-    )
-
-
 def bucket(n: int, minimum: int = 16) -> int:
     """Round a length up to a power of two (>= minimum) so that few shapes get compiled."""
     return max(minimum, 1 << max(0, (n - 1).bit_length()))
@@ -325,8 +309,8 @@ def sample(
     buffer_len = bucket(max_new_tokens) if buffer_len is None else buffer_len
     if max_new_tokens > buffer_len:
         raise ValueError(f"max_new_tokens {max_new_tokens} exceeds buffer_len {buffer_len}")
-    mesh = mesh_of(params) if mesh is None else mesh
-    shards = int(np.prod([mesh.shape[a] for a in partitioning.BATCH_AXES])) // jax.process_count()
+    mesh = sharding.mesh_of(params) if mesh is None else mesh
+    shards = sharding.batch_shards(mesh) // jax.process_count()
     if len(prompts) % max(shards, 1):
         raise ValueError(
             f"{len(prompts)} prompts do not split over the {shards} local batch shards of mesh "
@@ -342,7 +326,7 @@ def sample(
         cfg=config,
         pad_id=pad_id,
     )
-    batch = NamedSharding(mesh, PartitionSpec(partitioning.BATCH_AXES, None))
+    batch = sharding.batch_sharding(mesh, 2)
     return fn(
         params,
         jax.make_array_from_process_local_data(batch, ids),

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -86,6 +87,25 @@ def batch_shards(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
+def opt_state_shardings(optimizer, params, params_shardings):
+    """Shardings of `optimizer.init(params)`: moments like their parameter, the rest (step
+    counters) replicated on the same mesh.
+
+    `params` may be abstract; `params_shardings` has its tree structure (`state_shardings`).
+    A jitted init would otherwise leave the counters unsharded (STACK.md).
+    """
+    mesh = jax.tree.leaves(params_shardings)[0].mesh
+    abstract = jax.eval_shape(optimizer.init, params)
+    return optax.tree_map_params(
+        optimizer,
+        lambda _, s: s,
+        abstract,
+        params_shardings,
+        transform_non_params=lambda _: replicated(mesh),
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+    )
+
+
 # --- multi-host ------------------------------------------------------------------------------
 
 _TPU_ENV = (
@@ -139,39 +159,11 @@ def initialize_distributed(
     return jax.process_index(), jax.process_count()
 
 
-def process_rows(sharding: NamedSharding, num_rows: int) -> slice:
-    """The contiguous block of leading-axis rows that this process's devices hold.
-
-    With `make_mesh`'s device order (processes in order, tensor within a process), a batch
-    split over data x fsdp gives each process one contiguous block; anything else is an error
-    because host-local data could not be matched to its rows.
-    """
-    starts, stops = set(), set()
-    for index in sharding.addressable_devices_indices_map((num_rows,)).values():
-        rows = index[0]
-        starts.add(rows.start or 0)
-        stops.add(num_rows if rows.stop is None else rows.stop)
-    lo, hi = min(starts), max(stops)
-    per_shard = {b - a for a, b in zip(sorted(starts), sorted(stops), strict=True)}
-    if len(per_shard) != 1 or (hi - lo) != len(starts) * per_shard.pop():
-        raise ValueError(
-            "this process's devices do not hold one contiguous block of the batch; build the "
-            "mesh with sharding.make_mesh so that each host's devices are adjacent"
-        )
-    return slice(lo, hi)
-
-
-def to_global(local, mesh: Mesh) -> jax.Array:
-    """A batch-sharded global array from this process's rows (all rows when one process)."""
-    local = np.asarray(local)
-    sharding = batch_sharding(mesh, max(local.ndim, 1))
-    return jax.make_array_from_process_local_data(sharding, local)
-
-
 def from_global_full(full, mesh: Mesh) -> jax.Array:
-    """A batch-sharded global array from host data every process holds whole."""
+    """A global array from host data every process holds whole: batch-sharded over its
+    leading axis (a scalar is replicated)."""
     full = np.asarray(full)
-    sharding = batch_sharding(mesh, max(full.ndim, 1))
+    sharding = batch_sharding(mesh, full.ndim) if full.ndim else replicated(mesh)
     return jax.make_array_from_callback(full.shape, sharding, lambda index: full[index])
 
 
@@ -192,6 +184,23 @@ def all_rows(local) -> np.ndarray:
     if jax.process_count() == 1:
         return local
     return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+
+
+def mesh_of(params) -> Mesh:
+    """The mesh the params live on; a one-device mesh for params on a single device."""
+    for leaf in jax.tree.leaves(params):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+        if sharding is not None:
+            devices = sorted(sharding.device_set, key=lambda d: d.id)
+            if len(devices) == 1:
+                return Mesh(np.asarray(devices).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+            break
+    raise ValueError(
+        "cannot tell which mesh the params live on: create them with "
+        "rl_reason.sharding.create_model (or pass mesh=)"
+    )
 
 
 def create_model(cfg: ModelConfig, mesh: Mesh, seed: int = 0):

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models import partitioning
 from models.transformer import Transformer
-from rl_reason import losses
+from rl_reason import losses, sharding
 
 
 @struct.dataclass
@@ -288,7 +288,7 @@ class StepFns:
         self.mesh = mesh
         self.microbatches = microbatches
         self.param_shardings = partitioning.state_shardings(params, mesh)
-        self.opt_shardings = _opt_state_shardings(optimizer, params, self.param_shardings, mesh)
+        self.opt_shardings = sharding.opt_state_shardings(optimizer, params, self.param_shardings)
         repl = NamedSharding(mesh, PartitionSpec())
         rows = lambda rank: NamedSharding(
             mesh, PartitionSpec(partitioning.BATCH_AXES, *[None] * (rank - 1))
@@ -347,19 +347,3 @@ class StepFns:
 
     def take_rows(self, batch: Batch, idx) -> Batch:
         return self._take(batch, idx)
-
-
-def _opt_state_shardings(optimizer, params, params_shardings, mesh: Mesh):
-    """Moments sharded like their parameter, everything else (step counters) replicated.
-
-    A jitted `optimizer.init` would otherwise leave the counters unsharded (STACK.md).
-    """
-    abstract = jax.eval_shape(optimizer.init, params)
-    return optax.tree_map_params(
-        optimizer,
-        lambda _, sharding: sharding,
-        abstract,
-        params_shardings,
-        transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()),
-        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
-    )

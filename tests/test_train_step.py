@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from models import Transformer, get_config
-from rl_reason import losses, sampling, train_step
+from rl_reason import losses, sampling, sharding, train_step
 from rl_reason.trainer import GRPOConfig, overlong_penalty
 
 CFG = get_config("tiny").replace(vocab_size=64, num_layers=1)
@@ -45,7 +45,7 @@ def _batch(out, g=4, rewards=None):
 def _fns(graphdef, params, opt, loss_cfg=None, micro=1):
     loss_cfg = train_step.LossConfig() if loss_cfg is None else loss_cfg
     return train_step.StepFns(
-        graphdef, params, opt, loss_cfg, sampling.mesh_of(params), microbatches=micro
+        graphdef, params, opt, loss_cfg, sharding.mesh_of(params), microbatches=micro
     )
 
 
