@@ -89,8 +89,9 @@ class MetricsWriter:
 
     Args:
       workdir: run directory; ``metrics.jsonl`` and ``tb/`` are created in it. An existing
-        ``metrics.jsonl`` is appended to, so a resumed run continues the same file (steps logged
-        after the restored checkpoint appear twice; ``series`` keeps the last of each).
+        ``metrics.jsonl`` is appended to, so a resumed run continues the same file.
+      resume_step: the step a resumed run restarts after: rows of later steps (logged after the
+        checkpoint, before the crash) are dropped first, so every step appears exactly once.
       total_steps: for the ``step s/total`` and ETA parts of the progress line.
       enabled: False makes every method a no-op (non-zero JAX processes).
       tensorboard: also write TensorBoard event files (tensorboardX).
@@ -108,6 +109,7 @@ class MetricsWriter:
         tensorboard: bool = True,
         timing_window: int = 20,
         clock: Callable[[], float] = time.perf_counter,
+        resume_step: int | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.total_steps = total_steps
@@ -121,6 +123,8 @@ class MetricsWriter:
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self._drop_rows_after(int(resume_step))
         self._file = open(self.workdir / JSONL_NAME, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter  # heavy import, only where it is used
@@ -130,6 +134,22 @@ class MetricsWriter:
     @property
     def jsonl_path(self) -> Path:
         return self.workdir / JSONL_NAME
+
+    def _drop_rows_after(self, step: int) -> None:
+        path = self.jsonl_path
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+            try:
+                row_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by the crash
+            if row_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)  # atomic: a crash here leaves the old file or the new one
 
     def _tick(self, step: int) -> None:
         """Record wall time per step between successive steps seen by write/progress_line."""

@@ -251,7 +251,7 @@ class GRPOTrainer:
         self.buffer_len = -(-cfg.max_new_tokens // 8) * 8
         model_vocab = nnx.merge(graphdef, params).cfg.vocab_size
         tokenizer.assert_fits(model_vocab)
-        self.mesh = sampling.mesh_of(params) if mesh is None else mesh
+        self.mesh = sharding.mesh_of(params) if mesh is None else mesh
         self.processes = jax.process_count()
         self._check_batch_split()
         self.optim_cfg = cfg.optim_config()
@@ -272,7 +272,9 @@ class GRPOTrainer:
         self.opt_state = self.fns.init_opt_state(self.params)
         # The frozen reference policy: a copy of the initial weights (only with a KL term).
         self.ref_params = jax.tree.map(jnp.copy, self.params) if cfg.kl_coef > 0 else None
-        self.key = jax.random.key(cfg.seed)
+        # Replicated over the mesh: a global array every process holds alike (and checkpoints).
+        self._replicated = sharding.replicated(self.mesh)
+        self.key = jax.jit(lambda: jax.random.key(cfg.seed), out_shardings=self._replicated)()
         self.step_count = 0
         self.updates = 0
         self._nonfinite_in_a_row = 0
@@ -619,24 +621,126 @@ class GRPOTrainer:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def train(self, on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
-        """Run `cfg.steps` steps with metrics, periodic evaluation and checkpoints."""
+    def train(
+        self,
+        on_step: Callable[[int, dict], None] | None = None,
+        *,
+        preemption=None,
+        extra_meta: Mapping[str, Any] | None = None,
+    ) -> list[dict]:
+        """Run steps `step_count + 1 .. cfg.steps` with metrics, evaluation and checkpoints.
+
+        `preemption` (a `rl_reason.preemption.PreemptionGuard`, entered) is asked after every
+        step; when it says stop, the step just finished is checkpointed and the loop returns
+        early (`self.preempted` is then True). `extra_meta` goes into every checkpoint's meta.
+        """
         history = []
+        self.preempted = False
         for step in range(self.step_count, self.cfg.steps):
             metrics = self.step()
+            eval_metrics = None
             if self.cfg.eval_every and (step + 1) % self.cfg.eval_every == 0:
-                metrics.update({f"eval_{k}": v for k, v in self.evaluate().items()})
+                eval_metrics = {f"eval_{k}": v for k, v in self.evaluate().items()}
+                metrics.update(eval_metrics)
             if self.metrics is not None:
                 self.metrics.write(step + 1, metrics)
                 self.metrics.log_progress(step + 1, metrics)
+            stop = preemption is not None and preemption.should_stop(step + 1)
             if self.checkpointer is not None:
-                self.checkpointer.save(step + 1, self.state(), force=step + 1 == self.cfg.steps)
+                self.checkpointer.save(
+                    step + 1,
+                    self.state(),
+                    meta=self.meta(extra_meta),
+                    metrics=eval_metrics,
+                    force=stop or step + 1 == self.cfg.steps,
+                )
             history.append(metrics)
             if on_step is not None:
                 on_step(step + 1, metrics)
+            if stop:
+                self.preempted = True
+                break
         if self.checkpointer is not None:
             self.checkpointer.wait()
         return history
 
+    # -- checkpointed state ----------------------------------------------------------------------
+
     def state(self) -> dict:
-        return {"params": self.params, "opt_state": self.opt_state}
+        """The arrays a resumed run needs: params, optimizer state, step, key (+ reference)."""
+        state = {
+            "params": self.params,
+            "opt_state": self.opt_state,
+            "step": sharding.from_global_full(np.int32(self.step_count), self.mesh),
+            "key": self.key,
+        }
+        if self.ref_params is not None:
+            state["ref_params"] = self.ref_params
+        return state
+
+    def abstract_state(self) -> dict:
+        """`state()`'s shapes, dtypes and shardings: the restore target (no arrays touched)."""
+        as_target = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        params = jax.tree.map(as_target, self.params, self.fns.param_shardings)
+        target = {
+            "params": params,
+            "opt_state": jax.tree.map(as_target, self.opt_state, self.fns.opt_shardings),
+            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=self._replicated),
+            "key": jax.ShapeDtypeStruct((), self.key.dtype, sharding=self._replicated),
+        }
+        if self.ref_params is not None:
+            target["ref_params"] = params
+        return target
+
+    def meta(self, extra: Mapping[str, Any] | None = None) -> dict:
+        """JSON-able rest of the state: counters, the data position, the config."""
+        meta = {
+            "trainer": {
+                "step": self.step_count,
+                "updates": self.updates,
+                "nonfinite_in_a_row": self._nonfinite_in_a_row,
+                "nonfinite_total": self._nonfinite_total,
+            },
+            "config": dataclasses.asdict(self.cfg),
+            **dict(extra or {}),
+        }
+        if hasattr(self.train_batches, "get_state"):
+            meta["data"] = self.train_batches.get_state()
+        return meta
+
+    def resume(self) -> dict | None:
+        """Continue from the newest readable checkpoint, if any; returns its meta (or None).
+
+        Restores params, optimizer state, key and counters, and moves the data iterator to
+        where that checkpoint left it, so that the resumed run repeats and skips nothing.
+        """
+        if self.checkpointer is None:
+            return None
+        resumed = self.checkpointer.restore_latest(self.abstract_state())
+        if resumed is None:
+            return None
+        step, state, meta = resumed
+        counters = meta["trainer"]
+        if int(state["step"]) != step or counters["step"] != step:
+            raise ValueError(
+                f"checkpoint step {step} holds trainer step {int(state['step'])} / "
+                f"{counters['step']}: the directory mixes runs; use a fresh workdir"
+            )
+        if "data" in meta:
+            if not hasattr(self.train_batches, "set_state"):
+                raise ValueError(
+                    "the checkpoint holds a data position but train_batches has no set_state: "
+                    "pass a resumable iterator (rl_reason.data.train_iterator)"
+                )
+            self.train_batches.set_state(meta["data"])
+        elif step > 0 and hasattr(self.train_batches, "set_state"):
+            raise ValueError("the checkpoint holds no data position to resume train_batches from")
+        self.params, self.opt_state, self.key = state["params"], state["opt_state"], state["key"]
+        if self.ref_params is not None:
+            self.ref_params = state["ref_params"]
+        self.step_count = step
+        self.updates = counters["updates"]
+        self._nonfinite_in_a_row = counters["nonfinite_in_a_row"]
+        self._nonfinite_total = counters["nonfinite_total"]
+        log.warning("resumed from checkpoint step %d", step)
+        return meta

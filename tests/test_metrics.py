@@ -220,3 +220,16 @@ def test_jsonl_is_strict_json(tmp_path):
         raise AssertionError(f"non-standard constant {c}")
 
     assert json.loads(line, parse_constant=reject) == {"step": 0, "x": None}
+
+
+def test_resumed_writer_drops_rows_logged_after_the_checkpoint(tmp_path):
+    with M.MetricsWriter(tmp_path, tensorboard=False) as w:
+        for step in range(1, 6):
+            w.write(step, {"loss": float(step)})
+    # A crash mid-line leaves a cut-off row; it goes too.
+    with open(tmp_path / M.JSONL_NAME, "a") as f:
+        f.write('{"step": 6, "lo')
+    with M.MetricsWriter(tmp_path, tensorboard=False, resume_step=3) as w:
+        w.write(4, {"loss": 40.0})
+    rows = M.read_jsonl(tmp_path / M.JSONL_NAME)
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]

@@ -88,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             eval_every=0,
             eval_samples=4,
             checkpoint_every=30,
+            checkpoint_keep=2,
             verifier_workers=2,
             verifier_timeout_s=10.0,
             seed=0,

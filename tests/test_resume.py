@@ -1,0 +1,136 @@
+"""Exact resume of the default experiment after SIGKILL and after SIGTERM (preemption).
+
+Each run is `python -m experiments.train` on the smoke config in its own process, with a
+checkpoint every step. The RL problem pool is 12 problems and a step takes 4, so the data
+stream crosses an epoch boundary (and reshuffles) after step 3 of 6, inside the resumed part.
+
+  straight  6 steps in one process
+  killed    SIGKILL once step 2's checkpoint exists, then a new process runs to step 6
+  preempted SIGTERM after a random step, which saves and exits 0; a new process runs to step 6
+
+Per-step metrics (everything but wall-clock timings) and the final params must be identical,
+bit for bit, and every step must appear exactly once in metrics.jsonl.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from rl_reason.metrics import read_jsonl
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+ARGS = [
+    "--config=experiments/configs/r1_zero_tiny.py:smoke",
+    f"--config.grpo.steps={STEPS}",
+    "--config.grpo.checkpoint_every=1",
+    "--config.grpo.checkpoint_keep=2",
+    "--config.data.rl_pool_size=12",
+    "--config.data.eval_size=8",
+]
+TIMING = ("time_", "generated_tokens_per_s")
+
+
+def _start(workdir):
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", *ARGS, f"--config.workdir={workdir}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _finish(proc, timeout=300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _wait_for(predicate, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError("the run ended early:\n" + proc.stdout.read()[-4000:])
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.05)
+
+
+def _metrics(workdir) -> list[dict]:
+    rows = read_jsonl(workdir / "metrics.jsonl")
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
+
+
+def _final_state(workdir) -> dict[str, np.ndarray]:
+    path = workdir / "checkpoints" / str(STEPS) / "state"
+    with ocp.PyTreeCheckpointer() as ckpt:
+        tree = ckpt.restore(path)
+    leaves = ocp.tree.to_flat_dict(tree, sep="/")
+    return {k: np.asarray(v) for k, v in leaves.items()}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    _finish(_start(workdir))
+    return workdir
+
+
+def _assert_same_run(resumed, straight):
+    got, want = _metrics(resumed), _metrics(straight)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # no step repeated or skipped
+    assert got == want
+    a, b = _final_state(resumed), _final_state(straight)
+    assert a.keys() == b.keys() and any("opt_state" in k for k in a)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    # The after-RL evaluation of the final policy agrees as well.
+    assert (resumed / "summary.json").read_text().count("accuracy") > 0
+
+
+def test_straight_run_moves_and_crosses_an_epoch(straight):
+    rows = _metrics(straight)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    # The overlong penalty gives reward variance, so updates are real.
+    assert sum(r["grad_norm"] > 0 for r in rows) >= 3
+
+
+def test_sigkill_then_restart_repeats_and_skips_nothing(straight, tmp_path):
+    proc = _start(tmp_path)
+    _wait_for(lambda: (tmp_path / "checkpoints" / "2").is_dir(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    done = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")]
+    assert max(done) < STEPS  # it really died mid-run
+    out = _finish(_start(tmp_path))
+    assert "resumed at step" in out and "[stage 1] skipped" in out
+    _assert_same_run(tmp_path, straight)
+
+
+def test_sigterm_saves_and_a_restart_continues(straight, tmp_path):
+    stop_after = random.Random().randint(1, STEPS - 2)
+    proc = _start(tmp_path)
+    jsonl = tmp_path / "metrics.jsonl"
+    _wait_for(lambda: jsonl.exists() and len(read_jsonl(jsonl)) >= stop_after, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = _finish(proc)  # exits 0 after saving the step it reached
+    assert "preempted: saved step" in out, out[-2000:]
+    saved = int(out.split("preempted: saved step ")[1].split(";")[0])
+    assert stop_after <= saved < STEPS
+    assert (tmp_path / "checkpoints" / str(saved)).is_dir()
+    assert not (tmp_path / "summary.json").exists()
+    out = _finish(_start(tmp_path))
+    assert f"resumed at step {saved}/{STEPS}" in out
+    _assert_same_run(tmp_path, straight)
