@@ -16,7 +16,8 @@ from absl import app, flags
 
 from benchmarks import common, noop_verifier  # noqa: F401  (registers "noop" here too)
 from experiments.configs import r1_zero_tiny
-from rl_reason import r1_zero, sharding, verifiers
+from rl_reason import data as data_lib
+from rl_reason import grpo_run, r1_zero, sharding, verifiers
 from rl_reason.tasks.templates import SPECIAL_TOKENS
 from rl_reason.tokenizer import train_sentencepiece
 from rl_reason.trainer import GRPOTrainer
@@ -29,7 +30,7 @@ _WORKERS = flags.DEFINE_integer("workers", 2, "Verifier pool worker processes.")
 def _run(config, data, tokenizer, verifier: str, pool) -> list[float]:
     from models import get_config as model_preset
 
-    grpo = r1_zero._dataclass_from(r1_zero.GRPOConfig, config.grpo)
+    grpo = grpo_run.config_from(r1_zero.GRPOConfig, config.grpo)
     model_cfg = model_preset(
         config.model.preset, vocab_size=tokenizer.vocab_size, **dict(config.model.overrides)
     )
@@ -41,7 +42,9 @@ def _run(config, data, tokenizer, verifier: str, pool) -> list[float]:
         params=params,
         tokenizer=tokenizer,
         task=data["task"],
-        train_batches=r1_zero._cycle_batches(pool_examples, grpo.prompts_per_step, 0),
+        train_batches=data_lib.train_iterator(
+            pool_examples, global_batch_size=grpo.prompts_per_step, seed=0
+        ),
         pool=pool,
         stop_token_ids=(tokenizer.eos_id,),
     )

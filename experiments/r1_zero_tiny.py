@@ -5,7 +5,7 @@ import os
 from absl import app
 from ml_collections import config_flags
 
-from rl_reason import r1_zero
+from rl_reason import launch
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -17,8 +17,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 def main(argv):
     del argv
-    r1_zero.configure_logging()
-    r1_zero.run(_CONFIG.value)
+    launch.main(_CONFIG.value)
 
 
 if __name__ == "__main__":

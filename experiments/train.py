@@ -1,9 +1,13 @@
-"""Run any experiment config: python -m experiments.train --config=experiments/configs/NAME.py"""
+"""Run any experiment config: python -m experiments.train --config=experiments/configs/NAME.py
+
+Any field can be overridden (`--config.grpo.kl_coef=0.01`); multi-host flags are in
+rl_reason/launch.py.
+"""
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from rl_reason import r1_zero
+from rl_reason import launch
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment config file[:arg]", lock_config=True
@@ -12,8 +16,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 def main(argv):
     del argv
-    r1_zero.configure_logging()
-    r1_zero.run(_CONFIG.value)
+    launch.main(_CONFIG.value)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,8 @@ their steps.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,32 +21,20 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from models import get_config as model_preset
 from rl_reason import data as data_lib
-from rl_reason import pretrain, sharding, verifiers
-from rl_reason.checkpoint import Checkpointer
-from rl_reason.metrics import MetricsWriter, plot_curves
+from rl_reason import grpo_run, pretrain, sharding
+from rl_reason.metrics import plot_curves
 from rl_reason.preemption import PreemptionGuard
 from rl_reason.tasks import arithmetic
 from rl_reason.tasks.templates import SPECIAL_TOKENS
 from rl_reason.tokenizer import Tokenizer, train_sentencepiece
-from rl_reason.trainer import GRPOConfig, GRPOTrainer
+from rl_reason.trainer import GRPOConfig
 
 log = logging.getLogger(__name__)
 
 CURVES = ("accuracy", "reward_mean", "response_length_mean", "eval_accuracy")
-
-
-def _dataclass_from(cls, section) -> Any:
-    """Build a frozen dataclass from a config section; unknown fields are an error."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values = dict(section)
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"{cls.__name__} has no field(s) {unknown}; valid: {sorted(fields)}")
-    return cls(**values)
 
 
 def _response_stats(texts: list[str], examples: list[dict]) -> dict[str, float]:
@@ -68,7 +54,7 @@ def _echo(msg: str) -> None:
 
 def build_data(config) -> dict[str, Any]:
     """Task, held-out eval set, RL problem pool and pretraining corpus, all disjoint."""
-    task = arithmetic.ArithmeticTask(_dataclass_from(arithmetic.ArithmeticConfig, config.task))
+    task = arithmetic.ArithmeticTask(grpo_run.config_from(arithmetic.ArithmeticConfig, config.task))
     d = config.data
     eval_set = task.eval_set(config.seed, d.eval_size)
     held_out = {task.key(p) for p in eval_set}
@@ -98,18 +84,11 @@ def run(config) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     echo = _echo if is_main else (lambda msg: None)
-    grpo_cfg = _dataclass_from(GRPOConfig, config.grpo)
-    checkpointer = (
-        Checkpointer(
-            workdir / "checkpoints",
-            save_every=grpo_cfg.checkpoint_every,
-            max_to_keep=grpo_cfg.checkpoint_keep,
-            best_metric="eval_accuracy" if grpo_cfg.eval_every else None,
-        )
-        if grpo_cfg.checkpoint_every
-        else None
-    )
-    resuming = checkpointer is not None and checkpointer.latest_step() is not None
+    grpo_cfg = grpo_run.config_from(GRPOConfig, config.grpo)
+    pre_cfg = grpo_run.config_from(pretrain.PretrainConfig, config.pretrain)
+    mesh_cfg = grpo_run.config_from(sharding.MeshConfig, config.mesh)
+    checkpointer = grpo_run.make_checkpointer(workdir, grpo_cfg)
+    resuming = grpo_run.is_resuming(checkpointer)
 
     data = build_data(config)
     task = data["task"]
@@ -128,13 +107,12 @@ def run(config) -> dict[str, Any]:
     model_cfg = model_preset(
         config.model.preset, vocab_size=tokenizer.vocab_size, **dict(config.model.overrides)
     )
-    mesh = sharding.make_mesh(_dataclass_from(sharding.MeshConfig, config.mesh))
+    mesh = sharding.make_mesh(mesh_cfg)
     graphdef, params = sharding.create_model(model_cfg, mesh, seed=config.seed)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
     with PreemptionGuard() as guard:
-        pre_cfg = _dataclass_from(pretrain.PretrainConfig, config.pretrain)
-        pre_losses: list[float] = []
+        stage1: dict[str, Any] = {}
         if resuming:
             echo(f"[stage 1] skipped: resuming stage 2 from {checkpointer.directory}")
         else:
@@ -143,88 +121,41 @@ def run(config) -> dict[str, Any]:
                 f"{tokenizer.vocab_size}, corpus {len(data['corpus'])} texts, mesh "
                 f"{dict(mesh.shape)}"
             )
-            every = max(pre_cfg.steps // 10, 1)
-
-            def pre_log(step: int, loss: float, seconds: float) -> None:
-                if step % every == 0 or step == pre_cfg.steps:
-                    echo(
-                        f"[stage 1] step {step}/{pre_cfg.steps} | loss {loss:.3f} | {seconds:.0f}s"
-                    )
-
-            params, pre_losses = pretrain.pretrain(
-                graphdef,
-                params,
-                tokenizer,
-                data["corpus"],
-                pre_cfg,
-                pre_log,
-                mesh=mesh,
-                should_stop=lambda step: guard.should_stop(step),
+            params, pre_losses = _stage1(
+                graphdef, params, tokenizer, data, pre_cfg, mesh, guard, echo
             )
             if guard.stop_step is not None:
                 echo("[stage 1] interrupted: nothing saved yet, a rerun starts stage 1 again")
                 return {"preempted": True, "stage": 1}
-        t_pretrained = time.perf_counter()
+            stage1 = {
+                "pretrain_steps": pre_cfg.steps,
+                "pretrain_final_loss": pre_losses[-1] if pre_losses else None,
+                "pretrain_seconds": time.perf_counter() - t_start,
+            }
 
-        stops = (tokenizer.eos_id, tokenizer.piece_to_id("</answer>"))
-        train_batches = data_lib.train_iterator(
-            data["rl_pool"], global_batch_size=grpo_cfg.prompts_per_step, seed=config.seed
+        result = grpo_run.run_grpo(
+            grpo_cfg,
+            workdir=workdir,
+            graphdef=graphdef,
+            params=params,
+            tokenizer=tokenizer,
+            task=task,
+            train_batches=data_lib.train_iterator(
+                data["rl_pool"], global_batch_size=grpo_cfg.prompts_per_step, seed=config.seed
+            ),
+            eval_examples=data["eval_set"],
+            mesh=mesh,
+            checkpointer=checkpointer,
+            guard=guard,
+            stop_token_ids=(tokenizer.eos_id, tokenizer.piece_to_id("</answer>")),
+            response_stats=_response_stats,
+            carry={"stage1": stage1},
+            echo=echo,
         )
-        with (
-            verifiers.VerifierPool(
-                grpo_cfg.verifier_workers, timeout_s=grpo_cfg.verifier_timeout_s
-            ) as pool,
-            MetricsWriter(
-                workdir,
-                total_steps=grpo_cfg.steps,
-                enabled=is_main,
-                resume_step=checkpointer.latest_step() if resuming else None,
-            ) as writer,
-        ):
-            trainer = GRPOTrainer(
-                grpo_cfg,
-                graphdef=graphdef,
-                params=params,
-                tokenizer=tokenizer,
-                task=task,
-                train_batches=train_batches,
-                eval_examples=data["eval_set"],
-                pool=pool,
-                metrics=writer,
-                checkpointer=checkpointer,
-                stop_token_ids=stops,
-                response_stats=_response_stats,
-                mesh=mesh,
-            )
-            meta = trainer.resume() if resuming else None
-            if meta is None:
-                stage1 = {
-                    "pretrain_steps": pre_cfg.steps,
-                    "pretrain_final_loss": pre_losses[-1] if pre_losses else None,
-                    "pretrain_seconds": t_pretrained - t_start,
-                }
-                initial = multihost_utils.process_allgather(trainer.params, tiled=True)
-                before = trainer.evaluate()
-            else:
-                stage1, before, initial = meta["stage1"], meta["before"], None
-                echo(f"[stage 2] resumed at step {trainer.step_count}/{grpo_cfg.steps}")
-            echo("[stage 2] base model before RL: " + _fmt(before))
-            trainer.train(preemption=guard, extra_meta={"before": before, "stage1": stage1})
-            if trainer.preempted:
-                echo(f"[stage 2] preempted: saved step {trainer.step_count}; rerun to continue")
-                if checkpointer is not None:
-                    checkpointer.close()
-                return {"preempted": True, "stage": 2, "step": trainer.step_count}
-            after = trainer.evaluate()
-            echo("[stage 2] after RL:             " + _fmt(after))
-            # How far RL moved the weights (not known to a resumed run: stage 1 is not rerun).
-            change = None
-            if initial is not None:
-                final = multihost_utils.process_allgather(trainer.params, tiled=True)
-                change = _l2_distance(final, initial)
-            if checkpointer is not None:
-                checkpointer.close()
+    if result["preempted"]:
+        return {"preempted": True, "stage": 2, "step": result["step"]}
 
+    before, after = result["before"], result["after"]
     summary = {
         "preempted": False,
         "before": _summary_row(before),
@@ -232,12 +163,12 @@ def run(config) -> dict[str, Any]:
         "before_full": before,
         "after_full": after,
         "rl_steps": grpo_cfg.steps,
-        "resumed": resuming,
-        **stage1,
+        "resumed": result["resumed"],
+        **result["carry"]["stage1"],
         "wall_seconds": time.perf_counter() - t_start,
         "num_params": n_params,
         "eval_size": len(data["eval_set"]),
-        "rl_param_change_l2": change,
+        "rl_param_change_l2": result["rl_param_change_l2"],
     }
     if is_main:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -252,9 +183,23 @@ def run(config) -> dict[str, Any]:
     return summary
 
 
-def _l2_distance(a, b) -> float:
-    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    return float(np.sqrt(sum(np.sum((np.float64(x) - y) ** 2) for x, y in pairs)))
+def _stage1(graphdef, params, tokenizer, data, pre_cfg, mesh, guard, echo):
+    every = max(pre_cfg.steps // 10, 1)
+
+    def pre_log(step: int, loss: float, seconds: float) -> None:
+        if step % every == 0 or step == pre_cfg.steps:
+            echo(f"[stage 1] step {step}/{pre_cfg.steps} | loss {loss:.3f} | {seconds:.0f}s")
+
+    return pretrain.pretrain(
+        graphdef,
+        params,
+        tokenizer,
+        data["corpus"],
+        pre_cfg,
+        pre_log,
+        mesh=mesh,
+        should_stop=guard.should_stop,
+    )
 
 
 def _summary_row(ev: dict[str, float]) -> dict[str, float]:
@@ -263,10 +208,6 @@ def _summary_row(ev: dict[str, float]) -> dict[str, float]:
         "mean_response_tokens": ev["mean_response_tokens"],
         "frac_with_steps": ev["frac_with_steps"],
     }
-
-
-def _fmt(ev: dict[str, float]) -> str:
-    return " | ".join(f"{k} {v:.3f}" for k, v in ev.items())
 
 
 def _table(summary: dict[str, Any]) -> str:
@@ -281,12 +222,3 @@ def _table(summary: dict[str, Any]) -> str:
         + ")"
     )
     return "\n".join(rows)
-
-
-def configure_logging() -> None:
-    """Progress lines are printed; library INFO chatter (orbax saves) is hidden unless asked."""
-    from absl import logging as absl_logging
-
-    level = os.environ.get("RL_REASON_LOGLEVEL", "WARNING")
-    absl_logging.set_verbosity(level.lower())
-    logging.getLogger().setLevel(level)

@@ -16,6 +16,7 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.pipeline = "r1_zero"
     c.workdir = "runs/r1_zero_tiny"
     c.seed = 0
     c.smoke = False

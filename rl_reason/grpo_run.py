@@ -1,0 +1,172 @@
+"""The resumable GRPO stage every pipeline shares: evaluate, train, evaluate, with checkpoints.
+
+    checkpointer = make_checkpointer(workdir, grpo_cfg)
+    resuming = is_resuming(checkpointer)
+    ... build tokenizer / model / task / data (skip costly set-up when resuming) ...
+    with PreemptionGuard() as guard:
+        result = run_grpo(grpo_cfg, workdir=..., graphdef=..., params=..., ..., guard=guard,
+                          carry={"stage1": {...}})
+    result["preempted"], result["before"], result["after"], result["carry"], ...
+
+A workdir whose checkpoints directory holds a step resumes from the newest readable one: the
+trainer restores params, optimizer state, key, counters and the data position; the "before"
+evaluation and anything in `carry` come back from the checkpoint's meta.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from rl_reason import verifiers
+from rl_reason.checkpoint import Checkpointer
+from rl_reason.metrics import MetricsWriter
+from rl_reason.trainer import GRPOConfig, GRPOTrainer
+
+log = logging.getLogger(__name__)
+
+
+def config_from(cls, section) -> Any:
+    """A frozen dataclass from a config section: unknown fields and wrong types are errors.
+
+    ml_collections checks types of command-line overrides against the config file's values;
+    this checks the config file's values against the dataclass, so a typo'd or mistyped field
+    stops the run before anything is built, naming the field.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = dict(section)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}; valid: {sorted(fields)}")
+    for name, value in values.items():
+        default = fields[name].default
+        if default is dataclasses.MISSING or default is None or value is None:
+            continue
+        ok = isinstance(value, type(default)) or (
+            isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)
+        )
+        if isinstance(default, int) and isinstance(value, bool) != isinstance(default, bool):
+            ok = False
+        if not ok:
+            raise TypeError(
+                f"{cls.__name__}.{name} must be {type(default).__name__} (like its default "
+                f"{default!r}), got {type(value).__name__} {value!r}"
+            )
+    return cls(**values)
+
+
+def make_checkpointer(workdir: str | Path, cfg: GRPOConfig) -> Checkpointer | None:
+    if not cfg.checkpoint_every:
+        return None
+    return Checkpointer(
+        Path(workdir) / "checkpoints",
+        save_every=cfg.checkpoint_every,
+        max_to_keep=cfg.checkpoint_keep,
+        best_metric="eval_accuracy" if cfg.eval_every else None,
+    )
+
+
+def is_resuming(checkpointer: Checkpointer | None) -> bool:
+    return checkpointer is not None and checkpointer.latest_step() is not None
+
+
+def fmt(ev: Mapping[str, float]) -> str:
+    return " | ".join(f"{k} {v:.3f}" for k, v in ev.items())
+
+
+def _l2_distance(a, b) -> float:
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return float(np.sqrt(sum(np.sum((np.float64(x) - y) ** 2) for x, y in pairs)))
+
+
+def run_grpo(
+    cfg: GRPOConfig,
+    *,
+    workdir: str | Path,
+    graphdef,
+    params,
+    tokenizer,
+    task,
+    train_batches: Iterator[list[dict]],
+    eval_examples: Sequence[dict],
+    mesh,
+    checkpointer: Checkpointer | None,
+    guard,
+    stop_token_ids: Sequence[int] | None = None,
+    response_stats: Callable[[list[str], list[dict]], dict] | None = None,
+    carry: Mapping[str, Any] | None = None,
+    echo: Callable[[str], None] = print,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate, train `cfg.steps` GRPO steps (resuming if the checkpointer has a step),
+    evaluate again. Returns {preempted, step, resumed, before, after, carry,
+    rl_param_change_l2, trainer}; `after` is None when preempted.
+
+    `carry` is JSON stored in every checkpoint and handed back on resume (e.g. facts about a
+    stage that a resumed run skips). `trainer_kwargs` go to GRPOTrainer (e.g. `frozen=`).
+    """
+    resuming = is_resuming(checkpointer)
+    with (
+        verifiers.VerifierPool(cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s) as pool,
+        MetricsWriter(
+            workdir,
+            total_steps=cfg.steps,
+            enabled=jax.process_index() == 0,
+            resume_step=checkpointer.latest_step() if resuming else None,
+        ) as writer,
+    ):
+        trainer = GRPOTrainer(
+            cfg,
+            graphdef=graphdef,
+            params=params,
+            tokenizer=tokenizer,
+            task=task,
+            train_batches=train_batches,
+            eval_examples=eval_examples,
+            pool=pool,
+            metrics=writer,
+            checkpointer=checkpointer,
+            stop_token_ids=stop_token_ids,
+            response_stats=response_stats,
+            mesh=mesh,
+            **dict(trainer_kwargs or {}),
+        )
+        meta = trainer.resume() if resuming else None
+        if meta is None:
+            carry = dict(carry or {})
+            # Kept on the host to measure how far RL moves the weights.
+            initial = multihost_utils.process_allgather(trainer.params, tiled=True)
+            before = trainer.evaluate()
+        else:
+            carry, before, initial = meta["carry"], meta["before"], None
+            echo(f"[grpo] resumed at step {trainer.step_count}/{cfg.steps}")
+        echo("[grpo] before RL: " + fmt(before))
+        trainer.train(preemption=guard, extra_meta={"before": before, "carry": carry})
+        result = {
+            "preempted": trainer.preempted,
+            "step": trainer.step_count,
+            "resumed": meta is not None,
+            "before": before,
+            "after": None,
+            "carry": carry,
+            "rl_param_change_l2": None,
+            "trainer": trainer,
+        }
+        if trainer.preempted:
+            echo(f"[grpo] preempted: saved step {trainer.step_count}; rerun to continue")
+        else:
+            result["after"] = trainer.evaluate()
+            echo("[grpo] after RL:  " + fmt(result["after"]))
+            if initial is not None:  # unknown to a resumed run, which skipped the start
+                final = multihost_utils.process_allgather(trainer.params, tiled=True)
+                result["rl_param_change_l2"] = _l2_distance(final, initial)
+        if checkpointer is not None:
+            checkpointer.close()
+    return result

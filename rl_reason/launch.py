@@ -1,0 +1,58 @@
+"""What every experiment entry point does: multi-host start-up, logging, and the pipeline.
+
+`experiments/*.py` define their `--config` flag and call `main(config)`. The flags below start
+JAX's multi-controller runtime when a run spans several hosts:
+
+  TPU VM slice   nothing to pass: every worker runs the same command and the topology is read
+                 from the TPU environment (`gcloud ... tpu-vm ssh --worker=all --command=...`)
+  GPU hosts      --coordinator_address=HOST0:PORT --num_processes=N --process_id=I on each
+                 host (one process per host, all its GPUs; or SLURM, detected)
+  one host       nothing
+
+A config names its pipeline in `config.pipeline` (see PIPELINES).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+from absl import flags
+
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for jax.distributed (multi-host GPUs)"
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "JAX processes in the run")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index in [0, N)")
+
+# config.pipeline -> "module:function" running it (imported lazily: after jax.distributed).
+PIPELINES = {
+    "r1_zero": "rl_reason.r1_zero:run",
+}
+
+
+def configure_logging() -> None:
+    """Progress lines are printed; library INFO chatter (orbax saves) is hidden unless asked."""
+    from absl import logging as absl_logging
+
+    level = os.environ.get("RL_REASON_LOGLEVEL", "WARNING")
+    absl_logging.set_verbosity(level.lower())
+    logging.getLogger().setLevel(level)
+
+
+def pipeline(name: str):
+    if name not in PIPELINES:
+        raise ValueError(f"config.pipeline={name!r} is not one of {sorted(PIPELINES)}")
+    module, fn = PIPELINES[name].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def main(config):
+    """Start the runtime (multi-host flags / TPU environment), then run the config's pipeline."""
+    from rl_reason import sharding
+
+    configure_logging()
+    run = pipeline(config.pipeline)
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    return run(config)
