@@ -156,7 +156,7 @@ def _sample_impl(
     pad_id: int,
     mesh: Mesh,
 ):
-    model: Transformer = nnx.merge(graphdef, params)
+    model: Transformer = nnx.merge(graphdef, *params)
     key = jax.random.wrap_key_data(key_data)
     p = prompt_ids_PT.shape[0]
     b = p * group_size
@@ -226,7 +226,7 @@ _COMPILED: dict[tuple, Callable] = {}
 
 def _compiled(graphdef, params, mesh: Mesh, **static) -> Callable:
     """The sampler jitted for one mesh with explicit in/out shardings (cached per shape key)."""
-    key = (graphdef, mesh, tuple(sorted(static.items())))
+    key = (graphdef, jax.tree.structure(params), mesh, tuple(sorted(static.items())))
     if key not in _COMPILED:
         batch = lambda rank: NamedSharding(
             mesh, PartitionSpec(partitioning.BATCH_AXES, *[None] * (rank - 1))
@@ -292,7 +292,8 @@ def sample(
 ) -> SampleOutput:
     """Sample `group_size` completions for each prompt (lists of token ids).
 
-    `model` is a Transformer or its `nnx.split` (graphdef, params). `buffer_len` (default: the
+    `model` is a Transformer or its `nnx.split`: (graphdef, params) or (graphdef, *states), e.g.
+    (graphdef, lora_state, base_state) for a LoRA policy. `buffer_len` (default: the
     bucketed `max_new_tokens`) fixes the compiled completion width; calls with any
     `max_new_tokens <= buffer_len` reuse the same executable.
 
@@ -305,7 +306,8 @@ def sample(
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    graphdef, params = nnx.split(model) if isinstance(model, nnx.Module) else model
+    graphdef, *states = nnx.split(model) if isinstance(model, nnx.Module) else model
+    params = tuple(states)  # merged with nnx.merge(graphdef, *params) inside the jit
     buffer_len = bucket(max_new_tokens) if buffer_len is None else buffer_len
     if max_new_tokens > buffer_len:
         raise ValueError(f"max_new_tokens {max_new_tokens} exceeds buffer_len {buffer_len}")

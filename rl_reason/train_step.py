@@ -132,8 +132,8 @@ def completion_logprobs(
     )
 
 
-def _loss_and_metrics(params, graphdef, mb: Batch, normalizer, cfg: LossConfig):
-    model = nnx.merge(graphdef, params)
+def _loss_and_metrics(params, frozen, graphdef, mb: Batch, normalizer, cfg: LossConfig):
+    model = nnx.merge(graphdef, params, *frozen)
     logp, ent = completion_logprobs(
         model,
         mb.prompt_ids,
@@ -189,8 +189,12 @@ def _update_impl(
     params,
     opt_state,
     batch: Batch,
+    frozen: tuple = (),
 ):
     """One optimizer update on a [B, ...] minibatch, accumulated over `microbatches`.
+
+    Only `params` are trained; `frozen` states (e.g. a LoRA policy's base weights) complete the
+    model and receive no gradient.
 
     Gradients are summed over microbatches with the minibatch's global normaliser, so the update
     equals the one computed on the whole minibatch at once. A non-finite loss or gradient leaves
@@ -200,7 +204,7 @@ def _update_impl(
     grad_fn = jax.value_and_grad(_loss_and_metrics, has_aux=True)
 
     def micro(grad_sum, mb):
-        (loss, metrics), grads = grad_fn(params, graphdef, mb, normalizer, cfg)
+        (loss, metrics), grads = grad_fn(params, frozen, graphdef, mb, normalizer, cfg)
         return jax.tree.map(jnp.add, grad_sum, grads), (loss, metrics)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -219,10 +223,12 @@ def _update_impl(
     return params, opt_state, metrics
 
 
-def _logprobs_impl(graphdef, chunk_size, params, prompt_ids_PT, prompt_mask_PT, tokens, mask):
+def _logprobs_impl(
+    graphdef, chunk_size, params, prompt_ids_PT, prompt_mask_PT, tokens, mask, frozen=()
+):
     """Completion log-probs [B, N] of B = P * G rows whose prompts are given once each [P, Tp]."""
     g = tokens.shape[0] // prompt_ids_PT.shape[0]
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, params, *frozen)
     return completion_logprobs(
         model,
         jnp.repeat(prompt_ids_PT, g, axis=0),
@@ -268,6 +274,9 @@ class StepFns:
       init_opt_state(params) -> opt_state
       update(params, opt_state, batch [B, ...]) -> (params, opt_state, metrics)
       logprobs(params, prompt_ids_PT, prompt_mask_PT, tokens, mask) -> [B, N] (old / reference)
+
+    `frozen` (a tuple of nnx.States, e.g. a LoRA policy's base weights) completes the model in
+    every call: `nnx.merge(graphdef, params, *frozen)`; only `params` are trained.
       make_batch(rollouts, rows_B, advantages_B) -> Batch (see `_batch_impl`)
       take_rows(batch, idx) -> Batch of those rows (minibatches)
     """
@@ -282,12 +291,15 @@ class StepFns:
         *,
         microbatches: int = 1,
         mask_truncated: bool = False,
+        frozen: tuple = (),
     ):
         if microbatches < 1:
             raise ValueError(f"microbatches must be >= 1, got {microbatches}")
         self.mesh = mesh
         self.microbatches = microbatches
         self.param_shardings = partitioning.state_shardings(params, mesh)
+        self.frozen = tuple(frozen)
+        frozen_sh = partitioning.state_shardings(self.frozen, mesh)
         self.opt_shardings = sharding.opt_state_shardings(optimizer, params, self.param_shardings)
         repl = NamedSharding(mesh, PartitionSpec())
         rows = lambda rank: NamedSharding(
@@ -305,13 +317,13 @@ class StepFns:
         self._init = jax.jit(optimizer.init, out_shardings=self.opt_shardings)
         self._update = jax.jit(
             functools.partial(_update_impl, graphdef, optimizer, loss_cfg, microbatches, mesh),
-            in_shardings=(self.param_shardings, self.opt_shardings, batch),
+            in_shardings=(self.param_shardings, self.opt_shardings, batch, frozen_sh),
             out_shardings=(self.param_shardings, self.opt_shardings, repl),
             donate_argnums=(0, 1),
         )
         self._logprobs = jax.jit(
             functools.partial(_logprobs_impl, graphdef, loss_cfg.chunk_size),
-            in_shardings=(self.param_shardings, rows(2), rows(2), rows(2), rows(2)),
+            in_shardings=(self.param_shardings, rows(2), rows(2), rows(2), rows(2), frozen_sh),
             out_shardings=rows(2),
         )
 
@@ -322,10 +334,10 @@ class StepFns:
         rows = batch.advantages.shape[0]
         if rows % self.microbatches:
             raise ValueError(f"{rows} rows do not split into {self.microbatches} microbatches")
-        return self._update(params, opt_state, batch)
+        return self._update(params, opt_state, batch, self.frozen)
 
     def logprobs(self, params, prompt_ids_PT, prompt_mask_PT, tokens, mask) -> jax.Array:
-        return self._logprobs(params, prompt_ids_PT, prompt_mask_PT, tokens, mask)
+        return self._logprobs(params, prompt_ids_PT, prompt_mask_PT, tokens, mask, self.frozen)
 
     def make_batch(self, rollouts, rows_B, advantages_B) -> Batch:
         """Batch from rollouts (tuples as in `_batch_impl`); `rows_B` numpy or None."""

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from models import lora
 from rl_reason import evaluation, losses, sampling, sharding, train_step
 from rl_reason.sampling import SamplingConfig
 from rl_reason.tokenizer import Tokenizer
@@ -212,6 +213,10 @@ class GRPOTrainer:
         `train_batches` yields this process's P / process_count examples per step (its slice of
         the global batch, in process order), each process verifies only its own completions, and
         rewards and metrics are gathered so that every process takes the same decisions.
+      frozen: weights that complete the policy but are not trained: with LoRA, `params` are
+        the adapters and `frozen` the base weights (`nnx.split(model, nnx.LoRAParam,
+        nnx.Param)`). The reference policy is then the base itself (adapters zeroed, no copy),
+        and checkpoints hold the adapters only.
     """
 
     def __init__(
@@ -230,6 +235,7 @@ class GRPOTrainer:
         stop_token_ids: Sequence[int] | None = None,
         response_stats: Callable[[list[str], list[dict]], dict] | None = None,
         mesh: Mesh | None = None,
+        frozen=None,
     ):
         self.cfg = cfg
         self.graphdef = graphdef
@@ -249,9 +255,13 @@ class GRPOTrainer:
         # The budget is fixed for the run, so its width needs no power-of-two bucket: every row of
         # the training batch is Tp + buffer_len wide, and spare width costs compute.
         self.buffer_len = -(-cfg.max_new_tokens // 8) * 8
-        model_vocab = nnx.merge(graphdef, params).cfg.vocab_size
+        self.frozen = () if frozen is None else (frozen,)
+        model_vocab = nnx.merge(graphdef, params, *self.frozen).cfg.vocab_size
         tokenizer.assert_fits(model_vocab)
         self.mesh = sharding.mesh_of(params) if mesh is None else mesh
+        self.frozen = tuple(
+            jax.device_put(f, sharding.state_shardings(f, self.mesh)) for f in self.frozen
+        )
         self.processes = jax.process_count()
         self._check_batch_split()
         self.optim_cfg = cfg.optim_config()
@@ -266,12 +276,18 @@ class GRPOTrainer:
             self.mesh,
             microbatches=cfg.microbatches,
             mask_truncated=cfg.mask_truncated,
+            frozen=self.frozen,
         )
         # The trainer owns (and donates) these arrays from here on.
         self.params = jax.device_put(params, self.fns.param_shardings)
         self.opt_state = self.fns.init_opt_state(self.params)
         # The frozen reference policy: a copy of the initial weights (only with a KL term).
-        self.ref_params = jax.tree.map(jnp.copy, self.params) if cfg.kl_coef > 0 else None
+        self.ref_params = None
+        if cfg.kl_coef > 0:
+            # LoRA: the base model is the reference (zero adapters over the same frozen arrays);
+            # otherwise a copy of the initial weights.
+            copy = lora.lora_off if self.frozen else lambda p: jax.tree.map(jnp.copy, p)
+            self.ref_params = copy(self.params)
         # Replicated over the mesh: a global array every process holds alike (and checkpoints).
         self._replicated = sharding.replicated(self.mesh)
         self.key = jax.jit(lambda: jax.random.key(cfg.seed), out_shardings=self._replicated)()
@@ -315,7 +331,7 @@ class GRPOTrainer:
 
     def _generate(self, examples: Sequence[dict], key, *, group_size: int, config: SamplingConfig):
         return sampling.sample(
-            (self.graphdef, self.params),
+            (self.graphdef, self.params, *self.frozen),
             self._encode_prompts(examples),
             key,
             group_size=group_size,
@@ -674,7 +690,7 @@ class GRPOTrainer:
             "step": sharding.from_global_full(np.int32(self.step_count), self.mesh),
             "key": self.key,
         }
-        if self.ref_params is not None:
+        if self.ref_params is not None and not self.frozen:
             state["ref_params"] = self.ref_params
         return state
 
@@ -688,7 +704,7 @@ class GRPOTrainer:
             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=self._replicated),
             "key": jax.ShapeDtypeStruct((), self.key.dtype, sharding=self._replicated),
         }
-        if self.ref_params is not None:
+        if self.ref_params is not None and not self.frozen:
             target["ref_params"] = params
         return target
 
@@ -736,7 +752,7 @@ class GRPOTrainer:
         elif step > 0 and hasattr(self.train_batches, "set_state"):
             raise ValueError("the checkpoint holds no data position to resume train_batches from")
         self.params, self.opt_state, self.key = state["params"], state["opt_state"], state["key"]
-        if self.ref_params is not None:
+        if self.ref_params is not None and not self.frozen:
             self.ref_params = state["ref_params"]
         self.step_count = step
         self.updates = counters["updates"]
