@@ -10,6 +10,9 @@ CORE = [
     "tensorflow-datasets>=4.9.10",
     "grain>=0.2.18",
     "sentencepiece>=0.2.0",
+    # tokenizer.json (Hugging Face) tokenizers and their Jinja chat templates.
+    "tokenizers>=0.20",
+    "jinja2>=3.1",
     "ml-collections>=1.1.0",
     "absl-py",
     "numpy",
