@@ -255,6 +255,7 @@ class GRPOTrainer:
         # The budget is fixed for the run, so its width needs no power-of-two bucket: every row of
         # the training batch is Tp + buffer_len wide, and spare width costs compute.
         self.buffer_len = -(-cfg.max_new_tokens // 8) * 8
+        self._check_verifier(task.verifier_name)
         self.frozen = () if frozen is None else (frozen,)
         model_vocab = nnx.merge(graphdef, params, *self.frozen).cfg.vocab_size
         tokenizer.assert_fits(model_vocab)
@@ -295,6 +296,17 @@ class GRPOTrainer:
         self.updates = 0
         self._nonfinite_in_a_row = 0
         self._nonfinite_total = 0
+
+    @staticmethod
+    def _check_verifier(name: str) -> None:
+        # The pool would only fail inside a worker, after a whole sampling round.
+        from rl_reason import verifiers
+
+        if name not in verifiers.names():
+            raise ValueError(
+                f"unknown verifier {name!r}; valid: {verifiers.names()} (register a new one "
+                "with rl_reason.verifiers.register in a module the pool imports)"
+            )
 
     def _check_batch_split(self) -> None:
         cfg, shards = self.cfg, sharding.batch_shards(self.mesh)
@@ -418,6 +430,8 @@ class GRPOTrainer:
         while True:
             key, sub = jax.random.split(key)
             examples = list(next(self.train_batches))
+            for name in {ex["verifier"] for ex in examples if "verifier" in ex}:
+                self._check_verifier(name)
             if len(examples) != self.local_prompts:
                 raise ValueError(
                     f"train_batches gave {len(examples)} examples; each step needs "
