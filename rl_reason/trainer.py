@@ -78,6 +78,10 @@ class GRPOConfig:
     kl_estimator: str = "k3"
     logprob_chunk_size: int | None = None
     recompute_old_logprobs: bool = False
+    # 1: sample step k+1's rollouts with the weights before step k's update, while step k
+    # trains and step k+1's completions are verified (one-step-off-policy; the ratio is taken
+    # against the sampler's log-probs). 0: on-policy.
+    off_policy_steps: int = 0
     # DAPO options.
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
@@ -109,6 +113,7 @@ class GRPOConfig:
             "max_sampling_rounds": self.max_sampling_rounds >= 1,
             "overlong_buffer": 0 <= self.overlong_buffer < self.max_new_tokens,
             "eval_samples": self.eval_samples >= 1,
+            "off_policy_steps": self.off_policy_steps in (0, 1),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -116,6 +121,11 @@ class GRPOConfig:
             raise ValueError(
                 f"GRPOConfig: invalid {listed} (group_size needs >= 2: "
                 "advantages are relative to the group)"
+            )
+        if self.off_policy_steps and self.dynamic_sampling:
+            raise ValueError(
+                "GRPOConfig: off_policy_steps=1 cannot be combined with dynamic_sampling (a "
+                "refill round would have to wait for the update it should overlap)"
             )
         rows = self.prompts_per_step * self.group_size
         if rows % (self.minibatches * self.microbatches):
@@ -188,6 +198,33 @@ class Rollout:
     verify_wait_seconds: float
 
 
+@dataclasses.dataclass
+class _InFlight:
+    """A sampling round dispatched to the device and, once submitted, to the verifiers."""
+
+    examples: list[dict]
+    out: Any  # sampling.SampleOutput
+    logprobs: tuple  # (ref, recomputed old): device arrays or None
+    texts: list[str] | None = None
+    lengths: np.ndarray | None = None
+    truncated: np.ndarray | None = None
+    handle: Any = None
+    submitted_at: float = 0.0
+
+
+def _flight_arrays(out, ref, old) -> dict:
+    """An in-flight round as a flat dict of arrays for the checkpoint (absent ones left out)."""
+    arrays = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+    arrays.update({k: v for k, v in (("ref", ref), ("old", old)) if v is not None})
+    return arrays
+
+
+def _flight_from_arrays(arrays: Mapping[str, Any]) -> tuple:
+    fields = {f.name for f in dataclasses.fields(sampling.SampleOutput)}
+    out = sampling.SampleOutput(**{k: v for k, v in arrays.items() if k in fields})
+    return out, arrays.get("ref"), arrays.get("old")
+
+
 def _vote_answer(text: str) -> str | None:
     """The answer maj@k votes on: the verifiers' anchored extraction, None unless unique."""
     answers = answer_extraction.final_answers(text).answers
@@ -209,6 +246,9 @@ class GRPOTrainer:
       metrics: a `rl_reason.metrics.MetricsWriter` (optional).
       stop_token_ids: end-of-completion tokens (default: the tokenizer's eos).
       response_stats: optional fn(texts, examples) -> dict of extra eval metrics (means).
+      rollout_stats: optional fn(texts, examples) -> dict of means over a sampling round's
+        completions (examples repeated per row); logged each step as ``rollout_<name>``,
+        averaged over the step's sampling rounds and over processes (each its own rows).
       mesh: the device mesh (default: the one the params live on). With several JAX processes
         `train_batches` yields this process's P / process_count examples per step (its slice of
         the global batch, in process order), each process verifies only its own completions, and
@@ -236,6 +276,7 @@ class GRPOTrainer:
         response_stats: Callable[[list[str], list[dict]], dict] | None = None,
         mesh: Mesh | None = None,
         frozen=None,
+        rollout_stats: Callable[[list[str], list[dict]], dict] | None = None,
     ):
         self.cfg = cfg
         self.graphdef = graphdef
@@ -248,6 +289,8 @@ class GRPOTrainer:
         self.metrics = metrics
         self.checkpointer = checkpointer
         self.response_stats = response_stats
+        self.rollout_stats = rollout_stats
+        self._round_stats: list[dict[str, float]] = []
         stops = (tokenizer.eos_id,) if stop_token_ids is None else tuple(stop_token_ids)
         self.sampling = SamplingConfig(
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop_token_ids=stops
@@ -294,6 +337,8 @@ class GRPOTrainer:
         self.key = jax.jit(lambda: jax.random.key(cfg.seed), out_shardings=self._replicated)()
         self.step_count = 0
         self.updates = 0
+        self._in_flight: _InFlight | None = None  # off_policy_steps=1: next step's round
+        self._data_before_in_flight: dict | None = None
         self._nonfinite_in_a_row = 0
         self._nonfinite_total = 0
 
@@ -383,34 +428,45 @@ class GRPOTrainer:
             )
         return rewards, correct
 
-    def rollout(
-        self, examples: list[dict], key, before_collect: Callable[[Any], Any] | None = None
-    ) -> tuple[Rollout, Any]:
-        """Sample, decode, verify. `before_collect(out)` runs on the device while the pool works.
+    def _dispatch(self, examples: list[dict], key) -> _InFlight:
+        """Sample on the device and queue the reference / recomputed old log-probs after it;
+        returns at once (JAX dispatch is asynchronous)."""
+        out = self._generate(examples, key, group_size=self.cfg.group_size, config=self.sampling)
+        return _InFlight(examples, out, self._device_logprobs(out))
+
+    def _send_to_verifiers(self, f: _InFlight) -> None:
+        """Decode this process's completions (waits for the sampler) and submit them."""
+        f.texts, f.lengths, f.truncated = self._texts(f.out)
+        f.submitted_at = time.perf_counter()
+        f.handle = self._submit(f.texts, f.examples, self.cfg.group_size)
+
+    def _receive(self, f: _InFlight) -> Rollout:
+        """Rewards of a submitted round, gathered over processes (waits for the verifiers)."""
+        t_wait = time.perf_counter()
+        rewards, correct = self._collect(f.handle, len(f.texts))
+        t1 = time.perf_counter()
+        rewards += overlong_penalty(
+            f.lengths, self.cfg.max_new_tokens, self.cfg.overlong_buffer, self.cfg.overlong_penalty
+        )
+        return Rollout(
+            f.examples,
+            f.out,
+            f.texts,
+            *(sharding.all_rows(x) for x in (rewards, correct, f.lengths, f.truncated)),
+            verify_seconds=t1 - f.submitted_at,
+            verify_wait_seconds=t1 - t_wait,
+        )
+
+    def rollout(self, examples: list[dict], key) -> tuple[Rollout, tuple]:
+        """Sample, decode, verify; the device computes the reference (and recomputed old)
+        log-probs while the pool verifies. Returns the Rollout and those (ref, old) arrays.
 
         `examples` are this process's; the returned rewards, correctness, lengths and truncation
         flags are every process's (the global batch), `texts` this process's.
         """
-        g = self.cfg.group_size
-        out = self._generate(examples, key, group_size=g, config=self.sampling)
-        texts, lengths, truncated = self._texts(out)
-        t0 = time.perf_counter()
-        handle = self._submit(texts, examples, g)
-        device_work = before_collect(out) if before_collect else None
-        t_wait = time.perf_counter()
-        rewards, correct = self._collect(handle, len(texts))
-        t1 = time.perf_counter()
-        rewards += overlong_penalty(
-            lengths, self.cfg.max_new_tokens, self.cfg.overlong_buffer, self.cfg.overlong_penalty
-        )
-        return Rollout(
-            examples,
-            out,
-            texts,
-            *(sharding.all_rows(x) for x in (rewards, correct, lengths, truncated)),
-            verify_seconds=t1 - t0,
-            verify_wait_seconds=t1 - t_wait,
-        ), device_work
+        f = self._dispatch(examples, key)
+        self._send_to_verifiers(f)
+        return self._receive(f), f.logprobs
 
     # -- one step ---------------------------------------------------------------------------------
 
@@ -421,6 +477,50 @@ class GRPOTrainer:
         old = self.fns.logprobs(self.params, *args) if self.cfg.recompute_old_logprobs else None
         return ref, old
 
+    def _next_examples(self) -> list[dict]:
+        examples = list(next(self.train_batches))
+        for name in {ex["verifier"] for ex in examples if "verifier" in ex}:
+            self._check_verifier(name)
+        if len(examples) != self.local_prompts:
+            raise ValueError(
+                f"train_batches gave {len(examples)} examples; each step needs "
+                f"{self.local_prompts} from this process (prompts_per_step "
+                f"{self.cfg.prompts_per_step} / {self.processes} processes)"
+            )
+        return examples
+
+    def _data_state(self) -> dict | None:
+        return self.train_batches.get_state() if hasattr(self.train_batches, "get_state") else None
+
+    def _round_key(self):
+        """The key of a step's first sampling round (as `step` derives it on-policy)."""
+        self.key, key = jax.random.split(self.key)
+        return jax.random.split(key)[1]
+
+    def _pipelined_rollout(self) -> tuple[list, float, float]:
+        """One-step-off-policy: this step trains on the round sampled during the previous step
+        (with the weights before its update) and dispatches the next round now, before this
+        step's update, so that its sampling and verification overlap the update.
+
+        Returns (parts, seconds until the batch's rewards were in, seconds to hand the next
+        round to the verifiers)."""
+        t0 = time.perf_counter()
+        if self._in_flight is None:  # first step, or resumed without a round in flight
+            self._in_flight = self._dispatch(self._next_examples(), self._round_key())
+            self._send_to_verifiers(self._in_flight)
+        current = self._in_flight
+        self._data_before_in_flight = self._data_state()
+        nxt = self._dispatch(self._next_examples(), self._round_key())
+        ro = self._receive(current)
+        t_received = time.perf_counter()
+        self._send_to_verifiers(nxt)  # waits for nxt's sampling, queued before the update
+        self._in_flight = nxt
+        return (
+            [(ro, current.logprobs, np.ones(self.cfg.prompts_per_step, bool))],
+            t_received - t0,
+            (time.perf_counter() - t_received),
+        )
+
     def _gather_rollouts(self, key) -> tuple[list[tuple[Rollout, Any]], int]:
         """Rollouts for this step; with dynamic sampling, only groups with reward variance."""
         cfg = self.cfg
@@ -429,16 +529,7 @@ class GRPOTrainer:
         n_kept, rounds = 0, 0
         while True:
             key, sub = jax.random.split(key)
-            examples = list(next(self.train_batches))
-            for name in {ex["verifier"] for ex in examples if "verifier" in ex}:
-                self._check_verifier(name)
-            if len(examples) != self.local_prompts:
-                raise ValueError(
-                    f"train_batches gave {len(examples)} examples; each step needs "
-                    f"{self.local_prompts} from this process (prompts_per_step "
-                    f"{self.cfg.prompts_per_step} / {self.processes} processes)"
-                )
-            ro, dev = self.rollout(examples, sub, before_collect=self._device_logprobs)
+            ro, dev = self.rollout(self._next_examples(), sub)
             rounds += 1
             groups = ro.rewards.reshape(cfg.prompts_per_step, cfg.group_size)
             informative = groups.max(axis=1) > groups.min(axis=1)
@@ -528,9 +619,14 @@ class GRPOTrainer:
         """One GRPO step; returns its metrics."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        self.key, key = jax.random.split(self.key)
-        parts, rounds = self._gather_rollouts(key)
-        t_sampled = time.perf_counter()
+        self._round_stats = []
+        if cfg.off_policy_steps:
+            parts, waited, handed = self._pipelined_rollout()
+            rounds, t_sampled = 1, t0 + waited + handed
+        else:
+            self.key, key = jax.random.split(self.key)
+            parts, rounds = self._gather_rollouts(key)
+            t_sampled = time.perf_counter()
         batch, host = self._assemble(parts)
         train_metrics = self._train_on(batch)
         t_trained = time.perf_counter()
@@ -568,6 +664,9 @@ class GRPOTrainer:
             "time_step": t_trained - t0,
             "generated_tokens_per_s": generated / max(sample_time, 1e-9),
         }
+        for name in self._round_stats[0] if self._round_stats else ():
+            values = [s[name] for s in self._round_stats]
+            metrics[f"rollout_{name}"] = float(np.mean(values))
         return metrics
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -706,6 +805,10 @@ class GRPOTrainer:
         }
         if self.ref_params is not None and not self.frozen:
             state["ref_params"] = self.ref_params
+        if self._in_flight is not None:
+            # The round sampled for the next step with weights no longer held: saved so a
+            # resumed run trains on exactly it (its examples come back from the data position).
+            state["in_flight"] = _flight_arrays(self._in_flight.out, *self._in_flight.logprobs)
         return state
 
     def abstract_state(self) -> dict:
@@ -720,7 +823,29 @@ class GRPOTrainer:
         }
         if self.ref_params is not None and not self.frozen:
             target["ref_params"] = params
+        if self.cfg.off_policy_steps:  # every checkpoint (step >= 1) has a round in flight
+            target["in_flight"] = self._abstract_in_flight()
         return target
+
+    def _abstract_in_flight(self) -> dict:
+        p, b, n = self.cfg.prompts_per_step, self.cfg.rows, self.buffer_len
+        rows = lambda shape, dtype: jax.ShapeDtypeStruct(
+            shape, dtype, sharding=sharding.batch_sharding(self.mesh, len(shape))
+        )
+        f32 = jnp.float32
+        out = sampling.SampleOutput(
+            tokens=rows((b, n), jnp.int32),
+            mask=rows((b, n), jnp.bool_),
+            sample_logprobs=rows((b, n), f32),
+            policy_logprobs=rows((b, n), f32),
+            lengths=rows((b,), jnp.int32),
+            truncated=rows((b,), jnp.bool_),
+            prompt_ids=rows((p, self.cfg.max_prompt_len), jnp.int32),
+            prompt_mask=rows((p, self.cfg.max_prompt_len), jnp.bool_),
+        )
+        ref = rows((b, n), f32) if self.ref_params is not None else None
+        old = rows((b, n), f32) if self.cfg.recompute_old_logprobs else None
+        return _flight_arrays(out, ref, old)
 
     def meta(self, extra: Mapping[str, Any] | None = None) -> dict:
         """JSON-able rest of the state: counters, the data position, the config."""
@@ -734,8 +859,9 @@ class GRPOTrainer:
             "config": dataclasses.asdict(self.cfg),
             **dict(extra or {}),
         }
-        if hasattr(self.train_batches, "get_state"):
-            meta["data"] = self.train_batches.get_state()
+        data = self._data_before_in_flight if self._in_flight is not None else self._data_state()
+        if data is not None:
+            meta["data"] = data
         return meta
 
     def resume(self) -> dict | None:
@@ -769,6 +895,12 @@ class GRPOTrainer:
         if self.ref_params is not None and not self.frozen:
             self.ref_params = state["ref_params"]
         self.step_count = step
+        if "in_flight" in state:
+            # The data position is the one before the in-flight round's examples were drawn.
+            self._data_before_in_flight = meta["data"]
+            out, ref, old = _flight_from_arrays(state["in_flight"])
+            self._in_flight = _InFlight(self._next_examples(), out, (ref, old))
+            self._send_to_verifiers(self._in_flight)
         self.updates = counters["updates"]
         self._nonfinite_in_a_row = counters["nonfinite_in_a_row"]
         self._nonfinite_total = counters["nonfinite_total"]
