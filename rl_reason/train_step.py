@@ -265,6 +265,13 @@ def _batch_impl(mask_truncated: bool, rollouts, rows_B, advantages_B) -> Batch:
     return Batch(*fields, advantages=advantages_B.astype(jnp.float32))
 
 
+@jax.jit
+def logprob_gap(a_BN, b_BN, mask_BN) -> jax.Array:
+    """Mean |a - b| over the masked tokens: two scorings of the same completions."""
+    m = mask_BN.astype(jnp.float32)
+    return jnp.sum(jnp.abs(a_BN - b_BN) * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
 class StepFns:
     """The device side of one training setup, jitted with explicit shardings over `mesh`.
 

@@ -575,6 +575,14 @@ class GRPOTrainer:
         batch = self.fns.make_batch(
             rollouts, None if identity else rows_B, np.asarray(advantages, np.float32)
         )
+        if cfg.recompute_old_logprobs:
+            # The same tokens under the same weights, scored by the sampler (decode with a KV
+            # cache) and by the trainer (full forward): their gap is numerical, and grows in bf16.
+            gaps = [
+                train_step.logprob_gap(p[0].out.policy_logprobs, p[1][1], p[0].out.mask)
+                for p in parts
+            ]
+            hosts["logprob_gap"] = gaps  # device scalars, read after the update
         return batch, hosts
 
     def _train_on(self, batch: train_step.Batch) -> dict[str, float]:
@@ -664,6 +672,10 @@ class GRPOTrainer:
             "time_step": t_trained - t0,
             "generated_tokens_per_s": generated / max(sample_time, 1e-9),
         }
+        if "logprob_gap" in host:
+            metrics["logprob_gap_sampler_trainer"] = float(
+                np.mean([float(g) for g in host["logprob_gap"]])
+            )
         for name in self._round_stats[0] if self._round_stats else ():
             values = [s[name] for s in self._round_stats]
             metrics[f"rollout_{name}"] = float(np.mean(values))

@@ -37,9 +37,10 @@ def setup(tmp_path_factory):
         yield tok, pool
 
 
-def _trainer(setup, *, off_policy, steps, checkpointer=None):
+def _trainer(setup, *, off_policy, steps, checkpointer=None, dtype="float32", recompute=False):
     tok, pool = setup
-    model = Transformer(get_config("tiny").replace(vocab_size=128), rngs=nnx.Rngs(0))
+    model_cfg = get_config("tiny").replace(vocab_size=128, dtype=dtype)
+    model = Transformer(model_cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     cfg = GRPOConfig(
         steps=steps,
@@ -51,6 +52,7 @@ def _trainer(setup, *, off_policy, steps, checkpointer=None):
         kl_coef=0.05,
         overlong_buffer=12,
         off_policy_steps=off_policy,
+        recompute_old_logprobs=recompute,
         checkpoint_every=1,
         verifier_workers=1,
     )
@@ -107,3 +109,12 @@ def test_off_policy_refuses_dynamic_sampling():
         GRPOConfig(off_policy_steps=1, dynamic_sampling=True)
     with pytest.raises(ValueError, match="off_policy_steps"):
         GRPOConfig(off_policy_steps=2)
+
+
+def test_sampler_trainer_logprob_gap_is_logged_and_grows_in_bf16(setup):
+    gaps = {}
+    for dtype in ("float32", "bfloat16"):
+        history = _trainer(setup, off_policy=0, steps=1, dtype=dtype, recompute=True).train()
+        gaps[dtype] = history[0]["logprob_gap_sampler_trainer"]
+    assert 0 <= gaps["float32"] < 1e-4
+    assert gaps["bfloat16"] > 10 * max(gaps["float32"], 1e-6)
