@@ -4,7 +4,8 @@
     result = verifiers.get("math")(response, {"answer": "\\\\frac{1}{2}"})
     result.reward, result.correct, result.reason
 
-Names: ``math``, ``gsm8k``, ``countdown``, ``code``, ``format``, ``arithmetic``; ``names()`` lists
+Names: ``math``, ``gsm8k``, ``countdown``, ``code``, ``format``, ``arithmetic``,
+``arithmetic_process`` (a perfect process reward model); ``names()`` lists
 them and ``register(name, fn)`` adds one. A verifier raises ValueError for a malformed example
 (the dataset's fault) and never for anything in the response (the policy's output): those score 0
 with a reason. Nothing here imports jax: verifiers run in CPU worker processes
@@ -17,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from rl_reason.verifiers.arithmetic import verify_arithmetic
+from rl_reason.verifiers.arithmetic_process import verify_arithmetic_process
 from rl_reason.verifiers.code_execution import verify_code
 from rl_reason.verifiers.countdown import verify_countdown
 from rl_reason.verifiers.format_reward import verify_format
@@ -35,6 +37,7 @@ _REGISTRY: dict[str, Verifier] = {
     "code": verify_code,
     "format": verify_format,
     "arithmetic": verify_arithmetic,
+    "arithmetic_process": verify_arithmetic_process,
 }
 
 
