@@ -448,6 +448,8 @@ class GRPOTrainer:
         rewards += overlong_penalty(
             f.lengths, self.cfg.max_new_tokens, self.cfg.overlong_buffer, self.cfg.overlong_penalty
         )
+        if self.rollout_stats is not None:
+            self._round_stats.append(self._gathered_stats(f.texts, f.examples))
         return Rollout(
             f.examples,
             f.out,
@@ -456,6 +458,14 @@ class GRPOTrainer:
             verify_seconds=t1 - f.submitted_at,
             verify_wait_seconds=t1 - t_wait,
         )
+
+    def _gathered_stats(self, texts: list[str], examples: list[dict]) -> dict[str, float]:
+        g = self.cfg.group_size
+        stats = self.rollout_stats(texts, [examples[i // g] for i in range(len(texts))])
+        names = sorted(stats)
+        # Every process computes the same names on its own rows; the mean of equal-sized parts.
+        values = sharding.all_rows(np.asarray([[stats[n] for n in names]], np.float64))
+        return {n: float(values[:, i].mean()) for i, n in enumerate(names)}
 
     def rollout(self, examples: list[dict], key) -> tuple[Rollout, tuple]:
         """Sample, decode, verify; the device computes the reference (and recomputed old)
