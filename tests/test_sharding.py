@@ -167,3 +167,15 @@ def test_mesh_config_errors_say_what_to_do():
         sharding.MeshConfig(data=3, fsdp=2, tensor=2).shape(8)
     with pytest.raises(ValueError, match="do not divide"):
         sharding.MeshConfig(data=-1, fsdp=3).shape(8)
+
+
+def test_distributed_flags_must_come_together(monkeypatch):
+    for key in ("TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "TPU_WORKER_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ValueError, match="needs num_processes and process_id"):
+        sharding.initialize_distributed("127.0.0.1:1234", num_processes=2)
+    with pytest.raises(ValueError, match=r"process_id 2 is not in \[0, 2\)"):
+        sharding.initialize_distributed("127.0.0.1:1234", 2, 2)
+    with pytest.raises(ValueError, match="needs a coordinator_address"):
+        sharding.initialize_distributed(None, num_processes=2, process_id=0)
+    assert sharding.initialize_distributed() == (0, 1)  # one process: nothing started
