@@ -292,8 +292,14 @@ class GRPOTrainer:
         self.rollout_stats = rollout_stats
         self._round_stats: list[dict[str, float]] = []
         stops = (tokenizer.eos_id,) if stop_token_ids is None else tuple(stop_token_ids)
+        # Embedding rows past the tokenizer's vocabulary (checkpoints pad them, e.g. Qwen2.5's
+        # 151,936 rows for 151,665 tokens) are never sampled: no token decodes from them.
         self.sampling = SamplingConfig(
-            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop_token_ids=stops
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            stop_token_ids=stops,
+            vocab_size=tokenizer.vocab_size,
         )
         # The budget is fixed for the run, so its width needs no power-of-two bucket: every row of
         # the training batch is Tp + buffer_len wide, and spare width costs compute.
