@@ -213,6 +213,9 @@ class Checkpointer:
         ``save(..., metrics=)``, however old (e.g. ``"eval_accuracy"``).
       best_mode: ``"max"`` or ``"min"``: which end of ``best_metric`` is best.
       keep_best: how many best checkpoints to keep besides the newest ``max_to_keep``.
+      read_only: only restore (evaluation, export): the directory must exist, nothing is
+        saved, and the temporary directory of a save in progress elsewhere (a running training
+        job) is left alone instead of cleaned up.
     """
 
     def __init__(
@@ -225,6 +228,7 @@ class Checkpointer:
         best_metric: str | None = None,
         best_mode: Literal["max", "min"] = "max",
         keep_best: int = 1,
+        read_only: bool = False,
     ) -> None:
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
@@ -235,6 +239,12 @@ class Checkpointer:
         if keep_best < 1:
             raise ValueError(f"keep_best must be >= 1, got {keep_best}")
         self.directory = os.path.abspath(os.fspath(directory))
+        if read_only and not os.path.isdir(self.directory):
+            raise FileNotFoundError(
+                f"no checkpoint directory {self.directory}; point at the workdir of a run that "
+                "saved checkpoints"
+            )
+        self.read_only = read_only
         self.save_every = save_every
         self.best_metric = best_metric
         self.best_mode = best_mode
@@ -254,8 +264,9 @@ class Checkpointer:
             save_interval_steps=1,
             enable_async_checkpointing=async_save,
             # A process killed mid-save leaves `<step>.orbax-checkpoint-tmp`; remove it on open.
-            cleanup_tmp_directories=True,
-            create=True,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -287,6 +298,8 @@ class Checkpointer:
         left as it is (False), so a forced final save may safely repeat the periodic one.
         """
         step = int(step)
+        if self.read_only:
+            raise ValueError(f"Checkpointer({self.directory!r}) was opened read_only")
         if not self.should_save(step, force=force) or step in self._manager.all_steps():
             return False
         meta = dict(meta or {})
@@ -429,7 +442,7 @@ class Checkpointer:
                 )
                 failed.append((step, error))
                 continue
-            if failed:
+            if failed and not self.read_only:
                 self._move_aside([s for s, _ in failed])
             return result
         listing = "; ".join(f"step {s}: {err}" for s, err in failed)
