@@ -52,14 +52,20 @@ def _echo(msg: str) -> None:
     print(msg, flush=True)
 
 
-def build_data(config) -> dict[str, Any]:
-    """Task, held-out eval set, RL problem pool and pretraining corpus, all disjoint."""
+def build_data(config, *, with_corpus: bool = True) -> dict[str, Any]:
+    """Task, held-out eval set, RL problem pool and pretraining corpus, all disjoint.
+
+    `with_corpus=False` skips the corpus (seconds of generation) when stage 1 needs none; it
+    is then None. The eval set and RL pool do not depend on it.
+    """
     task = arithmetic.ArithmeticTask(grpo_run.config_from(arithmetic.ArithmeticConfig, config.task))
     d = config.data
     eval_set = task.eval_set(config.seed, d.eval_size)
     held_out = {task.key(p) for p in eval_set}
     rl_pool = task.eval_set(config.seed + 1, d.rl_pool_size, exclude_keys=held_out)
     held_out |= {task.key(p) for p in rl_pool}
+    if not with_corpus:
+        return {"task": task, "eval_set": eval_set, "rl_pool": rl_pool, "corpus": None}
     corpus = task.pretraining_corpus(
         config.seed,
         d.corpus_size,
