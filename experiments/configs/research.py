@@ -1,0 +1,120 @@
+"""One arm of the research experiments: R1-Zero in miniature with what the experiments vary.
+
+The defaults are the baseline arm every experiment shares: outcome-only reward, no cold start,
+GRPO (token-mean, no KL, groups of 8). The experiment configs next to this file
+(research_*.py) take this config and write their sweeps in `get_hyper`.
+
+Launch one arm:
+  python -m experiments.train --config=experiments/configs/research.py
+  python -m experiments.train --config=experiments/configs/research.py \\
+      --config.reward.mode=process --config.seed=1
+  python -m experiments.train --config=experiments/configs/research.py:smoke     # ~30 s
+
+The run directory is runs/research/s<seed>-<hash of the config> unless --config.workdir is
+given; stage 1 (~12 min on 2 CPU cores) is cached per seed in runs/research/base and shared
+by every arm. An arm then takes ~4 min: 30 GRPO steps of 16 prompts x 8 samples (two
+minibatch updates each), greedy
+held-out evaluation (256 problems) and the bridge measurement before and after.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from experiments.configs import r1_zero_tiny
+from rl_reason.trainer import GRPOConfig
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    if arg not in (None, "", "smoke"):
+        raise ValueError(f"unknown config arg {arg!r}; valid: '' or 'smoke'")
+    c = r1_zero_tiny.get_config(arg or None)
+    with c.unlocked():
+        c.pipeline = "research"
+        c.workdir = ""  # "": runs_root/s<seed>-<hash>, shared by experiments with this arm
+        c.runs_root = "runs/research"
+        c.base_cache = ""  # "": runs_root/base
+        c.reward = ml_collections.ConfigDict(dict(mode="outcome", process_weight=0.5))
+        c.cold_start = ml_collections.ConfigDict(
+            dict(
+                examples=0,  # worked solutions for SFT before RL; 0 = R1-Zero (no SFT)
+                steps=40,
+                batch_size=16,
+                seq_len=256,
+                learning_rate=1e-3,
+                warmup_steps=5,
+                weight_decay=0.01,
+                max_grad_norm=1.0,
+                seed=0,
+            )
+        )
+        c.measure = ml_collections.ConfigDict(dict(bridge=True))
+        # Every GRPO option as a field (its default unless set above), so that sweeps and the
+        # command line can set any of them; options whose default is None stay unset.
+        for f in dataclasses.fields(GRPOConfig):
+            if f.name not in c.grpo and f.default is not None:
+                c.grpo[f.name] = f.default
+        if c.smoke:
+            c.runs_root = "runs/research_smoke"
+            c.grpo.update(steps=2, checkpoint_every=0, overlong_buffer=16, minibatches=2)
+            c.cold_start.update(steps=2, batch_size=4)
+        else:
+            # Two optimizer updates per step: the second is off-policy, so the clip range (PPO,
+            # DAPO's clip-higher, GSPO's sequence ratio) acts; with one it never would.
+            c.grpo.update(steps=30, eval_samples=1, checkpoint_every=15, minibatches=2)
+    c.lock()
+    return c
+
+
+SEEDS = (0, 1, 2)
+
+
+def seeds(hyper) -> list:
+    """The seeds of every experiment: RL seeds on one base model (stage 1 with seed 0).
+
+    Stage 1 took 30-40 min per seed on the shared 2-core machine, so the campaign varies what
+    follows it (sampling, problem order, SFT) and keeps one base model; `hyper.seeds(SEEDS)`
+    gives each seed its own base model and data (one more stage 1 per seed).
+    """
+    return hyper.rl_seeds(SEEDS)
+
+
+# The arms the experiments share, as sweep overrides. Equal overrides give equal configs, hence
+# one run directory: the baseline runs once per seed and every experiment that has it reads it.
+BASELINE: dict = {}
+REWARD_ARMS = {
+    "outcome": {"config.reward.mode": "outcome"},
+    "process": {"config.reward.mode": "process"},
+    "both": {"config.reward.mode": "both", "config.reward.process_weight": 0.5},
+}
+COLD_START = {"config.cold_start.examples": 300}
+ALGORITHM_ARMS = {
+    "GRPO": {},
+    # Dr. GRPO: no std division, and a constant normaliser (N x max_len) instead of lengths.
+    "Dr. GRPO": {
+        "config.grpo.advantage_estimator": "dr_grpo",
+        "config.grpo.aggregation": "seq-mean-token-sum-norm",
+    },
+    # DAPO: clip-higher, dynamic sampling (drop groups with equal rewards, refill), token-mean.
+    "DAPO": {
+        "config.grpo.clip_eps_high": 0.28,
+        "config.grpo.dynamic_sampling": True,
+        "config.grpo.aggregation": "token-mean",
+    },
+    # GSPO: a sequence-level ratio (length-normalised), per-sequence mean, the paper's clip range.
+    "GSPO": {
+        "config.grpo.ratio_level": "sequence",
+        "config.grpo.aggregation": "seq-mean-token-mean",
+        "config.grpo.clip_eps_low": 3e-4,
+        "config.grpo.clip_eps_high": 4e-4,
+    },
+    "RLOO": {"config.grpo.advantage_estimator": "rloo"},
+    "KL 0.04": {"config.grpo.kl_coef": 0.04},
+    # Same samples per step (P x G = 128) for every group size.
+    "G=4": {"config.grpo.group_size": 4, "config.grpo.prompts_per_step": 32},
+    "G=16": {"config.grpo.group_size": 16, "config.grpo.prompts_per_step": 8},
+}
+
+
+def arms(hyper, table: dict) -> list:
+    return hyper.chain([hyper.arm(label, overrides) for label, overrides in table.items()])

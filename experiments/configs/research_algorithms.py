@@ -1,0 +1,45 @@
+"""Algorithm ablations: GRPO vs Dr. GRPO vs DAPO vs GSPO vs RLOO, KL on/off, group size 4/8/16.
+
+Every arm samples 128 completions per step (the group-size arms trade prompts for samples) and
+takes two minibatch updates per step; DAPO's dynamic sampling may sample up to 4 rounds to fill
+its batch with informative groups (its extra rounds are reported). Measured: held-out accuracy,
+and the response length of wrong answers (the length bias Dr. GRPO attributes to per-sequence
+length normalisation), on held-out greedy completions and on the training rollouts.
+
+Launch:
+  python -m experiments.research --config=experiments/configs/research_algorithms.py
+"""
+
+from experiments.configs import research
+
+
+def get_config(arg: str | None = None):
+    return research.get_config(arg)
+
+
+def get_hyper(hyper):
+    return hyper.product([research.seeds(hyper), research.arms(hyper, research.ALGORITHM_ARMS)])
+
+
+SUMMARY = {
+    "title": "Algorithm ablations",
+    "question": (
+        "Which estimator / objective learns most in the same compute, and which lengthens wrong "
+        "answers?"
+    ),
+    "table": [
+        ("accuracy after RL", "after.accuracy"),
+        ("train acc. (mean over run)", "rollout.accuracy.mean"),
+        ("train acc. (last 10 steps)", "rollout.accuracy.last10"),
+        ("wrong-answer tokens, held-out", "after.wrong_length_mean"),
+        ("wrong-answer tokens, rollouts last 10", "rollout.rollout_wrong_length_mean.last10"),
+        ("all tokens, rollouts last 10", "rollout.response_length_mean.last10"),
+        ("clip fraction (mean)", "rollout.clip_frac_high.mean"),
+        ("sampling rounds (mean)", "rollout.sampling_rounds.mean"),
+    ],
+    "curves": [
+        ("training accuracy (T=1)", "accuracy"),
+        ("wrong-answer tokens (rollouts)", "rollout_wrong_length_mean"),
+        ("response tokens", "response_length_mean"),
+    ],
+}

@@ -1,0 +1,42 @@
+"""The reasoning bridge: does the model's own reasoning make the gold answer more likely?
+
+Per-token perplexity of the gold answer (teacher-forced, between <answer> and </answer>) given
+the question alone (empty think block), given the question plus the policy's own greedy
+reasoning, and given the question plus the gold worked solution, measured with the base model
+before RL and with the policy after RL, on the 256 held-out problems. Arms: the three rewards
+(the runs of research_supervision) and the cold start (the run of research_cold_start).
+
+Launch:
+  python -m experiments.research --config=experiments/configs/research_bridge.py
+"""
+
+from experiments.configs import research
+
+
+def get_config(arg: str | None = None):
+    return research.get_config(arg)
+
+
+def get_hyper(hyper):
+    table = {**research.REWARD_ARMS, "cold start + outcome": research.COLD_START}
+    return hyper.product([research.seeds(hyper), research.arms(hyper, table)])
+
+
+SUMMARY = {
+    "title": "The reasoning bridge",
+    "question": (
+        "Does the model's own reasoning lower the perplexity of the gold answer, before and after "
+        "RL?"
+    ),
+    "table": [
+        ("ppl | question, before", "bridge_before.ppl_none"),
+        ("ppl | own reasoning, before", "bridge_before.ppl_own"),
+        ("ppl | gold steps, before", "bridge_before.ppl_gold"),
+        ("ppl | question, after", "bridge_after.ppl_none"),
+        ("ppl | own reasoning, after", "bridge_after.ppl_own"),
+        ("ppl | gold steps, after", "bridge_after.ppl_gold"),
+        ("own < none (share), after", "bridge_after.frac_own_below_none"),
+        ("own reasoning non-empty, after", "bridge_after.frac_own_nonempty"),
+    ],
+    "curves": [],
+}

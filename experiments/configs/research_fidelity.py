@@ -1,0 +1,49 @@
+"""Process fidelity under outcome-only RL: do right answers come through wrong steps, and less so
+over training?
+
+Nobody rewards the steps under R1-Zero's outcome reward, so a correct answer may follow wrong
+intermediate steps. On every step's training rollouts (16 prompts x 8 samples at T=1) this
+logs the share of correct final answers reached through at least one wrong step line, and the
+share of correct answers whose steps are not exactly the problem's (wrong, missing or extra).
+The process and mixed rewards are shown for contrast (the same runs as research_supervision:
+they cost nothing extra).
+
+Launch:
+  python -m experiments.research --config=experiments/configs/research_fidelity.py
+"""
+
+from experiments.configs import research
+
+
+def get_config(arg: str | None = None):
+    return research.get_config(arg)
+
+
+def get_hyper(hyper):
+    return hyper.product([research.seeds(hyper), research.arms(hyper, research.REWARD_ARMS)])
+
+
+SUMMARY = {
+    "title": "Process fidelity under outcome-only RL",
+    "question": (
+        "Among correct final answers, how many were reached through at least one wrong step, and "
+        "does that share shrink as outcome-only RL goes on?"
+    ),
+    "table": [
+        (
+            "wrong step | correct, first 10 steps",
+            "rollout.rollout_wrong_step_given_correct.first10",
+        ),
+        ("wrong step | correct, last 10 steps", "rollout.rollout_wrong_step_given_correct.last10"),
+        ("not exact | correct, first 10", "rollout.rollout_not_process_given_correct.first10"),
+        ("not exact | correct, last 10", "rollout.rollout_not_process_given_correct.last10"),
+        ("writes steps, last 10", "rollout.rollout_frac_with_steps.last10"),
+        ("wrong step | correct, held-out after", "after.wrong_step_given_correct"),
+        ("process-correct, held-out after", "after.frac_process_correct"),
+    ],
+    "curves": [
+        ("wrong step | correct answer", "rollout_wrong_step_given_correct"),
+        ("steps not exact | correct answer", "rollout_not_process_given_correct"),
+        ("writes steps", "rollout_frac_with_steps"),
+    ],
+}

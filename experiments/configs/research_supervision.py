@@ -1,0 +1,47 @@
+"""Outcome vs process supervision: does a perfect process reward beat the outcome reward alone?
+
+Arms (same base model per seed, same samples and updates per step): the reward is the final
+answer only (R1-Zero); the fraction of right steps (a perfect process reward model, "Let's
+Verify Step by Step" with an oracle); both (0.5 / 0.5). Measured: held-out greedy accuracy and
+process correctness after RL, training accuracy over steps (its mean over the run is the
+sample-efficiency figure), and the share of well-formed step lists.
+
+Launch (3 seeds, each arm a separate process; shared arms run once):
+  python -m experiments.research --config=experiments/configs/research_supervision.py
+Expected: ~3 base models x 12 min + 9 arms x ~4 min on 2 CPU cores; results in
+experiments/results/research_supervision/.
+"""
+
+from experiments.configs import research
+
+
+def get_config(arg: str | None = None):
+    return research.get_config(arg)
+
+
+def get_hyper(hyper):
+    return hyper.product([research.seeds(hyper), research.arms(hyper, research.REWARD_ARMS)])
+
+
+SUMMARY = {
+    "title": "Outcome vs process supervision",
+    "question": (
+        "Is the outcome reward alone enough, or does a perfect process reward (fraction of right "
+        "steps) learn faster and reason more faithfully?"
+    ),
+    "table": [
+        ("accuracy before RL", "before.accuracy"),
+        ("accuracy after RL", "after.accuracy"),
+        ("process-correct after RL", "after.frac_process_correct"),
+        ("step score after RL", "after.step_score"),
+        ("well-formed after RL", "after.frac_well_formed"),
+        ("train acc. (mean over run)", "rollout.accuracy.mean"),
+        ("train acc. (last 10 steps)", "rollout.accuracy.last10"),
+        ("tokens after RL", "after.mean_response_tokens"),
+    ],
+    "curves": [
+        ("training accuracy (T=1)", "accuracy"),
+        ("process-correct (rollouts)", "rollout_frac_process_correct"),
+        ("response tokens", "response_length_mean"),
+    ],
+}

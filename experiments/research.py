@@ -1,0 +1,67 @@
+"""Run research experiments' sweeps (one process per arm and seed) and summarise them.
+
+  python -m experiments.research --config=experiments/configs/research_supervision.py
+  python -m experiments.research --all                      # every experiment, seed by seed
+  python -m experiments.research --all --summarize_only     # tables and plots from the runs
+  python -m experiments.research --config=...py:smoke --seeds=0 --runs_root=/tmp/r  # quick
+
+Results go to experiments/results/<experiment>/ (results.json, results.md, curves.png,
+bars.png); runs to runs/research/ (one directory per distinct arm and seed, shared across
+experiments). Points already run are skipped, so a stopped campaign continues where it was.
+"""
+
+from pathlib import Path
+
+from absl import app, flags
+
+from rl_reason.research import summary, sweep
+
+EXPERIMENTS = (
+    "research_supervision",
+    "research_fidelity",
+    "research_bridge",
+    "research_cold_start",
+    "research_algorithms",
+)
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+_CONFIG = flags.DEFINE_string("config", None, "experiment config file[:arg]")
+_ALL = flags.DEFINE_bool("all", False, f"every experiment: {', '.join(EXPERIMENTS)}")
+_SEEDS = flags.DEFINE_list("seeds", None, "only these seeds (default: the sweep's)")
+_RUNS_ROOT = flags.DEFINE_string("runs_root", None, "override config.runs_root")
+_RESULTS = flags.DEFINE_string("results_root", "experiments/results", "where summaries go")
+_SUMMARIZE_ONLY = flags.DEFINE_bool("summarize_only", False, "only regenerate tables/plots")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the commands, run nothing")
+
+
+def _experiments() -> list[sweep.Experiment]:
+    if _ALL.value == bool(_CONFIG.value):
+        raise app.UsageError("pass exactly one of --config=FILE[:ARG] or --all")
+    specs = [str(CONFIG_DIR / f"{n}.py") for n in EXPERIMENTS] if _ALL.value else [_CONFIG.value]
+    out = []
+    for spec in specs:
+        path, _, arg = spec.partition(":")
+        out.append(sweep.load_experiment(path, arg, _RUNS_ROOT.value))
+    return out
+
+
+def main(argv):
+    del argv
+    exps = _experiments()
+    seeds = None if _SEEDS.value is None else [int(s) for s in _SEEDS.value]
+    if not _SUMMARIZE_ONLY.value:
+        results = sweep.run_sweep(exps, seeds=seeds, dry_run=_DRY_RUN.value)
+        failed = [p for p, status in results if status.startswith("failed")]
+        for p in failed:
+            print(f"FAILED: {p.label} seed {p.seed}: {p.workdir}/run.log")
+    if _DRY_RUN.value:
+        return
+    for exp in exps:
+        out = Path(_RESULTS.value) / (exp.name + ("_" + exp.arg if exp.arg else ""))
+        summary.summarize(exp, out, seeds)
+        print(f"wrote {out}/results.md")
+        print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    app.run(main)

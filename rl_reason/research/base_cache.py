@@ -1,0 +1,178 @@
+"""Stage 1 done once per seed: the pretrained base model cached for every arm that shares it.
+
+Pretraining the base model costs minutes; the arms of an experiment differ only after it. The
+cache directory holds one entry per distinct stage-1 setting::
+
+    <cache>/<key>/tokenizer.model   the sentencepiece model
+    <cache>/<key>/params.npz        every parameter, keyed by its path in the nnx.State
+    <cache>/<key>/stage1.json       the settings the key was made from, and the pretraining log
+
+The key is a hash of everything stage 1 depends on (seed, task, data, tokenizer, model and
+pretraining sections of the config), so changing any of them trains a new base model, and an
+entry is written to a temporary directory and renamed into place: a killed run leaves no half
+entry behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from models import get_config as model_preset
+from rl_reason import pretrain, sharding
+from rl_reason.grpo_run import config_from
+from rl_reason.tasks.templates import SPECIAL_TOKENS
+from rl_reason.tokenizer import Tokenizer, train_sentencepiece
+
+# The config sections stage 1 depends on (top-level `seed` too).
+STAGE1_SECTIONS = ("task", "data", "tokenizer", "model", "pretrain")
+
+
+def stage1_settings(config) -> dict[str, Any]:
+    """The JSON-able part of `config` that determines the base model."""
+    settings = {"seed": config.seed}
+    for name in STAGE1_SECTIONS:
+        settings[name] = config[name].to_dict()
+    return settings
+
+
+def stage1_key(config) -> str:
+    blob = json.dumps(stage1_settings(config), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    flat = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, path + "/"))
+        else:
+            flat[path] = np.asarray(v)
+    return flat
+
+
+def _unflatten_into(tree: Mapping[str, Any], flat: Mapping[str, np.ndarray], prefix: str = ""):
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out[k] = _unflatten_into(v, flat, path + "/")
+            continue
+        if path not in flat:
+            raise ValueError(f"cached base model has no parameter {path!r}: delete the entry")
+        saved = flat[path]
+        if saved.shape != v.shape or saved.dtype != v.dtype:
+            raise ValueError(
+                f"cached parameter {path!r} is {saved.dtype}{list(saved.shape)}, the model "
+                f"wants {v.dtype}{list(v.shape)}: delete the entry (the key missed a change)"
+            )
+        out[k] = saved
+    return out
+
+
+def save_params(params: nnx.State, path: str | os.PathLike) -> None:
+    """Every parameter of `params` (gathered to the host) as one .npz."""
+    pure = jax.device_get(nnx.to_pure_dict(params))
+    np.savez(path, **_flatten(pure))
+
+
+def load_params(params: nnx.State, path: str | os.PathLike, mesh) -> nnx.State:
+    """The values saved at `path` put into `params` (a freshly made state of the right
+    structure, overwritten in place), sharded over `mesh` by the rules."""
+    with np.load(path) as f:
+        flat = {k: f[k] for k in f.files}
+    loaded = _unflatten_into(nnx.to_pure_dict(params), flat)
+    extra = sorted(set(flat) - set(_flatten(nnx.to_pure_dict(params))))
+    if extra:
+        raise ValueError(f"cached base model has parameters the model lacks: {extra[:5]}")
+    nnx.replace_by_pure_dict(params, loaded)
+    return jax.device_put(params, sharding.state_shardings(params, mesh))
+
+
+def load_or_train(
+    config,
+    make_corpus: Callable[[], list[str]],
+    mesh,
+    cache_dir: str | os.PathLike,
+    echo: Callable[[str], None] = print,
+    should_stop: Callable[[int], bool] | None = None,
+) -> tuple[Tokenizer, Any, nnx.State, dict[str, Any]] | None:
+    """(tokenizer, graphdef, params, info) of the base model, trained unless cached.
+
+    `make_corpus()` gives the pretraining texts; it is called only on a cache miss.
+
+    `info` has the cache key, whether it was a hit, and the pretraining facts (steps, final
+    loss, seconds). Returns None when `should_stop` interrupted pretraining (nothing cached).
+    """
+    key = stage1_key(config)
+    entry = Path(cache_dir) / key
+    hit = (entry / "params.npz").exists()
+    if hit:
+        tokenizer = Tokenizer.load(entry / "tokenizer.model")
+        stage1 = json.loads((entry / "stage1.json").read_text())
+    else:
+        corpus = make_corpus()
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir))
+        tokenizer = train_sentencepiece(
+            corpus[: config.tokenizer.train_texts],
+            tmp / "tokenizer.model",
+            vocab_size=config.tokenizer.vocab_size,
+            user_defined_symbols=SPECIAL_TOKENS,
+        )
+    model_cfg = model_preset(
+        config.model.preset, vocab_size=tokenizer.vocab_size, **dict(config.model.overrides)
+    )
+    graphdef, params = sharding.create_model(model_cfg, mesh, seed=config.seed)
+    if hit:
+        params = load_params(params, entry / "params.npz", mesh)
+        echo(f"[stage 1] base model {key} from the cache {cache_dir}")
+        return tokenizer, graphdef, params, {"key": key, "cache_hit": True, **stage1["log"]}
+
+    pre_cfg = config_from(pretrain.PretrainConfig, config.pretrain)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    echo(
+        f"[stage 1] base model {key}: {n_params / 1e6:.2f}M params, vocab "
+        f"{tokenizer.vocab_size}, corpus {len(corpus)} texts"
+    )
+    every = max(pre_cfg.steps // 10, 1)
+
+    def log(step: int, loss: float, seconds: float) -> None:
+        if step % every == 0 or step == pre_cfg.steps:
+            echo(f"[stage 1] step {step}/{pre_cfg.steps} | loss {loss:.3f} | {seconds:.0f}s")
+
+    t0 = time.perf_counter()
+    params, losses = pretrain.pretrain(
+        graphdef, params, tokenizer, corpus, pre_cfg, log, mesh=mesh, should_stop=should_stop
+    )
+    if len(losses) < pre_cfg.steps:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return None
+    facts = {
+        "pretrain_steps": pre_cfg.steps,
+        "pretrain_final_loss": losses[-1] if losses else None,
+        "pretrain_seconds": time.perf_counter() - t0,
+        "num_params": n_params,
+    }
+    save_params(params, tmp / "params.npz")
+    (tmp / "stage1.json").write_text(
+        json.dumps({"settings": stage1_settings(config), "log": facts}, indent=2)
+    )
+    try:
+        os.rename(tmp, entry)
+    except OSError:  # another process cached the same key meanwhile: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = Tokenizer.load(entry / "tokenizer.model")
+    return tokenizer, graphdef, params, {"key": key, "cache_hit": False, **facts}

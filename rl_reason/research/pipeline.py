@@ -1,0 +1,276 @@
+"""The "research" pipeline: one arm of an experiment on the R1-Zero-in-miniature setting.
+
+Like `rl_reason.r1_zero` (same task, data and base model), with what the experiments vary and
+measure:
+
+  stage 1     the base model, from the per-seed cache (`rl_reason.research.base_cache`)
+  cold start  optional SFT on `cold_start.examples` worked solutions in the RL template
+  reward      `reward.mode`: "outcome" (the `arithmetic` verifier), "process" (the fraction of
+              right steps, `arithmetic_process`), or "both" (their weighted sum)
+  RL          `rl_reason.grpo_run.run_grpo` with every `grpo.*` option
+  measures    held-out greedy completions before and after RL (`research.measures`:
+              process correctness, readability, wrong-step share of correct answers, length of
+              wrong answers), the same on every step's training rollouts (``rollout_*`` in
+              metrics.jsonl), and the reasoning bridge before and after RL (`research.bridge`)
+
+`run(config)` writes summary.json, metrics.jsonl, tb/, curves.png and checkpoints into the
+run's workdir (`rl_reason.research.runs.workdir_for`) and resumes from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from rl_reason import data as data_lib
+from rl_reason import grpo_run, pretrain, r1_zero, sampling, sharding
+from rl_reason.metrics import plot_curves
+from rl_reason.preemption import PreemptionGuard
+from rl_reason.research import base_cache, bridge, measures, runs
+from rl_reason.tasks import arithmetic
+from rl_reason.trainer import GRPOConfig
+
+REWARD_MODES = ("outcome", "process", "both")
+CURVES = (
+    "accuracy",
+    "reward_mean",
+    "response_length_mean",
+    "rollout_frac_process_correct",
+    "rollout_wrong_step_given_correct",
+    "rollout_frac_well_formed",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    mode: str = "outcome"
+    process_weight: float = 0.5  # w in (1 - w) * outcome + w * process, for mode "both"
+
+    def __post_init__(self) -> None:
+        if self.mode not in REWARD_MODES:
+            raise ValueError(f"reward.mode={self.mode!r}; valid: {list(REWARD_MODES)}")
+        if not 0.0 < self.process_weight < 1.0:
+            raise ValueError(
+                f"reward.process_weight={self.process_weight} must be in (0, 1) (mode 'both' "
+                "mixes the two; use mode 'outcome' or 'process' for one alone)"
+            )
+
+    def label(self, example: Mapping[str, Any]) -> dict[str, Any]:
+        """`example` with the verifier (and weight) that gives this reward."""
+        if self.mode == "outcome":
+            return {**example, "verifier": "arithmetic"}
+        w = 1.0 if self.mode == "process" else self.process_weight
+        return {**example, "verifier": "arithmetic_process", "process_weight": w}
+
+
+@dataclasses.dataclass(frozen=True)
+class ColdStartConfig:
+    """SFT before RL on `examples` worked solutions (0: none, the R1-Zero setting)."""
+
+    examples: int = 0
+    steps: int = 40
+    batch_size: int = 16
+    seq_len: int = 256
+    learning_rate: float = 1e-3
+    warmup_steps: int = 5
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.examples < 0 or self.steps < 1:
+            raise ValueError(
+                f"cold_start needs examples >= 0 and steps >= 1, got {self.examples}, {self.steps}"
+            )
+
+    def pretrain_config(self) -> pretrain.PretrainConfig:
+        fields = {f.name for f in dataclasses.fields(pretrain.PretrainConfig)}
+        return pretrain.PretrainConfig(
+            **{k: v for k, v in dataclasses.asdict(self).items() if k in fields}
+        )
+
+
+def _echo(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def build_data(config) -> dict[str, Any]:
+    """r1_zero's task, eval set and RL pool (the corpus is made only if stage 1 runs), plus
+    the cold-start problems (disjoint from the eval set and the RL pool)."""
+    data = r1_zero.build_data(config, with_corpus=False)
+    task = data["task"]
+    held_out = {task.key(p) for p in data["eval_set"] + data["rl_pool"]}
+    n = config.cold_start.examples
+    data["sft"] = task.eval_set(config.seed + 2, n, exclude_keys=held_out) if n else []
+    return data
+
+
+def sft_texts(problems: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Prompt + worked completion, as the RL policy should write it."""
+    return [
+        arithmetic.make_prompt(p["question"]) + arithmetic.target_completion(p, worked=True)
+        for p in problems
+    ]
+
+
+def greedy_completions(
+    graphdef,
+    params,
+    tokenizer,
+    problems: Sequence[Mapping[str, Any]],
+    grpo_cfg: GRPOConfig,
+    stop_token_ids: Sequence[int],
+    mesh,
+    batch_size: int = 64,
+) -> list[str]:
+    """The policy's greedy completion of each problem's prompt, as text."""
+    cfg = sampling.SamplingConfig(temperature=0.0, stop_token_ids=tuple(stop_token_ids))
+    texts: list[str] = []
+    for lo in range(0, len(problems), batch_size):
+        chunk = list(problems[lo : lo + batch_size])
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
+        ids = tokenizer.encode_batch(
+            [arithmetic.make_prompt(p["question"]) for p in padded], add_bos=True
+        )
+        out = sampling.sample(
+            (graphdef, params),
+            ids,
+            jax.random.key(0),
+            max_new_tokens=grpo_cfg.max_new_tokens,
+            config=cfg,
+            pad_id=tokenizer.pad_id,
+            buffer_len=-(-grpo_cfg.max_new_tokens // 8) * 8,
+            prompt_width=grpo_cfg.max_prompt_len,
+            mesh=mesh,
+        )
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        rows = [tokens[i, : lengths[i]] for i in range(len(chunk))]
+        texts += tokenizer.decode_batch(rows)
+    return texts
+
+
+def measure_bridge(graphdef, params, tokenizer, problems, grpo_cfg, stops, mesh) -> dict:
+    own = greedy_completions(graphdef, params, tokenizer, problems, grpo_cfg, stops, mesh)
+    return bridge.measure(graphdef, params, tokenizer, problems, own)
+
+
+def with_ratios(ev: Mapping[str, float]) -> dict[str, float]:
+    """An evaluation dict with the conditional figures of `measures.ratios` added."""
+    return {**ev, **measures.ratios(ev)}
+
+
+def run(config) -> dict[str, Any]:
+    """One arm; returns the summary written to `workdir/summary.json`."""
+    t_start = time.perf_counter()
+    if jax.process_count() > 1:
+        raise ValueError("the research pipeline runs in one process (tiny models, one host)")
+    workdir = runs.workdir_for(config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    echo = _echo
+    grpo_cfg = grpo_run.config_from(GRPOConfig, config.grpo)
+    reward_cfg = grpo_run.config_from(RewardConfig, config.reward)
+    cold_cfg = grpo_run.config_from(ColdStartConfig, config.cold_start)
+    mesh = sharding.make_mesh(grpo_run.config_from(sharding.MeshConfig, config.mesh))
+    checkpointer = grpo_run.make_checkpointer(workdir, grpo_cfg)
+    resuming = grpo_run.is_resuming(checkpointer)
+    (workdir / "config.json").write_text(json.dumps(runs.run_settings(config), indent=2))
+    echo(f"[research] {workdir} | reward {reward_cfg.mode} | cold start {cold_cfg.examples}")
+
+    data = build_data(config)
+    with PreemptionGuard() as guard:
+        base = base_cache.load_or_train(
+            config,
+            lambda: r1_zero.build_data(config)["corpus"],
+            mesh,
+            runs.base_cache_for(config),
+            echo,
+            should_stop=guard.should_stop,
+        )
+        if base is None:
+            echo("[stage 1] interrupted: nothing cached, a rerun starts stage 1 again")
+            return {"preempted": True, "stage": 1}
+        tokenizer, graphdef, params, stage1 = base
+        stops = (tokenizer.eos_id, tokenizer.piece_to_id("</answer>"))
+        carry: dict[str, Any] = {"stage1": stage1}
+        if not resuming:
+            if cold_cfg.examples:
+                params, sft_losses = pretrain.pretrain(
+                    graphdef,
+                    params,
+                    tokenizer,
+                    sft_texts(data["sft"]),
+                    cold_cfg.pretrain_config(),
+                    mesh=mesh,
+                )
+                carry["cold_start"] = {"steps": len(sft_losses), "final_loss": sft_losses[-1]}
+                echo(f"[cold start] {cold_cfg.steps} SFT steps, loss {sft_losses[-1]:.3f}")
+            if config.measure.bridge:
+                carry["bridge_before"] = measure_bridge(
+                    graphdef, params, tokenizer, data["eval_set"], grpo_cfg, stops, mesh
+                )
+                echo("[bridge] before RL: " + grpo_run.fmt(carry["bridge_before"]))
+
+        def count_tokens(text: str) -> int:
+            return len(tokenizer.encode(text))
+
+        result = grpo_run.run_grpo(
+            grpo_cfg,
+            workdir=workdir,
+            graphdef=graphdef,
+            params=params,
+            tokenizer=tokenizer,
+            task=data["task"],
+            train_batches=data_lib.train_iterator(
+                [reward_cfg.label(p) for p in data["rl_pool"]],
+                global_batch_size=grpo_cfg.prompts_per_step,
+                seed=grpo_cfg.seed,  # the RL seed: problem order varies with it
+            ),
+            eval_examples=data["eval_set"],
+            mesh=mesh,
+            checkpointer=checkpointer,
+            guard=guard,
+            stop_token_ids=stops,
+            response_stats=lambda t, ex: measures.completion_stats(t, ex, count_tokens),
+            carry=carry,
+            echo=echo,
+            trainer_kwargs={"rollout_stats": measures.stats_with_ratios(count_tokens)},
+        )
+    if result["preempted"]:
+        return {"preempted": True, "stage": 2, "step": result["step"]}
+    carry = result["carry"]
+    trainer = result["trainer"]
+    summary: dict[str, Any] = {
+        "preempted": False,
+        "workdir": str(workdir),
+        "settings": runs.run_settings(config),
+        "before": with_ratios(result["before"]),
+        "after": with_ratios(result["after"]),
+        "rl_steps": grpo_cfg.steps,
+        "resumed": result["resumed"],
+        "stage1": carry["stage1"],
+        "cold_start": carry.get("cold_start"),
+        "rl_param_change_l2": result["rl_param_change_l2"],
+        "eval_size": len(data["eval_set"]),
+    }
+    if config.measure.bridge:
+        summary["bridge_before"] = carry["bridge_before"]
+        summary["bridge_after"] = measure_bridge(
+            graphdef, trainer.params, tokenizer, data["eval_set"], grpo_cfg, stops, mesh
+        )
+        echo("[bridge] after RL:  " + grpo_run.fmt(summary["bridge_after"]))
+    summary["wall_seconds"] = time.perf_counter() - t_start
+    (workdir / runs.SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    plot_curves(
+        workdir / "metrics.jsonl",
+        workdir / "curves.png",
+        CURVES,
+        title=f"research arm: reward {reward_cfg.mode}, {grpo_cfg.advantage_estimator}",
+    )
+    echo(f"[research] wrote {workdir}/summary.json ({summary['wall_seconds']:.0f}s)")
+    return summary

@@ -1,0 +1,208 @@
+"""Tables and plots of an experiment from its run directories (regenerated at any time).
+
+    summarize(load_experiment("experiments/configs/research_supervision.py"), out_dir)
+
+writes into `out_dir`:
+
+  results.json   per arm: the seeds found, each table metric per seed, its mean and s.d.
+  results.md     the table, "mean ± s.d. (n seeds)" per cell
+  curves.png     each curve metric per RL step: mean over seeds (5-step moving average of each
+                 seed first), shaded ± 1 s.d. across seeds
+  bars.png       each table metric as bars with ± 1 s.d. error bars and the seeds as dots
+
+Table metrics are paths: ``after.accuracy`` (a field of summary.json, nested with dots) or
+``rollout.<metric>.<mean|first10|last10>`` (a per-step metric of metrics.jsonl over all steps,
+the first ten or the last ten).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rl_reason.metrics import read_jsonl, series
+from rl_reason.research import runs
+from rl_reason.research.sweep import Experiment
+
+SMOOTH = 5
+AGGREGATES = ("mean", "first10", "last10")
+
+
+def metric_value(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], path: str) -> float:
+    """One table metric of one run (NaN when the run lacks it)."""
+    head, _, rest = path.partition(".")
+    if head == "rollout":
+        key, _, agg = rest.rpartition(".")
+        if agg not in AGGREGATES or not key:
+            raise ValueError(f"{path!r}: use rollout.<metric>.<{'|'.join(AGGREGATES)}>")
+        _, values = series(rows, key)
+        values = values[np.isfinite(values)] if agg == "mean" else values
+        part = {"mean": values, "first10": values[:10], "last10": values[-10:]}[agg]
+        part = part[np.isfinite(part)]
+        return float(part.mean()) if part.size else math.nan
+    node: Any = summary
+    for name in path.split("."):
+        if not isinstance(node, Mapping) or name not in node:
+            return math.nan
+        node = node[name]
+    return math.nan if node is None else float(node)
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
+    v = np.asarray([x for x in values if math.isfinite(x)], np.float64)
+    if v.size == 0:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
+
+
+def collect(exp: Experiment, seeds: Sequence[int] | None = None) -> dict[str, list[dict]]:
+    """arm label -> the finished runs of that arm: {seed, workdir, summary, rows}."""
+    arms: dict[str, list[dict]] = {}
+    for p in exp.points(seeds):
+        arms.setdefault(p.label, [])
+        if not runs.is_done(p.workdir):
+            continue
+        summary = json.loads((p.workdir / runs.SUMMARY_FILE).read_text())
+        rows = read_jsonl(p.workdir / "metrics.jsonl")
+        arms[p.label].append(
+            {"seed": p.seed, "workdir": str(p.workdir), "summary": summary, "rows": rows}
+        )
+    return arms
+
+
+def _fmt(mean: float, sd: float, n: int) -> str:
+    if n == 0:
+        return "–"
+    digits = 1 if abs(mean) >= 10 else 3
+    return f"{mean:.{digits}f} ± {sd:.{digits}f} ({n})"
+
+
+def summarize(
+    exp: Experiment, out_dir: str | Path, seeds: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """Writes results.json, results.md, curves.png and bars.png; returns the results dict."""
+    spec = exp.summary_spec
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arms = collect(exp, seeds)
+    results: dict[str, Any] = {
+        "experiment": exp.name,
+        "title": spec["title"],
+        "question": spec["question"],
+        "arms": {},
+    }
+    for label, found in arms.items():
+        entry: dict[str, Any] = {
+            "seeds": [r["seed"] for r in found],
+            "workdirs": [r["workdir"] for r in found],
+            "wall_seconds": [r["summary"].get("wall_seconds") for r in found],
+            "metrics": {},
+        }
+        for name, path in spec["table"]:
+            values = [metric_value(r["summary"], r["rows"], path) for r in found]
+            mean, sd, n = _mean_sd(values)
+            entry["metrics"][path] = {
+                "label": name,
+                "values": values,
+                "mean": mean,
+                "sd": sd,
+                "n": n,
+            }
+        results["arms"][label] = entry
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True))
+    (out_dir / "results.md").write_text(markdown_table(results, spec))
+    if any(arms.values()):
+        _plot_bars(results, spec, out_dir / "bars.png")
+        if spec["curves"]:
+            _plot_curves(arms, spec, out_dir / "curves.png")
+    return results
+
+
+def markdown_table(results: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
+    """Arms as rows, table metrics as columns; each cell mean ± s.d. (seeds)."""
+    lines = [f"### {spec['title']}", "", spec["question"], ""]
+    header = ["arm"] + [name for name, _ in spec["table"]]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for label, entry in results["arms"].items():
+        cells = [label]
+        for _, path in spec["table"]:
+            m = entry["metrics"][path]
+            cells.append(_fmt(m["mean"], m["sd"], m["n"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Mean ± s.d. over seeds (number of seeds in brackets)."]
+    return "\n".join(lines) + "\n"
+
+
+def _figure(n_panels: int, width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height * n_panels + 0.8))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(n_panels, 1, squeeze=False)[:, 0]
+
+
+def _smooth(values: np.ndarray, window: int = SMOOTH) -> np.ndarray:
+    out = np.full(values.shape, np.nan)
+    for i in range(len(values)):
+        part = values[max(0, i - window + 1) : i + 1]
+        part = part[np.isfinite(part)]
+        if part.size:
+            out[i] = part.mean()
+    return out
+
+
+def _plot_curves(arms: Mapping[str, list[dict]], spec: Mapping[str, Any], path: Path) -> None:
+    fig, axes = _figure(len(spec["curves"]), 7.5, 2.4)
+    for ax, (name, key) in zip(axes, spec["curves"], strict=True):
+        for label, found in arms.items():
+            curves = []
+            for r in found:
+                steps, values = series(r["rows"], key)
+                if steps.size:
+                    curves.append((steps, _smooth(values)))
+            if not curves:
+                continue
+            n = min(len(s) for s, _ in curves)
+            steps = curves[0][0][:n]
+            stack = np.stack([v[:n] for _, v in curves])
+            with warnings.catch_warnings():  # steps where no seed has a value stay NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(stack, axis=0)
+                sd = np.nanstd(stack, axis=0, ddof=1) if len(curves) > 1 else np.zeros(n)
+            (line,) = ax.plot(steps, mean, label=f"{label} ({len(curves)})", linewidth=1.4)
+            ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.18)
+        ax.set_ylabel(name, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    axes[-1].set_xlabel(f"RL step (each seed smoothed over {SMOOTH} steps; band ± 1 s.d.)")
+    fig.suptitle(spec["title"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _plot_bars(results: Mapping[str, Any], spec: Mapping[str, Any], path: Path) -> None:
+    labels = list(results["arms"])
+    fig, axes = _figure(len(spec["table"]), max(5.0, 1.1 * len(labels) + 2), 1.9)
+    x = np.arange(len(labels))
+    for ax, (name, key) in zip(axes, spec["table"], strict=True):
+        ms = [results["arms"][a]["metrics"][key] for a in labels]
+        means = np.asarray([m["mean"] for m in ms], np.float64)
+        sds = np.asarray([m["sd"] for m in ms], np.float64)
+        ax.bar(x, np.nan_to_num(means), yerr=np.nan_to_num(sds), capsize=3, alpha=0.7)
+        for i, m in enumerate(ms):
+            pts = [v for v in m["values"] if math.isfinite(v)]
+            ax.plot([i] * len(pts), pts, "k.", markersize=4)
+        ax.set_ylabel(name, fontsize=7)
+        ax.set_xticks(x, labels if ax is axes[-1] else [""] * len(labels), fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(spec["title"] + " (mean ± s.d. over seeds; dots: seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,305 @@
+"""The research experiments' pieces: the process verifier, the measures, sweeps and summaries.
+
+Golden numbers are worked out by hand in the comments; the bridge's batched log-probs are
+checked against a per-text forward pass with numpy's log-softmax.
+"""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from models import get_config as model_preset
+from rl_reason import sharding, verifiers
+from rl_reason.research import base_cache, bridge, hyper, measures, runs, summary, sweep
+from rl_reason.tasks import arithmetic, templates
+from rl_reason.tokenizer import train_sentencepiece
+
+PROBLEM = {
+    "question": "Start with 17. Step 1: add 8. Step 2: subtract 5.",
+    "answer": "20",
+    "steps": [(17, "+", 8, 25), (25, "-", 5, 20)],
+    "verifier": "arithmetic",
+}
+
+
+def completion(lines: list[str], answer: str = "20") -> str:
+    return templates.make_completion("\n".join(lines), answer)
+
+
+RIGHT = completion(["Step 1: 17 + 8 = 25", "Step 2: 25 - 5 = 20"])
+ONE_WRONG = completion(["Step 1: 17 + 8 = 25", "Step 2: 25 - 5 = 21"])  # right answer anyway
+EXTRA = completion(["Step 1: 17 + 8 = 25", "Step 2: 25 - 5 = 20", "Step 3: 20 + 1 = 21"])
+MISSING = completion(["Step 1: 17 + 8 = 25"], answer="25")
+BARE = completion([])
+
+
+@pytest.mark.parametrize(
+    "response, score, correct",
+    [
+        (RIGHT, 1.0, True),
+        (ONE_WRONG, 0.5, True),  # 1 of 2 steps right
+        (EXTRA, 2 / 3, True),  # 2 right of max(2 gold, 3 written)
+        (MISSING, 0.5, False),  # 1 right of max(2, 1)
+        (BARE, 0.0, True),
+        (completion(["Step 1: 17 + 8 = 24", "Step 2: 24 - 5 = 19"], "19"), 0.0, False),
+    ],
+)
+def test_process_verifier_scores_the_share_of_right_steps(response, score, correct):
+    verify = verifiers.get("arithmetic_process")
+    result = verify(response, PROBLEM)
+    assert result.reward == pytest.approx(score)
+    assert result.correct is correct
+    # The weighted sum: (1 - w) * outcome + w * process.
+    mixed = verify(response, {**PROBLEM, "process_weight": 0.25})
+    assert mixed.reward == pytest.approx(0.75 * float(correct) + 0.25 * score)
+
+
+def test_process_verifier_rejects_bad_examples():
+    verify = verifiers.get("arithmetic_process")
+    with pytest.raises(ValueError, match="needs 'steps'"):
+        verify(RIGHT, {"answer": "20"})
+    with pytest.raises(ValueError, match="process_weight"):
+        verify(RIGHT, {**PROBLEM, "process_weight": 1.5})
+
+
+def test_process_verifier_runs_in_the_pool_workers():
+    items = [("arithmetic_process", r, PROBLEM) for r in (RIGHT, ONE_WRONG, BARE)]
+    with verifiers.VerifierPool(1, timeout_s=10.0) as pool:
+        results = pool.submit(items).result()
+    assert [r.reward for r in results] == [1.0, 0.5, 0.0]
+
+
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        (RIGHT, True),
+        (ONE_WRONG, True),  # readability, not correctness
+        (BARE, False),  # no step list
+        (completion(["Step 2: 17 + 8 = 25"]), False),  # numbering must start at 1
+        (completion(["17 + 8 = 25", "25 - 5 = 20"]), False),  # unlabelled lines
+        (completion(["Step 1: 17 + 8 = 25", "so", "Step 2: 25 - 5 = 20"]), False),
+        (RIGHT + "<answer>20</answer>", False),  # a second answer
+        ("\nStep 1: 17 + 8 = 25\n<answer>25</answer>", False),  # think block never closed
+    ],
+)
+def test_well_formed(response, expected):
+    assert measures.well_formed(response) is expected
+
+
+def test_completion_stats_and_ratios_by_hand():
+    texts = [RIGHT, ONE_WRONG, MISSING, BARE]
+    stats = measures.completion_stats(texts, [PROBLEM] * 4, count_tokens=len)
+    # correct: RIGHT, ONE_WRONG, BARE (3 of 4); through a wrong step: ONE_WRONG only.
+    assert stats["frac_correct"] == 0.75
+    assert stats["frac_correct_wrong_step"] == 0.25
+    assert stats["frac_correct_not_process"] == 0.5  # ONE_WRONG and BARE
+    assert stats["frac_process_correct"] == 0.25
+    assert stats["frac_with_steps"] == 0.75
+    assert stats["frac_well_formed"] == 0.75
+    assert stats["step_score"] == pytest.approx((1 + 0.5 + 0.5 + 0) / 4)
+    assert stats["frac_wrong"] == 0.25
+    assert stats["wrong_length_x_frac"] == len(MISSING) / 4
+    r = measures.ratios(stats)
+    assert r["wrong_step_given_correct"] == pytest.approx(1 / 3)
+    assert r["not_process_given_correct"] == pytest.approx(2 / 3)
+    assert r["wrong_length_mean"] == len(MISSING)
+    nothing_right = measures.completion_stats([MISSING], [PROBLEM])
+    assert math.isnan(measures.ratios(nothing_right)["wrong_step_given_correct"])
+
+
+def test_hyper_sweeps():
+    points = hyper.product(
+        [hyper.seeds([0, 1]), hyper.chain([hyper.arm("a"), hyper.arm("b", {"config.x": 2})])]
+    )
+    assert [(p["config.seed"], p["arm"], p.get("config.x")) for p in points] == [
+        (0, "a", None),
+        (0, "b", 2),
+        (1, "a", None),
+        (1, "b", 2),
+    ]
+    assert all(
+        p["config.grpo.seed"] == p["config.pretrain.seed"] == p["config.seed"] for p in points
+    )
+    assert hyper.zipit([hyper.sweep("config.a", [1, 2]), hyper.sweep("config.b", [3, 4])]) == [
+        {"config.a": 1, "config.b": 3},
+        {"config.a": 2, "config.b": 4},
+    ]
+    with pytest.raises(ValueError, match="one length"):
+        hyper.zipit([hyper.sweep("config.a", [1]), hyper.sweep("config.b", [3, 4])])
+    with pytest.raises(ValueError, match="twice"):
+        hyper.product([hyper.fixed("config.a", 1), hyper.fixed("config.a", 2)])
+    with pytest.raises(ValueError, match="start with 'config.'"):
+        hyper.sweep("lr", [1])
+
+
+EXPERIMENTS = ["supervision", "fidelity", "bridge", "cold_start", "algorithms"]
+
+
+def _experiment(name: str, arg: str = "", runs_root: str | None = None) -> sweep.Experiment:
+    return sweep.load_experiment(f"experiments/configs/research_{name}.py", arg, runs_root)
+
+
+def test_sweeps_share_the_baseline_run_and_commands_reproduce_the_config():
+    dirs = {
+        name: {(p.label, p.seed): p.workdir for p in _experiment(name).points()}
+        for name in EXPERIMENTS
+    }
+    for name, points in dirs.items():
+        assert {seed for _, seed in points} == {0, 1, 2}, name
+        assert len(set(points.values())) == len(points), name  # distinct arms, distinct runs
+    for seed in (0, 1, 2):
+        baseline = dirs["supervision"][("outcome", seed)]
+        assert dirs["algorithms"][("GRPO", seed)] == baseline
+        assert dirs["cold_start"][("zero (R1-Zero)", seed)] == baseline
+        assert (
+            dirs["bridge"][("cold start + outcome", seed)]
+            == dirs["cold_start"][("cold start (R1)", seed)]
+        )
+    # The child process parses the point's command line: it must land in the same directory.
+    for p in _experiment("algorithms").points(seeds=[1]):
+        argv = ["train", *p.command[3:]]
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_file(
+            "config", None, "", flag_values=fv, lock_config=True, sys_argv=argv
+        )
+        fv(argv)
+        assert runs.workdir_for(fv.config) == p.workdir, p.label
+        assert fv.config.grpo.seed == fv.config.cold_start.seed == 1
+
+
+def test_sweep_refuses_unknown_fields(tmp_path):
+    base = _experiment("supervision").base_config()
+    with pytest.raises(ValueError, match="does not have"):
+        sweep.apply_overrides(base, {"config.grpo.no_such_knob": 1})
+
+
+def test_metric_paths():
+    s = {"after": {"accuracy": 0.5, "x": None}}
+    rows = [{"step": i + 1, "accuracy": float(i)} for i in range(30)]
+    assert summary.metric_value(s, rows, "after.accuracy") == 0.5
+    assert math.isnan(summary.metric_value(s, rows, "after.x"))
+    assert math.isnan(summary.metric_value(s, rows, "before.accuracy"))
+    assert summary.metric_value(s, rows, "rollout.accuracy.first10") == 4.5
+    assert summary.metric_value(s, rows, "rollout.accuracy.last10") == 24.5
+    assert summary.metric_value(s, rows, "rollout.accuracy.mean") == 14.5
+    with pytest.raises(ValueError, match="rollout"):
+        summary.metric_value(s, rows, "rollout.accuracy.median")
+
+
+def test_summarize_tables_seeds_with_mean_and_sd(tmp_path):
+    exp = _experiment("cold_start", "smoke", str(tmp_path / "runs"))
+    accuracy = {("zero (R1-Zero)", 0): 0.2, ("cold start (R1)", 0): 0.5}
+    for p in exp.points(seeds=[0]):
+        p.workdir.mkdir(parents=True)
+        acc = accuracy[(p.label, p.seed)]
+        (p.workdir / runs.SUMMARY_FILE).write_text(
+            json.dumps({"after": {"accuracy": acc}, "wall_seconds": 1.0})
+        )
+        rows = [{"step": s, "accuracy": acc + 0.01 * s} for s in range(1, 6)]
+        (p.workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # A second seed for one arm, so that it has a standard deviation.
+    (other,) = [p for p in exp.points(seeds=[1]) if p.label == "cold start (R1)"]
+    other.workdir.mkdir(parents=True)
+    (other.workdir / runs.SUMMARY_FILE).write_text(json.dumps({"after": {"accuracy": 0.7}}))
+    (other.workdir / "metrics.jsonl").write_text(json.dumps({"step": 1, "accuracy": 0.7}) + "\n")
+
+    out = tmp_path / "results"
+    results = summary.summarize(exp, out)
+    cold = results["arms"]["cold start (R1)"]["metrics"]["after.accuracy"]
+    assert cold["values"] == [0.5, 0.7] and cold["n"] == 2
+    assert cold["mean"] == pytest.approx(0.6)
+    assert cold["sd"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    zero = results["arms"]["zero (R1-Zero)"]["metrics"]["rollout.accuracy.mean"]
+    assert zero["mean"] == pytest.approx(0.23) and zero["sd"] == 0.0
+    table = (out / "results.md").read_text()
+    assert "| cold start (R1) | – | 0.600 ± 0.141 (2) |" in table
+    assert (out / "curves.png").stat().st_size > 1000
+    assert (out / "bars.png").stat().st_size > 1000
+    assert json.loads((out / "results.json").read_text())["experiment"] == "research_cold_start"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    corpus = arithmetic.pretraining_corpus(0, 300, frac_worked=0.5)
+    tok = train_sentencepiece(
+        corpus,
+        tmp_path_factory.mktemp("tok") / "t.model",
+        vocab_size=96,
+        user_defined_symbols=templates.SPECIAL_TOKENS,
+    )
+    cfg = model_preset(
+        "tiny",
+        vocab_size=tok.vocab_size,
+        num_layers=1,
+        embed_dim=32,
+        num_heads=2,
+        num_kv_heads=2,
+        head_dim=16,
+        mlp_dim=64,
+        max_seq_len=256,
+    )
+    mesh = sharding.make_mesh(sharding.MeshConfig())
+    graphdef, params = sharding.create_model(cfg, mesh, seed=3)
+    return tok, cfg, mesh, graphdef, params
+
+
+def _naive_answer_nll(graphdef, params, tok, text):
+    from flax import nnx
+
+    ids = tok.encode(text, add_bos=True)
+    logits = np.asarray(nnx.merge(graphdef, params)(np.asarray([ids], np.int32))[0], np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    logp -= logits.max(-1, keepdims=True)
+    start = len(ids) - 1 - ids[::-1].index(tok.piece_to_id(templates.ANSWER_OPEN)) + 1
+    end = ids.index(tok.piece_to_id(templates.ANSWER_CLOSE), start)
+    return -sum(logp[t - 1, ids[t]] for t in range(start, end)), end - start
+
+
+def test_bridge_nll_matches_a_per_text_forward(tiny_model):
+    tok, _, _, graphdef, params = tiny_model
+    problems = arithmetic.ArithmeticTask().eval_set(0, 5)
+    own = [completion(["Step 1: 3 + 4 = 7"]), BARE, RIGHT, "garbage", ""]
+    texts = [
+        bridge.bridge_texts(p, o)[c]
+        for p, o in zip(problems, own, strict=True)
+        for c in bridge.CONTEXTS
+    ]
+    nll, count = bridge.answer_nll(graphdef, params, tok, texts, batch_size=4, width_multiple=32)
+    for i, text in enumerate(texts):
+        ref_nll, ref_count = _naive_answer_nll(graphdef, params, tok, text)
+        assert count[i] == ref_count == len(problems[i // 3]["answer"])
+        assert nll[i] == pytest.approx(ref_nll, rel=1e-4, abs=1e-4)
+    per = bridge.bridge_texts(problems[0], BARE)
+    assert per["own"] == per["none"]
+    assert arithmetic.worked_solution(problems[0]) in per["gold"]
+    m = bridge.measure(graphdef, params, tok, problems, own)
+    assert m["frac_own_nonempty"] == pytest.approx(3 / 5)  # BARE and "" have no reasoning
+    by_text = nll.reshape(5, 3)
+    assert m["ppl_none"] == pytest.approx(math.exp(by_text[:, 0].sum() / count[::3].sum()), 1e-5)
+
+
+def test_base_cache_round_trip_and_key(tiny_model, tmp_path):
+    tok, cfg, mesh, graphdef, params = tiny_model
+    base_cache.save_params(params, tmp_path / "p.npz")
+    _, fresh = sharding.create_model(cfg, mesh, seed=4)  # other values, same structure
+    loaded = base_cache.load_params(fresh, tmp_path / "p.npz", mesh)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    config = _experiment("supervision").base_config()
+    key = base_cache.stage1_key(config)
+    rl_only = sweep.apply_overrides(
+        config, {"config.grpo.kl_coef": 0.1, "config.reward.mode": "both"}
+    )
+    assert base_cache.stage1_key(rl_only) == key  # RL settings share the base model
+    for change in (
+        {"config.pretrain.steps": 10},
+        {"config.seed": 5},
+        {"config.data.frac_worked": 0.1},
+    ):
+        assert base_cache.stage1_key(sweep.apply_overrides(config, change)) != key, change
