@@ -17,12 +17,9 @@ minibatch updates each), greedy
 held-out evaluation (256 problems) and the bridge measurement before and after.
 """
 
-import dataclasses
-
 import ml_collections
 
 from experiments.configs import r1_zero_tiny
-from rl_reason.trainer import GRPOConfig
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -49,11 +46,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             )
         )
         c.measure = ml_collections.ConfigDict(dict(bridge=True))
-        # Every GRPO option as a field (its default unless set above), so that sweeps and the
-        # command line can set any of them; options whose default is None stay unset.
-        for f in dataclasses.fields(GRPOConfig):
-            if f.name not in c.grpo and f.default is not None:
-                c.grpo[f.name] = f.default
+        # The other GRPO options the sweeps or the command line may set, at GRPOConfig's
+        # defaults. Listed, not read from GRPOConfig: a new trainer option must not rename
+        # (re-hash) the run directories of a campaign in progress.
+        grpo_defaults = dict(
+            adam_b1=0.9,
+            adam_b2=0.99,
+            dynamic_sampling=False,
+            eval_temperature=1.0,
+            format_reward=0.0,
+            kl_estimator="k3",
+            mask_truncated=False,
+            max_nonfinite_steps=3,
+            max_sampling_rounds=4,
+            off_policy_steps=0,
+            overlong_buffer=0,
+            overlong_penalty=1.0,
+            ratio_level="token",
+            recompute_old_logprobs=False,
+            top_k=0,
+            top_p=1.0,
+            weight_decay=0.0,
+        )
+        for name, value in grpo_defaults.items():
+            if name not in c.grpo:  # the smoke config sets overlong_buffer
+                c.grpo[name] = value
         if c.smoke:
             c.runs_root = "runs/research_smoke"
             c.grpo.update(steps=2, checkpoint_every=0, overlong_buffer=16, minibatches=2)
