@@ -11,7 +11,7 @@ Prints a markdown table and writes the JSON. Multi-host flags are in rl_reason/l
 from absl import app, flags
 from ml_collections import config_flags
 
-from rl_reason import evaluate_run, launch, sharding
+from rl_reason import evaluate_run, launch
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "recipe config file[:arg]", lock_config=True
@@ -25,9 +25,7 @@ _OUT = flags.DEFINE_string("out", None, "result JSON (default: WORKDIR/eval/NAME
 
 def main(argv):
     del argv
-    launch.configure_logging()
-    f = flags.FLAGS
-    sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+    launch.start()
     result = evaluate_run.evaluate(
         _CONFIG.value,
         _CHECKPOINT.value,

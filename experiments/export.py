@@ -11,7 +11,7 @@ and loads with models.from_pretrained or transformers' AutoModelForCausalLM.
 from absl import app, flags
 from ml_collections import config_flags
 
-from rl_reason import evaluate_run, launch, sharding
+from rl_reason import evaluate_run, launch
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "recipe config file[:arg]", lock_config=True
@@ -22,9 +22,7 @@ _OUT = flags.DEFINE_string("out", None, "output directory (default: WORKDIR/expo
 
 def main(argv):
     del argv
-    launch.configure_logging()
-    f = flags.FLAGS
-    sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+    launch.start()
     out = evaluate_run.export(_CONFIG.value, _CHECKPOINT.value, _OUT.value)
     print(f"wrote {out}", flush=True)
 

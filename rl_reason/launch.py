@@ -50,11 +50,19 @@ def pipeline(name: str):
     return getattr(importlib.import_module(module), fn)
 
 
-def main(config):
-    """Start the runtime (multi-host flags / TPU environment), then run the config's pipeline."""
+def start() -> tuple[int, int]:
+    """Logging, then JAX's runtime from the multi-host flags or the TPU environment; returns
+    (process_index, process_count). Call before anything touches the devices."""
     from rl_reason import sharding
 
     configure_logging()
+    return sharding.initialize_distributed(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    )
+
+
+def main(config):
+    """Start the runtime, then run the config's pipeline."""
     run = pipeline(config.pipeline)
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    start()
     return run(config)

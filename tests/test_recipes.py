@@ -25,7 +25,7 @@ from flax import nnx
 from experiments.configs import countdown_qwen2_5_3b, gsm8k_qwen2_5_0_5b, math_qwen2_5_math_1_5b
 from models import from_pretrained
 from models.safetensors_io import open_checkpoint
-from rl_reason import evaluate_run, launch, recipe, sharding, verifiers
+from rl_reason import evaluate_run, launch, recipe, sharding, tiny_model, verifiers
 from rl_reason.metrics import read_jsonl
 from rl_reason.tokenizer import load_tokenizer
 
@@ -73,7 +73,9 @@ def _logits(model, ids) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return recipe.build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2", "qwen2", TINY_TEXTS)
+    return tiny_model.build_tiny_model(
+        tmp_path_factory.mktemp("tiny") / "qwen2", "qwen2", TINY_TEXTS
+    )
 
 
 def _bos_tokenizer(directory, *, template_has_bos: bool):
@@ -134,9 +136,9 @@ def test_tiny_tokenizer_chatml_stops_and_padded_rows(tiny_dir):
     assert recipe.chat_end_token(tokenizer) == im_end
     assert recipe.stop_token_ids(tokenizer, "chat") == (eos, im_end)
     assert recipe.stop_token_ids(tokenizer, "r1_zero") == (eos,)
-    assert tokenizer.vocab_size == recipe.TINY_VOCAB
+    assert tokenizer.vocab_size == tiny_model.TINY_VOCAB
     cfg = json.loads((tiny_dir / "config.json").read_text())
-    assert cfg["vocab_size"] == recipe.TINY_EMBEDDING_ROWS > tokenizer.vocab_size
+    assert cfg["vocab_size"] == tiny_model.TINY_EMBEDDING_ROWS > tokenizer.vocab_size
     assert cfg["model_type"] == "qwen2" and cfg["tie_word_embeddings"] is True
     chat = recipe.ChatTask(recipe.make_task(gsm8k_qwen2_5_0_5b.get_config()), tokenizer)
     assert chat.prompt({"question": "2 + 2?"}) == (
@@ -189,25 +191,26 @@ def test_recipe_configs_are_complete_and_checked():
 def family_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
     return {
-        f: recipe.build_tiny_model(root / f, f, TINY_TEXTS, seed=1) for f in recipe.TINY_FAMILIES
+        f: tiny_model.build_tiny_model(root / f, f, TINY_TEXTS, seed=1)
+        for f in tiny_model.TINY_FAMILIES
     }
 
 
-@pytest.mark.parametrize("family", sorted(recipe.TINY_FAMILIES))
+@pytest.mark.parametrize("family", sorted(tiny_model.TINY_FAMILIES))
 def test_tiny_models_of_every_family_load_back(family_dirs, family):
     directory = family_dirs[family]
     model = from_pretrained(directory)
     assert json.loads((directory / "config.json").read_text())["model_type"] == family
     logits = _logits(model, IDS)
-    assert logits.shape == (2, 15, recipe.TINY_EMBEDDING_ROWS) and np.isfinite(logits).all()
+    assert logits.shape == (2, 15, tiny_model.TINY_EMBEDDING_ROWS) and np.isfinite(logits).all()
     eos = load_tokenizer(directory).eos_id
     # The sharpened eos row: eos is likelier than an average token, not certain.
     probs = jax.nn.softmax(logits, axis=-1)
-    assert 1 / recipe.TINY_EMBEDDING_ROWS < float(probs[..., eos].mean()) < 0.5
+    assert 1 / tiny_model.TINY_EMBEDDING_ROWS < float(probs[..., eos].mean()) < 0.5
 
 
 @pytest.mark.ref
-@pytest.mark.parametrize("family", sorted(recipe.TINY_FAMILIES))
+@pytest.mark.parametrize("family", sorted(tiny_model.TINY_FAMILIES))
 def test_tiny_models_of_every_family_match_transformers(family_dirs, family):
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
