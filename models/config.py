@@ -13,6 +13,8 @@ import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+# Rematerialisation of each block in the backward pass (see ModelConfig.remat).
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,10 @@ class ModelConfig:
     max_seq_len: int = 2048
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations and matmuls
+    # What the backward pass keeps of each block's forward: "none" keeps every activation (the
+    # fastest, the most memory); "full" keeps only the block's input and recomputes the rest;
+    # "dots" keeps the outputs of the weight matmuls and recomputes the cheap elementwise work.
+    remat: str = "none"
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -89,6 +95,10 @@ class ModelConfig:
             self.param_dtype in _DTYPES, f"param_dtype {self.param_dtype!r} not in {list(_DTYPES)}"
         )
         need(self.dtype in _DTYPES, f"dtype {self.dtype!r} not in {list(_DTYPES)}")
+        need(
+            self.remat in REMAT_POLICIES,
+            f"remat {self.remat!r} is not one of {REMAT_POLICIES}",
+        )
         need(self.rope_theta > 0, "rope_theta must be positive")
         for cap in ("attn_logit_softcap", "final_logit_softcap"):
             value = getattr(self, cap)

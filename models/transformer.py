@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import kv_cache
 from models.config import ModelConfig
 from models.kv_cache import KVCache, LayerKV
 
@@ -168,44 +169,52 @@ class Attention(nnx.Module):
         return self._out(o.reshape(b, t, cfg.num_heads, cfg.head_dim)), LayerKV(k, v)
 
     def decode(self, x_B1D, positions_B, layer_cache: LayerKV, prefix: LayerKV, cache: KVCache):
-        """One new token per row. Returns (out [B,1,D], updated suffix LayerKV)."""
+        """One new token per row. Returns (out [B,1,D], updated suffix LayerKV).
+
+        The softmax runs jointly over the prompt part (shared by a group, [P, K, Sp, H]) and the
+        row's own slots ([B, K, S, H]) without concatenating them: each part gives its scores'
+        max, sum of exponentials and exp-weighted values, combined as one softmax would.
+        """
         cfg = self.cfg
-        b = x_B1D.shape[0]
+        b, h = x_B1D.shape[0], cfg.head_dim
         kv, r = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
         p_count = prefix.k.shape[0]
         g = b // p_count
         q, k_new, v_new = self._project(x_B1D, positions_B[:, None])
-        k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache.k, k_new, cache.index, axis=1)
-        v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache.v, v_new, cache.index, axis=1)
-        q = q.reshape(b, kv, r, cfg.head_dim)
+        layer_cache = kv_cache.write(layer_cache, k_new, v_new, cache.index)
 
-        # Prompt keys are stored once per prompt and read once for its G samples.
-        s_pre = self._scores(
-            q.reshape(p_count, g, kv, r, cfg.head_dim), prefix.k, "pgkrh,pskh->pgkrs"
-        ).reshape(b, kv, r, -1)
-        pre_ok = jnp.repeat(cache.prefix_mask, g, axis=0)
-        pre_ok &= self._window_ok(positions_B[:, None], jnp.repeat(cache.prefix_positions, g, 0))
-        s_pre = jnp.where(pre_ok[:, None, None, :], s_pre, _NEG_INF)
+        # Prompt keys are stored once per prompt and read once for its G samples: the group's
+        # G * R query heads of one kv head form one matmul against them.
+        q_pre = q.reshape(p_count, g, kv, r, h).transpose(0, 2, 1, 3, 4)  # [P, K, G, R, H]
+        s_pre = self._scores(q_pre, prefix.k, "pkgrh,pksh->pkgrs")
+        pre_ok = cache.prefix_mask[:, None, :] & self._window_ok(
+            positions_B.reshape(p_count, g)[:, :, None], cache.prefix_positions[:, None, :]
+        )  # [P, G, Sp]
+        s_pre = jnp.where(pre_ok[:, None, :, None, :], s_pre, _NEG_INF)
 
-        s_suf = self._scores(q, k_all, "bkrh,bskh->bkrs")
-        slots = jnp.arange(k_all.shape[1])
+        q_suf = q.reshape(b, kv, r, h)
+        s_suf = self._scores(q_suf, layer_cache.k, "bkrh,bksh->bkrs")  # [B, K, R, S]
+        slots = jnp.arange(layer_cache.k.shape[kv_cache.SEQ_AXIS])
         suf_positions = positions_B[:, None] - cache.index + slots[None, :]
         suf_ok = (slots <= cache.index)[None, :] & self._window_ok(
             positions_B[:, None], suf_positions
-        )
+        )  # [B, S]
         s_suf = jnp.where(suf_ok[:, None, None, :], s_suf, _NEG_INF)
 
-        sp = s_pre.shape[-1]
-        probs = jax.nn.softmax(jnp.concatenate([s_pre, s_suf], axis=-1), axis=-1)
-        p_pre, p_suf = probs[..., :sp], probs[..., sp:]
-        o = jnp.einsum(
-            "pgkrs,pskh->pgkrh",
-            p_pre.reshape(p_count, g, kv, r, sp).astype(prefix.v.dtype),
-            prefix.v,
-        ).reshape(b, kv, r, cfg.head_dim)
-        o = o + jnp.einsum("bkrs,bskh->bkrh", p_suf.astype(v_all.dtype), v_all)
-        out = self._out(o.reshape(b, 1, cfg.num_heads, cfg.head_dim))
-        return out, LayerKV(k_all, v_all)
+        # The row's current token is always visible, so the joint max is finite.
+        to_rows = lambda x_PKGR: x_PKGR.transpose(0, 2, 1, 3).reshape(b, kv, r)
+        to_groups = lambda x_BKR: x_BKR.reshape(p_count, g, kv, r).transpose(0, 2, 1, 3)
+        m_BKR = jnp.maximum(to_rows(jnp.max(s_pre, axis=-1)), jnp.max(s_suf, axis=-1))
+        e_pre = jnp.exp(s_pre - to_groups(m_BKR)[..., None])
+        e_suf = jnp.exp(s_suf - m_BKR[..., None])
+        denom_BKR = to_rows(jnp.sum(e_pre, axis=-1)) + jnp.sum(e_suf, axis=-1)
+        o_pre = jnp.einsum("pkgrs,pksh->pgkrh", e_pre.astype(prefix.v.dtype), prefix.v).reshape(
+            b, kv, r, h
+        )
+        o_suf = jnp.einsum("bkrs,bksh->bkrh", e_suf.astype(layer_cache.v.dtype), layer_cache.v)
+        o = (o_pre.astype(jnp.float32) + o_suf.astype(jnp.float32)) / denom_BKR[..., None]
+        out = self._out(o.reshape(b, 1, cfg.num_heads, h))
+        return out, layer_cache
 
 
 class MLP(nnx.Module):
@@ -257,6 +266,22 @@ class Block(nnx.Module):
     def decode(self, x, positions_B, layer_cache, prefix, cache):
         attn_out, kv = self.attn.decode(self.attn_norm(x), positions_B, layer_cache, prefix, cache)
         return self._finish(x, attn_out), kv
+
+
+def _call_block(block, x, positions_BT, mask_BT, segment_ids_BT):
+    return block(x, positions_BT, mask_BT, segment_ids_BT)
+
+
+def _remat(policy: str):
+    """A block call that rematerialises in the backward pass as `ModelConfig.remat` says
+    (without differentiation it runs the block once, as a plain call does)."""
+    if policy == "none":
+        return _call_block
+    saveable = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }[policy]
+    return nnx.remat(_call_block, policy=saveable)
 
 
 def positions_from_mask(mask_BT: jax.Array) -> jax.Array:
@@ -327,8 +352,9 @@ class Transformer(nnx.Module):
             positions_BT = positions_from_mask(mask_BT)
         x = self.embed(input_ids_BT)
         kvs = []
+        run = _remat(self.cfg.remat)
         for block in self.layers:
-            x, kv = block(x, positions_BT, mask_BT, segment_ids_BT)
+            x, kv = run(block, x, positions_BT, mask_BT, segment_ids_BT)
             kvs.append(kv)
         h = self.final_norm(x)
         out = h if return_hidden else self.logits(h)
