@@ -37,6 +37,10 @@ class SamplingConfig:
 
     `vocab_size`: ids at or past it are never sampled (embedding rows padded beyond the
     tokenizer's vocabulary); None allows every row.
+
+    `max_decode_segments`: decoding runs in up to this many segments of growing KV-cache length
+    (`decode_segments`), so that early tokens do not attend over the whole budget; 1 compiles
+    the decode step once.
     """
 
     temperature: float = 1.0
@@ -44,8 +48,11 @@ class SamplingConfig:
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
     vocab_size: int | None = None
+    max_decode_segments: int = 4
 
     def __post_init__(self) -> None:
+        if self.max_decode_segments < 1:
+            raise ValueError(f"max_decode_segments must be >= 1, got {self.max_decode_segments}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -53,6 +60,10 @@ class SamplingConfig:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+# Shortest decode segment (see `decode_segments`).
+_MIN_SEGMENT = 64
 
 
 @struct.dataclass
@@ -103,25 +114,88 @@ def _argmax_first(x_BV: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, iota, x_BV.shape[-1]), axis=-1)
 
 
+# Vocabulary block of the two-level inverse-CDF search in `_categorical`.
+_CDF_BLOCK = 128
+
+
+def _first_reaching(cum_BN: jax.Array, weight_BN: jax.Array, target_B: jax.Array) -> jax.Array:
+    """Per row, the first index whose running sum reaches the target and whose weight is > 0;
+    the last index of positive weight when rounding left the target just above the total."""
+    iota = jax.lax.broadcasted_iota(jnp.int32, cum_BN.shape, 1)
+    n = cum_BN.shape[-1]
+    hit = (cum_BN >= target_B[:, None]) & (weight_BN > 0)
+    first = jnp.min(jnp.where(hit, iota, n), axis=-1)
+    last = jnp.max(jnp.where(weight_BN > 0, iota, -1), axis=-1)
+    return jnp.where(first == n, last, first)
+
+
+def _categorical(logits_BV: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One token per row from softmax(logits) [B, V] (-inf entries are never drawn), and its
+    log-prob, by inverting the CDF at one uniform number per row (`inverse_cdf`).
+
+    Gumbel-max needs B * V random numbers per step: at 32 x 32000 its threefry bits and logs
+    cost ~5 ms of a llama-20m decode step on the CPU, more than the rest of the token choice.
+    Inversion needs B.
+    """
+    u_B = jax.random.uniform(key, (logits_BV.shape[0],), jnp.float32)
+    return inverse_cdf(logits_BV, u_B)
+
+
+def inverse_cdf(logits_BV: jax.Array, u_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The token whose CDF interval holds u (in [0, 1)) under softmax(logits), per row, and its
+    log-prob.
+
+    The CDF is searched in two levels, sums of 128-entry blocks and then within the chosen
+    block, because a [B, V] cumsum is slow on the CPU. Entries of zero probability are skipped
+    explicitly, so float rounding of the running sums cannot land on one.
+    """
+    b, v = logits_BV.shape
+    blocks = -(-v // _CDF_BLOCK)
+    top_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+    e_BV = jnp.exp(logits_BV - top_B1)
+    if blocks * _CDF_BLOCK != v:
+        e_BV = jnp.pad(e_BV, ((0, 0), (0, blocks * _CDF_BLOCK - v)))
+    e_BNC = e_BV.reshape(b, blocks, _CDF_BLOCK)
+    block_sum_BN = jnp.sum(e_BNC, axis=-1)
+    block_cum_BN = jnp.cumsum(block_sum_BN, axis=-1)
+    total_B = block_cum_BN[:, -1]
+    # 1 - u lies in (0, 1]: a zero target would match a leading zero-probability entry.
+    target_B = (1.0 - u_B) * total_B
+    block_B = _first_reaching(block_cum_BN, block_sum_BN, target_B)
+    before_B = jnp.where(
+        block_B > 0,
+        jnp.take_along_axis(block_cum_BN, jnp.maximum(block_B - 1, 0)[:, None], axis=-1)[:, 0],
+        0.0,
+    )
+    inner_BC = jnp.take_along_axis(e_BNC, block_B[:, None, None], axis=1)[:, 0]
+    inner_cum_BC = before_B[:, None] + jnp.cumsum(inner_BC, axis=-1)
+    token_B = block_B * _CDF_BLOCK + _first_reaching(inner_cum_BC, inner_BC, target_B)
+    picked_B = jnp.take_along_axis(logits_BV, token_B[:, None], axis=-1)[:, 0]
+    return token_B.astype(jnp.int32), picked_B - top_B1[:, 0] - jnp.log(total_B)
+
+
+def _token_logprob(logits_BV: jax.Array, token_B: jax.Array) -> jax.Array:
+    """log softmax(logits)[token] per row, without forming the [B, V] log-probs."""
+    picked = jnp.take_along_axis(logits_BV, token_B[:, None], axis=-1)[:, 0]
+    return picked - jax.nn.logsumexp(logits_BV, axis=-1)
+
+
 def _choose(logits_BV: jax.Array, key: jax.Array, cfg: SamplingConfig):
     """(token [B], sampling log-prob [B], policy log-prob [B])."""
+    logits_BV = logits_BV.astype(jnp.float32)
     # The policy log-prob is over every embedding row, as the trainer's forward pass sees it.
-    policy_lp = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
-    if cfg.vocab_size is not None and cfg.vocab_size < logits_BV.shape[-1]:
+    raw_BV = logits_BV
+    masks_vocab = cfg.vocab_size is not None and cfg.vocab_size < logits_BV.shape[-1]
+    if masks_vocab:
         logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < cfg.vocab_size, logits_BV, -jnp.inf)
     if cfg.temperature == 0.0:
         token = _argmax_first(logits_BV).astype(jnp.int32)
-        sample_lp = jnp.zeros(token.shape, jnp.float32)
-    else:
-        filtered = filter_logits(logits_BV, cfg)
-        # jax.random.categorical(key, filtered) spelled out (Gumbel-max, same noise, same
-        # tokens) so that the argmax is the fast one.
-        noise = jax.random.gumbel(key, filtered.shape, filtered.dtype)
-        token = _argmax_first(filtered + noise).astype(jnp.int32)
-        sample_lp = jnp.take_along_axis(
-            jax.nn.log_softmax(filtered, axis=-1), token[:, None], axis=-1
-        )[:, 0]
-    return token, sample_lp, jnp.take_along_axis(policy_lp, token[:, None], axis=-1)[:, 0]
+        return token, jnp.zeros(token.shape, jnp.float32), _token_logprob(raw_BV, token)
+    filters = cfg.temperature != 1.0 or cfg.top_k > 0 or cfg.top_p < 1.0
+    token, sample_lp = _categorical(filter_logits(logits_BV, cfg) if filters else logits_BV, key)
+    if not filters and not masks_vocab:
+        return token, sample_lp, sample_lp  # the sampling distribution is the policy
+    return token, sample_lp, _token_logprob(raw_BV, token)
 
 
 def _constrain_cache(cache: kv_cache.KVCache, mesh: Mesh) -> kv_cache.KVCache:
@@ -170,19 +244,15 @@ def _sample_impl(
     )
     # Left padding puts every prompt's last real token in the last column.
     first_logits = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], group_size, axis=0)
-    cache = _constrain_cache(
-        kv_cache.from_prefill(kvs, prompt_mask_PT, positions_PT, group_size, buffer_len), mesh
-    )
+    segments = decode_segments(buffer_len, cfg.max_decode_segments)
+    cache = kv_cache.from_prefill(kvs, prompt_mask_PT, positions_PT, group_size, segments[0])
     prompt_len_B = jnp.repeat(jnp.sum(prompt_mask_PT, axis=-1, dtype=jnp.int32), group_size)
     stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
     max_new = jnp.minimum(max_new_tokens, buffer_len)
 
-    def cond(state):
-        t, done = state[0], state[-2]
-        return (t < max_new) & ~jnp.all(done)
-
-    def body(state):
-        t, cache, logits, tokens, slp, plp, stopped, done, lengths = state
+    def emit(t, logits, outputs):
+        """Choose token t of every row from `logits` and record it."""
+        tokens, slp, plp, stopped, done, lengths = outputs
         token, s_lp, p_lp = _choose(logits, jax.random.fold_in(key, t), cfg)
         token = jnp.where(done, pad_id, token)
         tokens = tokens.at[:, t].set(token)
@@ -192,14 +262,16 @@ def _sample_impl(
         hit_stop = ~done & jnp.isin(token, stop_ids)
         stopped = stopped | hit_stop
         done = done | hit_stop | (t + 1 >= max_new)
-        logits, cache = model.decode(token, prompt_len_B + t, cache)
-        cache = _constrain_cache(cache, mesh)
-        return t + 1, cache, logits, tokens, slp, plp, stopped, done, lengths
+        return token, (tokens, slp, plp, stopped, done, lengths)
 
-    init = (
-        jnp.zeros((), jnp.int32),
-        cache,
-        first_logits,
+    def body(state):
+        # Token t was chosen last: feed it (writing cache slot t), choose token t + 1.
+        t, cache, token, outputs = state
+        logits, cache = model.decode(token, prompt_len_B + t, cache)
+        token, outputs = emit(t + 1, logits, outputs)
+        return t + 1, _constrain_cache(cache, mesh), token, outputs
+
+    outputs = (
         jnp.full((b, buffer_len), pad_id, jnp.int32),
         jnp.zeros((b, buffer_len), jnp.float32),
         jnp.zeros((b, buffer_len), jnp.float32),
@@ -207,7 +279,16 @@ def _sample_impl(
         jnp.zeros((b,), bool),
         jnp.zeros((b,), jnp.int32),
     )
-    _, _, _, tokens, slp, plp, stopped, _, lengths = jax.lax.while_loop(cond, body, init)
+    token, outputs = emit(0, first_logits, outputs)
+    state = (jnp.zeros((), jnp.int32), cache, token, outputs)
+    for slots in segments:
+        # Feeding token t needs slot t: this segment runs while t < slots, attending to
+        # `slots` per-sample slots instead of the whole buffer.
+        cond = lambda s, slots=slots: (s[0] < slots) & (s[0] + 1 < max_new) & ~jnp.all(s[3][4])
+        t, cache, token, outputs = state
+        state = (t, _constrain_cache(kv_cache.grow(cache, slots), mesh), token, outputs)
+        state = jax.lax.while_loop(cond, body, state)
+    tokens, slp, plp, stopped, _, lengths = state[3]
     mask = jnp.arange(buffer_len)[None, :] < lengths[:, None]
     return SampleOutput(
         tokens=tokens,
@@ -219,6 +300,18 @@ def _sample_impl(
         prompt_ids=prompt_ids_PT,
         prompt_mask=prompt_mask_PT,
     )
+
+
+def decode_segments(buffer_len: int, max_segments: int) -> tuple[int, ...]:
+    """Per-sample cache lengths of the decode segments: at most `max_segments` equal steps of
+    at least `_MIN_SEGMENT` slots (a multiple of 8), the last one `buffer_len`.
+
+    Each segment is its own loop over a cache of static length, so attention reads only the
+    slots that can be live in it; more segments read less but compile the decode step again.
+    """
+    count = max(1, min(max_segments, buffer_len // _MIN_SEGMENT))
+    step = -(-buffer_len // count // 8) * 8
+    return tuple(sorted({min(step * i, buffer_len) for i in range(1, count + 1)}))
 
 
 _COMPILED: dict[tuple, Callable] = {}
@@ -329,12 +422,15 @@ def sample(
         pad_id=pad_id,
     )
     batch = sharding.batch_sharding(mesh, 2)
+    repl = NamedSharding(mesh, PartitionSpec())
+    # Every input goes to the devices by an explicit transfer, none implicitly at the call: the
+    # sampler runs under jax.transfer_guard("disallow") (tests/test_transfer_guard.py).
     return fn(
         params,
         jax.make_array_from_process_local_data(batch, ids),
         jax.make_array_from_process_local_data(batch, mask),
         # Raw key bits: a host value every process holds alike (a typed key array would be
         # committed to one local device).
-        np.asarray(jax.random.key_data(key)),
-        np.asarray(max_new_tokens, np.int32),
+        jax.make_array_from_process_local_data(repl, np.asarray(jax.random.key_data(key))),
+        jax.make_array_from_process_local_data(repl, np.asarray(max_new_tokens, np.int32)),
     )
