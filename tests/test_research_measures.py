@@ -263,7 +263,7 @@ def _naive_answer_nll(graphdef, params, tok, text):
 def test_bridge_nll_matches_a_per_text_forward(tiny_model):
     tok, _, _, graphdef, params = tiny_model
     problems = arithmetic.ArithmeticTask().eval_set(0, 5)
-    own = [completion(["Step 1: 3 + 4 = 7"]), BARE, RIGHT, "garbage", ""]
+    own = [arithmetic.target_completion(problems[0]), BARE, RIGHT, "garbage", ""]
     texts = [
         bridge.bridge_texts(p, o)[c]
         for p, o in zip(problems, own, strict=True)
@@ -281,6 +281,13 @@ def test_bridge_nll_matches_a_per_text_forward(tiny_model):
     assert m["frac_own_nonempty"] == pytest.approx(3 / 5)  # BARE and "" have no reasoning
     by_text = nll.reshape(5, 3)
     assert m["ppl_none"] == pytest.approx(math.exp(by_text[:, 0].sum() / count[::3].sum()), 1e-5)
+    # Only the first own completion has this problem's right steps.
+    assert m["frac_own_right"] == pytest.approx(1 / 5)
+    assert m["ppl_own_right"] == pytest.approx(math.exp(by_text[0, 1] / count[1]), 1e-5)
+    wrong = [2, 3]  # non-empty and not right
+    assert m["ppl_own_wrong"] == pytest.approx(
+        math.exp(by_text[wrong, 1].sum() / count[1::3][wrong].sum()), 1e-5
+    )
 
 
 def test_base_cache_round_trip_and_key(tiny_model, tmp_path):

@@ -109,8 +109,9 @@ def measure(
 
     Keys: ppl_<context>, nll_<context> (mean per problem), frac_own_below_none (own context
     gives the answer a lower NLL than none; ties do not count), frac_own_nonempty (problems
-    whose own think block is not empty) and ppl_own_nonempty / ppl_none_nonempty (perplexities
-    over those problems alone; NaN if there are none).
+    whose own think block is not empty), frac_own_right (whose own steps are exactly right,
+    `arithmetic.process_correct`), and ppl_<own|none>_<nonempty|right|wrong>: the perplexities
+    over those problems alone (wrong: non-empty but not right; NaN if there are none).
     """
     if len(problems) != len(own_completions):
         raise ValueError(f"{len(problems)} problems but {len(own_completions)} completions")
@@ -122,16 +123,22 @@ def measure(
             raise ValueError("the answer tokenizes differently across contexts")
         count = count_c
     nonempty = np.asarray([t["own"] != t["none"] for t in per_text])
+    right = np.asarray(
+        [arithmetic.process_correct(c, p) for p, c in zip(problems, own_completions, strict=True)]
+    )
+    subsets = {"nonempty": nonempty, "right": right, "wrong": nonempty & ~right}
     out: dict[str, float] = {}
     for c in CONTEXTS:
         out[f"ppl_{c}"] = float(np.exp(nll[c].sum() / count.sum()))
         out[f"nll_{c}"] = float(nll[c].mean())
     out["frac_own_below_none"] = float(np.mean(nll["own"] < nll["none"] - 1e-6))
     out["frac_own_nonempty"] = float(nonempty.mean())
-    for c in ("own", "none"):
-        out[f"ppl_{c}_nonempty"] = (
-            float(np.exp(nll[c][nonempty].sum() / count[nonempty].sum()))
-            if nonempty.any()
-            else float("nan")
-        )
+    out["frac_own_right"] = float(right.mean())
+    for name, rows in subsets.items():
+        for c in ("own", "none"):
+            out[f"ppl_{c}_{name}"] = (
+                float(np.exp(nll[c][rows].sum() / count[rows].sum()))
+                if rows.any()
+                else float("nan")
+            )
     return out
