@@ -189,10 +189,19 @@ def _plot_curves(arms: Mapping[str, list[dict]], spec: Mapping[str, Any], path: 
 
 
 def _plot_bars(results: Mapping[str, Any], spec: Mapping[str, Any], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     labels = list(results["arms"])
-    fig, axes = _figure(len(spec["table"]), max(5.0, 1.1 * len(labels) + 2), 1.9)
+    n = len(spec["table"])
+    ncols = min(4, n)
+    nrows = -(-n // ncols)
+    width = max(2.0, 0.45 * len(labels) + 1.2)
+    fig = Figure(figsize=(width * ncols, 2.7 * nrows + 0.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     x = np.arange(len(labels))
-    for ax, (name, key) in zip(axes, spec["table"], strict=True):
+    for ax, (name, key) in zip(axes, spec["table"], strict=False):
         ms = [results["arms"][a]["metrics"][key] for a in labels]
         means = np.asarray([m["mean"] for m in ms], np.float64)
         sds = np.asarray([m["sd"] for m in ms], np.float64)
@@ -200,9 +209,12 @@ def _plot_bars(results: Mapping[str, Any], spec: Mapping[str, Any], path: Path) 
         for i, m in enumerate(ms):
             pts = [v for v in m["values"] if math.isfinite(v)]
             ax.plot([i] * len(pts), pts, "k.", markersize=4)
-        ax.set_ylabel(name, fontsize=7)
-        ax.set_xticks(x, labels if ax is axes[-1] else [""] * len(labels), fontsize=7)
+        ax.set_title(name, fontsize=8)
+        ax.set_xticks(x, labels, fontsize=7, rotation=35, ha="right")
+        ax.tick_params(axis="y", labelsize=7)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(spec["title"] + " (mean ± s.d. over seeds; dots: seeds)")
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.suptitle(f"{spec['title']}: mean ± s.d. over seeds (dots: seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
