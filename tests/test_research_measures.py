@@ -103,6 +103,10 @@ def test_completion_stats_and_ratios_by_hand():
     assert stats["frac_well_formed"] == 0.75
     assert stats["step_score"] == pytest.approx((1 + 0.5 + 0.5 + 0) / 4)
     assert stats["frac_wrong"] == 0.25
+    assert stats["frac_right_steps_wrong_answer"] == 0.0
+    right_steps_no_answer = RIGHT.replace("<answer>20</answer>", "<answer>21</answer>")
+    one = measures.completion_stats([right_steps_no_answer], [PROBLEM])
+    assert one["frac_right_steps_wrong_answer"] == 1.0 and one["frac_process_correct"] == 1.0
     assert stats["wrong_length_x_frac"] == len(MISSING) / 4
     r = measures.ratios(stats)
     assert r["wrong_step_given_correct"] == pytest.approx(1 / 3)

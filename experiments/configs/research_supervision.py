@@ -8,8 +8,8 @@ sample-efficiency figure), and the share of well-formed step lists.
 
 Launch (3 seeds, each arm a separate process; shared arms run once):
   python -m experiments.research --config=experiments/configs/research_supervision.py
-Expected: ~3 base models x 12 min + 9 arms x ~4 min on 2 CPU cores; results in
-experiments/results/research_supervision/.
+Expected on 2 CPU cores: one stage 1 (12 min quiet, ~35 min on a busy machine), then 9 runs
+of ~4-6 min; results in experiments/results/research_supervision/.
 """
 
 from experiments.configs import research
@@ -34,6 +34,7 @@ SUMMARY = {
         ("accuracy after RL", "after.accuracy"),
         ("process-correct after RL", "after.frac_process_correct"),
         ("step score after RL", "after.step_score"),
+        ("right steps, wrong answer", "after.frac_right_steps_wrong_answer"),
         ("well-formed after RL", "after.frac_well_formed"),
         ("train acc. (mean over run)", "rollout.accuracy.mean"),
         ("train acc. (last 10 steps)", "rollout.accuracy.last10"),

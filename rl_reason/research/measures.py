@@ -74,7 +74,8 @@ def completion_stats(
 
     Keys: frac_correct, frac_with_steps, frac_process_correct, frac_well_formed, step_score,
     frac_correct_wrong_step (correct and through a wrong step), frac_correct_not_process
-    (correct but not process-correct), and with `count_tokens` also length_mean,
+    (correct but not process-correct), frac_right_steps_wrong_answer (exactly the right steps,
+    then a wrong or missing final answer), and with `count_tokens` also length_mean,
     wrong_length_x_frac (mean of length * wrong) and frac_wrong.
     """
     if len(texts) != len(examples):
@@ -91,6 +92,7 @@ def completion_stats(
         "step_score": col["step_score"].mean(),
         "frac_correct_wrong_step": (col["correct"] * col["wrong_step"]).mean(),
         "frac_correct_not_process": (col["correct"] * (1 - col["process_ok"])).mean(),
+        "frac_right_steps_wrong_answer": ((1 - col["correct"]) * col["process_ok"]).mean(),
     }
     if count_tokens is not None:
         length = np.asarray([count_tokens(t) for t in texts], np.float64)
