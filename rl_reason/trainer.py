@@ -30,9 +30,10 @@ from jax.sharding import Mesh
 
 from models import lora
 from rl_reason import evaluation, losses, sampling, sharding, train_step
+from rl_reason.grpo_config import GRPOConfig, overlong_penalty  # noqa: F401  (re-exported)
+from rl_reason.rollout import InFlight, Rollout, flight_arrays, flight_from_arrays, vote_answer
 from rl_reason.sampling import SamplingConfig
 from rl_reason.tokenizer import Tokenizer
-from rl_reason.verifiers import answer_extraction
 
 log = logging.getLogger(__name__)
 
@@ -43,192 +44,6 @@ class Task(Protocol):
     verifier_name: str
 
     def prompt(self, example: Mapping[str, Any]) -> str: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class GRPOConfig:
-    """Every knob of the loop. Defaults follow DeepSeekMath's GRPO where it gives one."""
-
-    steps: int = 100
-    prompts_per_step: int = 16  # P
-    group_size: int = 8  # G
-    max_prompt_len: int = 128  # prompts are left-padded to this (fixed shapes, no recompiles)
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    # Optimisation.
-    learning_rate: float = 1e-6
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"
-    weight_decay: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.99
-    max_grad_norm: float | None = 1.0
-    inner_iterations: int = 1  # mu: passes over each step's samples
-    minibatches: int = 1  # optimizer updates per pass
-    microbatches: int = 1  # gradient accumulation inside one update
-    # Objective (rl_reason.losses).
-    advantage_estimator: str = "grpo"
-    aggregation: str = "token-mean"
-    ratio_level: str = "token"
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    logprob_chunk_size: int | None = None
-    recompute_old_logprobs: bool = False
-    # 1: sample step k+1's rollouts with the weights before step k's update, while step k
-    # trains and step k+1's completions are verified (one-step-off-policy; the ratio is taken
-    # against the sampler's log-probs). 0: on-policy.
-    off_policy_steps: int = 0
-    # DAPO options.
-    dynamic_sampling: bool = False
-    max_sampling_rounds: int = 4
-    overlong_buffer: int = 0  # soft overlong penalty over the last `overlong_buffer` tokens
-    overlong_penalty: float = 1.0
-    mask_truncated: bool = False
-    format_reward: float = 0.0  # weight of the `format` verifier added to the reward
-    # Robustness.
-    max_nonfinite_steps: int = 3
-    # Evaluation and checkpoints.
-    eval_every: int = 0  # 0: only before and after training
-    eval_samples: int = 4  # k for mean@k / maj@k / pass@k
-    eval_temperature: float = 1.0
-    checkpoint_every: int = 0
-    checkpoint_keep: int = 2
-    verifier_workers: int = 2
-    verifier_timeout_s: float = 10.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        checks = {
-            "steps": self.steps >= 0,
-            "prompts_per_step": self.prompts_per_step >= 1,
-            "group_size": self.group_size >= 2,
-            "max_new_tokens": self.max_new_tokens >= 1,
-            "inner_iterations": self.inner_iterations >= 1,
-            "minibatches": self.minibatches >= 1,
-            "microbatches": self.microbatches >= 1,
-            "max_sampling_rounds": self.max_sampling_rounds >= 1,
-            "overlong_buffer": 0 <= self.overlong_buffer < self.max_new_tokens,
-            "eval_samples": self.eval_samples >= 1,
-            "off_policy_steps": self.off_policy_steps in (0, 1),
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            listed = ", ".join(f"{b}={getattr(self, b)!r}" for b in bad)
-            raise ValueError(
-                f"GRPOConfig: invalid {listed} (group_size needs >= 2: "
-                "advantages are relative to the group)"
-            )
-        if self.off_policy_steps and self.dynamic_sampling:
-            raise ValueError(
-                "GRPOConfig: off_policy_steps=1 cannot be combined with dynamic_sampling (a "
-                "refill round would have to wait for the update it should overlap)"
-            )
-        rows = self.prompts_per_step * self.group_size
-        if rows % (self.minibatches * self.microbatches):
-            raise ValueError(
-                f"GRPOConfig: P*G = {rows} rows must split evenly into minibatches "
-                f"({self.minibatches}) x microbatches ({self.microbatches})"
-            )
-        for name, value, valid in (
-            ("advantage_estimator", self.advantage_estimator, losses.ADVANTAGE_ESTIMATORS),
-            ("aggregation", self.aggregation, losses.AGGREGATIONS),
-            ("ratio_level", self.ratio_level, losses.RATIO_LEVELS),
-            ("kl_estimator", self.kl_estimator, losses.KL_ESTIMATORS),
-        ):
-            if value not in valid:
-                raise ValueError(f"GRPOConfig.{name}={value!r}; valid: {list(valid)}")
-
-    @property
-    def rows(self) -> int:
-        return self.prompts_per_step * self.group_size
-
-    def loss_config(self) -> train_step.LossConfig:
-        return train_step.LossConfig(
-            clip_eps_low=self.clip_eps_low,
-            clip_eps_high=self.clip_eps_high,
-            ratio_level=self.ratio_level,
-            aggregation=self.aggregation,
-            max_len=self.max_new_tokens,
-            kl_coef=self.kl_coef,
-            kl_estimator=self.kl_estimator,
-            chunk_size=self.logprob_chunk_size,
-        )
-
-    def optim_config(self) -> train_step.OptimConfig:
-        updates = self.steps * self.inner_iterations * self.minibatches
-        return train_step.OptimConfig(
-            learning_rate=self.learning_rate,
-            warmup_steps=self.warmup_steps,
-            total_steps=max(updates, 1),
-            schedule=self.lr_schedule,
-            weight_decay=self.weight_decay,
-            b1=self.adam_b1,
-            b2=self.adam_b2,
-            max_grad_norm=self.max_grad_norm,
-        )
-
-
-def overlong_penalty(
-    lengths: np.ndarray, max_new_tokens: int, buffer: int, penalty: float
-) -> np.ndarray:
-    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 up to L_max - buffer, then
-    linearly down to -penalty at L_max."""
-    if buffer <= 0:
-        return np.zeros(lengths.shape, np.float32)
-    over = np.clip(lengths - (max_new_tokens - buffer), 0, buffer)
-    return (-penalty * over / buffer).astype(np.float32)
-
-
-@dataclasses.dataclass
-class Rollout:
-    """One sampling round on the host: P prompts x G samples, with rewards."""
-
-    examples: list[dict]
-    out: Any  # sampling.SampleOutput (device arrays)
-    texts: list[str]
-    rewards: np.ndarray  # [B]
-    correct: np.ndarray  # [B] bool
-    lengths: np.ndarray  # [B]
-    truncated: np.ndarray  # [B]
-    verify_seconds: float
-    verify_wait_seconds: float
-
-
-@dataclasses.dataclass
-class _InFlight:
-    """A sampling round dispatched to the device and, once submitted, to the verifiers."""
-
-    examples: list[dict]
-    out: Any  # sampling.SampleOutput
-    logprobs: tuple  # (ref, recomputed old): device arrays or None
-    texts: list[str] | None = None
-    lengths: np.ndarray | None = None
-    truncated: np.ndarray | None = None
-    handle: Any = None
-    submitted_at: float = 0.0
-
-
-def _flight_arrays(out, ref, old) -> dict:
-    """An in-flight round as a flat dict of arrays for the checkpoint (absent ones left out)."""
-    arrays = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
-    arrays.update({k: v for k, v in (("ref", ref), ("old", old)) if v is not None})
-    return arrays
-
-
-def _flight_from_arrays(arrays: Mapping[str, Any]) -> tuple:
-    fields = {f.name for f in dataclasses.fields(sampling.SampleOutput)}
-    out = sampling.SampleOutput(**{k: v for k, v in arrays.items() if k in fields})
-    return out, arrays.get("ref"), arrays.get("old")
-
-
-def _vote_answer(text: str) -> str | None:
-    """The answer maj@k votes on: the verifiers' anchored extraction, None unless unique."""
-    answers = answer_extraction.final_answers(text).answers
-    return answers[0] if len(answers) == 1 else None
 
 
 class GRPOTrainer:
@@ -343,7 +158,7 @@ class GRPOTrainer:
         self.key = jax.jit(lambda: jax.random.key(cfg.seed), out_shardings=self._replicated)()
         self.step_count = 0
         self.updates = 0
-        self._in_flight: _InFlight | None = None  # off_policy_steps=1: next step's round
+        self._in_flight: InFlight | None = None  # off_policy_steps=1: next step's round
         self._data_before_in_flight: dict | None = None
         self._nonfinite_in_a_row = 0
         self._nonfinite_total = 0
@@ -434,19 +249,19 @@ class GRPOTrainer:
             )
         return rewards, correct
 
-    def _dispatch(self, examples: list[dict], key) -> _InFlight:
+    def _dispatch(self, examples: list[dict], key) -> InFlight:
         """Sample on the device and queue the reference / recomputed old log-probs after it;
         returns at once (JAX dispatch is asynchronous)."""
         out = self._generate(examples, key, group_size=self.cfg.group_size, config=self.sampling)
-        return _InFlight(examples, out, self._device_logprobs(out))
+        return InFlight(examples, out, self._device_logprobs(out))
 
-    def _send_to_verifiers(self, f: _InFlight) -> None:
+    def _send_to_verifiers(self, f: InFlight) -> None:
         """Decode this process's completions (waits for the sampler) and submit them."""
         f.texts, f.lengths, f.truncated = self._texts(f.out)
         f.submitted_at = time.perf_counter()
         f.handle = self._submit(f.texts, f.examples, self.cfg.group_size)
 
-    def _receive(self, f: _InFlight) -> Rollout:
+    def _receive(self, f: InFlight) -> Rollout:
         """Rewards of a submitted round, gathered over processes (waits for the verifiers)."""
         t_wait = time.perf_counter()
         rewards, correct = self._collect(f.handle, len(f.texts))
@@ -750,7 +565,7 @@ class GRPOTrainer:
                 _, ok = self._collect(self._submit(texts, local, k), len(texts))
                 ok = ok.reshape(-1, k)
                 votes = [
-                    [_vote_answer(t) for t in texts[i * k : (i + 1) * k]] for i in range(len(local))
+                    [vote_answer(t) for t in texts[i * k : (i + 1) * k]] for i in range(len(local))
                 ]
                 hits = [
                     [evaluation.majority_correct(v[:kk], o[:kk]) for kk in ks]
@@ -836,7 +651,7 @@ class GRPOTrainer:
         if self._in_flight is not None:
             # The round sampled for the next step with weights no longer held: saved so a
             # resumed run trains on exactly it (its examples come back from the data position).
-            state["in_flight"] = _flight_arrays(self._in_flight.out, *self._in_flight.logprobs)
+            state["in_flight"] = flight_arrays(self._in_flight.out, *self._in_flight.logprobs)
         return state
 
     def abstract_state(self) -> dict:
@@ -873,7 +688,7 @@ class GRPOTrainer:
         )
         ref = rows((b, n), f32) if self.ref_params is not None else None
         old = rows((b, n), f32) if self.cfg.recompute_old_logprobs else None
-        return _flight_arrays(out, ref, old)
+        return flight_arrays(out, ref, old)
 
     def meta(self, extra: Mapping[str, Any] | None = None) -> dict:
         """JSON-able rest of the state: counters, the data position, the config."""
@@ -926,8 +741,8 @@ class GRPOTrainer:
         if "in_flight" in state:
             # The data position is the one before the in-flight round's examples were drawn.
             self._data_before_in_flight = meta["data"]
-            out, ref, old = _flight_from_arrays(state["in_flight"])
-            self._in_flight = _InFlight(self._next_examples(), out, (ref, old))
+            out, ref, old = flight_from_arrays(state["in_flight"])
+            self._in_flight = InFlight(self._next_examples(), out, (ref, old))
             self._send_to_verifiers(self._in_flight)
         self.updates = counters["updates"]
         self._nonfinite_in_a_row = counters["nonfinite_in_a_row"]
