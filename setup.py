@@ -30,7 +30,8 @@ setup(
     packages=find_packages(include=["rl_reason*", "models*", "experiments*", "benchmarks*"]),
     install_requires=CORE,
     extras_require={
-        "dev": ["pytest>=8", "ruff"],
+        # nbclient + ipykernel: the test suite executes notebooks/quickstart.ipynb.
+        "dev": ["pytest>=8", "ruff", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         # Reference implementations for parity tests and benchmarks only. torch is pinned to the
         # CPU wheel; any other spec pulls gigabytes of CUDA packages.
         "ref": ["torch==2.13.0", "transformers>=4.45", "safetensors"],
