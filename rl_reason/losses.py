@@ -597,6 +597,19 @@ def entropy(
     return _map_over_time(fn, (logits,), chunk_size)
 
 
+# Largest float32 logits that token_logprobs_from_hidden forms at once when no chunk is given.
+AUTO_CHUNK_BYTES = 256 * 2**20
+
+
+def auto_chunk_size(n: int, t: int, v: int, budget_bytes: int = AUTO_CHUNK_BYTES) -> int | None:
+    """Positions per chunk so that [n, chunk, v] float32 logits fit `budget_bytes` (None: all
+    [n, t, v] fit, no chunking)."""
+    per_position = 4 * n * v
+    if per_position * t <= budget_bytes:
+        return None
+    return max(1, budget_bytes // per_position)
+
+
 def token_logprobs_from_hidden(
     hidden_NTD: ArrayLike,
     tokens_NT: ArrayLike,
@@ -615,7 +628,10 @@ def token_logprobs_from_hidden(
     float32. With ``final_logit_softcap`` c the logits become c·tanh(logits / c) [Gemma2]; then
     they are divided by ``temperature``. With ``chunk_size`` only [N, chunk_size, V] logits exist
     at a time, in the forward and the backward pass (the gradient w.r.t. W is accumulated over
-    chunks).
+    chunks). ``chunk_size=None`` chunks only when the whole [N, T, V] float32 logits would exceed
+    `AUTO_CHUNK_BYTES` (then in the largest chunks that fit it): a big vocabulary is never
+    materialised whole, and small ones keep the faster single pass (chunks are recomputed in the
+    backward pass).
 
     Returns:
       logp [N, T] float32, or (logp [N, T], entropy [N, T]) with ``return_entropy=True``.
@@ -642,6 +658,10 @@ def token_logprobs_from_hidden(
             "(unembed_DV is [D, V], embed_VD is [V, D])"
         )
     chunk_size = _check_chunk_size(chunk_size)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(
+            *hidden.shape[:2], w.shape[1] if unembed_DV is not None else w.shape[0]
+        )
     _check_temperature(temperature)
     if final_logit_softcap is not None and _concrete_float(final_logit_softcap) == 0:
         raise ValueError("final_logit_softcap must be a non-zero cap or None, got 0")
