@@ -53,6 +53,12 @@ _CHUNK = flags.DEFINE_integer(
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per side, after one warm-up.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and the batch.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny preset, 4 rows of 8 + 8 tokens, 1 repeat.")
+_TORCH_ONE_THREAD = flags.DEFINE_bool(
+    "torch_one_thread",
+    True,
+    "Also time torch with torch.set_num_threads(1): on a loaded machine its default threads can "
+    "collapse; the ratio is against the faster of the two settings.",
+)
 
 TARGET_RATIO = 1.0
 CLIP_EPS = 0.2
@@ -121,10 +127,11 @@ class _Ours:
 class _Torch:
     """The same step in PyTorch: transformers model, the same loss formula, AdamW."""
 
-    def __init__(self, ref, host, old_logp: np.ndarray, dtype: str):
+    def __init__(self, ref, host, old_logp: np.ndarray, dtype: str, threads: int | None = None):
         import torch
 
         self.torch = torch
+        self.threads = threads
         self.ref = ref.train()
         self.opt = torch.optim.AdamW(
             self.ref.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.99), weight_decay=0.0
@@ -141,6 +148,15 @@ class _Torch:
         self.autocast = dtype == "bfloat16"
 
     def __call__(self) -> dict[str, float]:
+        previous = self.torch.get_num_threads()
+        if self.threads is not None:
+            self.torch.set_num_threads(self.threads)
+        try:
+            return self._step()
+        finally:
+            self.torch.set_num_threads(previous)
+
+    def _step(self) -> dict[str, float]:
         torch, tp, n = self.torch, self.tp, self.tokens.shape[1]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
             hidden = self.ref.model(input_ids=self.ids, attention_mask=self.attn_mask)
@@ -205,7 +221,12 @@ def main(argv: list[str]) -> None:
         if not abs(a - b) <= tol * max(1.0, abs(b)):
             raise AssertionError(f"first-step {k}: ours {a} vs torch {b}: not the same work")
 
-    seconds = common.time_interleaved({"ours": ours, "torch": theirs}, st["repeats"])
+    sides = {"ours": ours, "torch": theirs}
+    if _TORCH_ONE_THREAD.value:
+        # The same model and optimizer state, stepped with one intra-op thread.
+        sides["torch_1thread"] = _Torch(ref, host, ours.old_logp, _DTYPE.value, threads=1)
+        sides["torch_1thread"].opt = theirs.opt
+    seconds = common.time_interleaved(sides, st["repeats"])
     roof = roofline.measure(_SMOKE.value)
     roof = {k: max(v, roof[k]) if isinstance(v, float) else v for k, v in roof_before.items()}
     peak = roof[
@@ -220,7 +241,9 @@ def main(argv: list[str]) -> None:
         r["mfu"] = r["flops_per_s"] / peak
         results[name] = r
     results["ours"].update(compile_s=compile_s, first_call_s=ours_first_s)
-    ratio = results["ours"]["best_per_s"] / results["torch"]["best_per_s"]
+    torch_names = [name for name in results if name.startswith("torch")]
+    fastest = max(results[name]["best_per_s"] for name in torch_names)
+    ratio = results["ours"]["best_per_s"] / fastest
 
     print()
     print(roofline.describe(roof))
@@ -232,7 +255,7 @@ def main(argv: list[str]) -> None:
         ["", "tok/s best", "tok/s median", "s best", "MFU"],
     )
     print(
-        f"\nours / torch (best tok/s): {ratio:.2f}x (target >= {TARGET_RATIO:g}x); "
+        f"\nours / faster torch (best tok/s): {ratio:.2f}x (target >= {TARGET_RATIO:g}x); "
         f"compile {compile_s:.1f} s; first-step loss {agreement['loss'][0]:.6f} vs "
         f"{agreement['loss'][1]:.6f}"
     )
@@ -242,12 +265,16 @@ def main(argv: list[str]) -> None:
         "smoke": _SMOKE.value,
         "ours_tokens_per_s": results["ours"]["best_per_s"],
         "torch_tokens_per_s": results["torch"]["best_per_s"],
+        "torch_fastest_tokens_per_s": fastest,
         "ratio": ratio,
-        "ratio_median": results["ours"]["median_per_s"] / results["torch"]["median_per_s"],
+        "ratio_vs_torch_default_threads": results["ours"]["best_per_s"]
+        / results["torch"]["best_per_s"],
+        "ratio_median": results["ours"]["median_per_s"]
+        / max(results[name]["median_per_s"] for name in torch_names),
         "target_ratio": TARGET_RATIO,
         "met_target": ratio >= TARGET_RATIO,
         "ours_mfu": results["ours"]["mfu"],
-        "torch_mfu": results["torch"]["mfu"],
+        "torch_mfu": max(results[name]["mfu"] for name in torch_names),
         "step_flops": step_flops,
         "first_step_agreement": agreement,
         "roofline": roof,

@@ -63,7 +63,7 @@ class SamplingConfig:
 
 
 # Shortest decode segment (see `decode_segments`).
-_MIN_SEGMENT = 64
+_MIN_SEGMENT = 256
 
 
 @struct.dataclass

@@ -63,10 +63,10 @@ def test_inverse_cdf_frequencies_follow_softmax():
 
 def test_decode_segments():
     assert decode_segments(16, 4) == (16,)
-    assert decode_segments(128, 4) == (64, 128)
-    assert decode_segments(256, 4) == (64, 128, 192, 256)
-    assert decode_segments(256, 1) == (256,)
-    assert decode_segments(1000, 4) == (256, 512, 768, 1000)
+    assert decode_segments(256, 4) == (256,)
+    assert decode_segments(1024, 4) == (256, 512, 768, 1024)
+    assert decode_segments(1024, 1) == (1024,)
+    assert decode_segments(1000, 4) == (336, 672, 1000)
     with pytest.raises(ValueError, match="max_decode_segments"):
         SamplingConfig(max_decode_segments=0)
 
@@ -95,16 +95,12 @@ def model():
 
 def test_segmented_decode_equals_full_forward_and_one_segment(model):
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
-    kw = dict(group_size=2, max_new_tokens=150, buffer_len=256)
-    cfg4 = SamplingConfig(max_decode_segments=4, stop_token_ids=(7,))  # 64, 128, 192, 256
-    out = jax.tree.map(np.asarray, sample(model, prompts, jax.random.key(0), config=cfg4, **kw))
-    assert out.lengths.max() > 128  # a row crossed two segment boundaries
+    kw = dict(group_size=2, max_new_tokens=530, buffer_len=768)
+    cfg3 = SamplingConfig(max_decode_segments=3)  # caches of 256, 512, 768 slots
+    out = jax.tree.map(np.asarray, sample(model, prompts, jax.random.key(0), config=cfg3, **kw))
+    assert (out.lengths == 530).all()  # every row crossed two segment boundaries
     one = sample(
-        model,
-        prompts,
-        jax.random.key(0),
-        config=SamplingConfig(max_decode_segments=1, stop_token_ids=(7,)),
-        **kw,
+        model, prompts, jax.random.key(0), config=SamplingConfig(max_decode_segments=1), **kw
     )
     np.testing.assert_array_equal(out.tokens, np.asarray(one.tokens))
     np.testing.assert_allclose(out.policy_logprobs, np.asarray(one.policy_logprobs), atol=1e-5)
@@ -124,6 +120,6 @@ def test_segmented_decode_equals_full_forward_and_one_segment(model):
 
 def test_compiled_once_per_segment_layout(model):
     before = sampling.compiled_count()
-    for n in (70, 130):
-        sample(model, [[1, 2]], jax.random.key(1), max_new_tokens=n, buffer_len=256)
+    for n in (70, 300):
+        sample(model, [[1, 2]], jax.random.key(1), max_new_tokens=n, buffer_len=512)
     assert sampling.compiled_count() == before + 1
