@@ -128,3 +128,56 @@ def print_table(rows: list[list[Any]], header: list[str]) -> None:
         )
         if n == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def _busy_union(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+def device_busy_seconds(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall seconds of `fn()`, seconds in which the device executed something during it).
+
+    From a JAX profiler trace (Python tracing off): the union of the spans of XLA executions
+    and their ops on the runtime's threads. On the CPU the "device" is these threads; time not
+    covered by them is the host's own work (Python, tokenising, waiting on other processes) that
+    the device idles through. The trace format is the profiler's, not a stable API: an empty
+    trace raises rather than reporting an idle device.
+    """
+    import glob
+    import gzip
+    import tempfile
+
+    import jax
+
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, profiler_options=options):
+            start = time.perf_counter()
+            fn()
+            wall = time.perf_counter() - start
+        (path,) = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+        with gzip.open(path) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    threads = {
+        (e["pid"], e["tid"]): e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "thread_name"
+    }
+    spans = []
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") != "X" or name.startswith(("end: ", "ThreadpoolListener")):
+            continue
+        if threads.get((e.get("pid"), e.get("tid")), "").startswith("tf_XLA"):
+            spans.append((e["ts"], e["ts"] + e.get("dur", 0)))
+    if not spans:
+        raise RuntimeError("the profiler trace holds no XLA execution spans")
+    return wall, _busy_union(spans) / 1e6
