@@ -3,7 +3,12 @@
 * Each prompt is prefilled once; its KV cache is shared by its G samples (models/kv_cache.py).
 * Decoding runs in `lax.while_loop` and stops as soon as every row has emitted a stop token or
   reached its budget. `max_new_tokens` is a traced scalar (no recompile when it changes); the
-  cache buffer and the prompt width are bucketed so that new lengths rarely recompile.
+  cache buffer and the prompt width are bucketed so that new lengths rarely recompile. Long
+  budgets decode in segments of growing static cache length (`decode_segments`), so a token
+  attends only to the slots that can be live in its segment.
+* Tokens are drawn by inverting the CDF at one uniform number per row (`inverse_cdf`), not by
+  Gumbel-max over the whole vocabulary, whose B x V random numbers cost more than the rest of
+  the token choice on a CPU.
 * Prompts are left-padded; positions count real tokens only, so a padded prompt yields the same
   samples as the unpadded one for the same key.
 * Rows are ordered prompt-major: row p * G + g is sample g of prompt p (the layout
