@@ -31,19 +31,28 @@ SUMMARY = {
     ),
     "table": [
         (
-            "wrong step | correct, first 10 steps",
+            "wrong step given correct, first 10 steps",
             "rollout.rollout_wrong_step_given_correct.first10",
         ),
-        ("wrong step | correct, last 10 steps", "rollout.rollout_wrong_step_given_correct.last10"),
-        ("not exact | correct, first 10", "rollout.rollout_not_process_given_correct.first10"),
-        ("not exact | correct, last 10", "rollout.rollout_not_process_given_correct.last10"),
+        (
+            "wrong step given correct, last 10 steps",
+            "rollout.rollout_wrong_step_given_correct.last10",
+        ),
+        (
+            "steps not exact given correct, first 10",
+            "rollout.rollout_not_process_given_correct.first10",
+        ),
+        (
+            "steps not exact given correct, last 10",
+            "rollout.rollout_not_process_given_correct.last10",
+        ),
         ("writes steps, last 10", "rollout.rollout_frac_with_steps.last10"),
-        ("wrong step | correct, held-out after", "after.wrong_step_given_correct"),
+        ("wrong step given correct, held-out after", "after.wrong_step_given_correct"),
         ("process-correct, held-out after", "after.frac_process_correct"),
     ],
     "curves": [
-        ("wrong step | correct answer", "rollout_wrong_step_given_correct"),
-        ("steps not exact | correct answer", "rollout_not_process_given_correct"),
+        ("wrong step given correct answer", "rollout_wrong_step_given_correct"),
+        ("steps not exact given correct answer", "rollout_not_process_given_correct"),
         ("writes steps", "rollout_frac_with_steps"),
     ],
 }

@@ -127,7 +127,7 @@ def summarize(
 def markdown_table(results: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
     """Arms as rows, table metrics as columns; each cell mean ± s.d. (seeds)."""
     lines = [f"### {spec['title']}", "", spec["question"], ""]
-    header = ["arm"] + [name for name, _ in spec["table"]]
+    header = ["arm"] + [name.replace("|", "\\|") for name, _ in spec["table"]]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for label, entry in results["arms"].items():
