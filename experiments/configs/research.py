@@ -7,13 +7,13 @@ GRPO (token-mean, no KL, groups of 8). The experiment configs next to this file
 Launch one arm:
   python -m experiments.train --config=experiments/configs/research.py
   python -m experiments.train --config=experiments/configs/research.py \\
-      --config.reward.mode=process --config.seed=1
+      --config.reward.mode=process --config.grpo.seed=1
   python -m experiments.train --config=experiments/configs/research.py:smoke     # ~30 s
 
-The run directory is runs/research/s<seed>-<hash of the config> unless --config.workdir is
-given; stage 1 (~12 min on 2 CPU cores) is cached per seed in runs/research/base and shared
-by every arm. An arm then takes ~4 min: 30 GRPO steps of 16 prompts x 8 samples (two
-minibatch updates each), greedy
+The run directory is runs/research/s<seed>-r<RL seed>-<hash of the config> unless
+--config.workdir is given; stage 1 (~12 min on 2 quiet CPU cores) is cached per stage-1 setting
+in runs/research/base and shared by every arm (and, in the sweeps, every RL seed). An arm then
+takes ~4 min: 30 GRPO steps of 16 prompts x 8 samples (two minibatch updates each), greedy
 held-out evaluation (256 problems) and the bridge measurement before and after.
 """
 

@@ -34,8 +34,11 @@ SUMMARY = {
         ("wrong-answer tokens, held-out", "after.wrong_length_mean"),
         ("wrong-answer tokens, rollouts last 10", "rollout.rollout_wrong_length_mean.last10"),
         ("all tokens, rollouts last 10", "rollout.response_length_mean.last10"),
-        ("clip fraction (mean)", "rollout.clip_frac_high.mean"),
+        ("clipped share, low (mean)", "rollout.clip_frac_low.mean"),
+        ("clipped share, high (mean)", "rollout.clip_frac_high.mean"),
+        ("KL to the base, last 10", "rollout.kl_ref.last10"),
         ("sampling rounds (mean)", "rollout.sampling_rounds.mean"),
+        ("seconds per RL step", "rollout.time_step.mean"),
     ],
     "curves": [
         ("training accuracy (T=1)", "accuracy"),
