@@ -73,6 +73,25 @@ def summarize(seconds: list[float], units: float) -> dict[str, float]:
     }
 
 
+def limit_cpus(count: int) -> None:
+    """Confine this process (XLA's threads, torch's) to `count` of the CPUs it may use.
+
+    Call before JAX's backend starts (its thread pool is sized then). On a machine shared with
+    other jobs, both sides of a benchmark confined to one CPU compare like with like, where a
+    two-thread run is slowed by whichever of its threads shares a core with another process.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if not 0 < count <= len(cpus):
+        raise ValueError(f"--cpus must be in 1..{len(cpus)}, got {count}")
+    os.sched_setaffinity(0, set(cpus[:count]))
+    try:
+        import torch
+
+        torch.set_num_threads(count)
+    except ImportError:
+        pass
+
+
 def environment() -> dict[str, Any]:
     """Versions and machine facts that a speed figure is meaningless without.
 

@@ -75,6 +75,9 @@ _HF_ONE_THREAD = flags.DEFINE_bool(
     "of the two keeps such a collapse from flattering ours.",
 )
 _PROFILE = flags.DEFINE_bool("profile", False, "Also show where our decode step's time goes.")
+_CPUS = flags.DEFINE_integer(
+    "cpus", 0, "Confine both sides to this many CPUs (common.limit_cpus); 0: all of them."
+)
 _SMOKE = flags.DEFINE_bool(
     "smoke", False, "Tiny preset, batch 4, prompt 8, 8 new tokens, 1 repeat: checks it runs."
 )
@@ -297,6 +300,8 @@ def _peak(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
     del argv
+    if _CPUS.value:
+        common.limit_cpus(_CPUS.value)
     if _TORCH_THREADS.value:
         import torch
 
@@ -472,6 +477,7 @@ def main(argv: list[str]) -> None:
         "settings": {
             **st,
             "dtype": _DTYPE.value,
+            "cpus": _CPUS.value or None,
             "seed": _SEED.value,
             "num_params": cfg.num_params(),
             "temperature": 1.0,

@@ -52,6 +52,9 @@ _CHUNK = flags.DEFINE_integer(
 )
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per side, after one warm-up.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and the batch.")
+_CPUS = flags.DEFINE_integer(
+    "cpus", 0, "Confine both sides to this many CPUs (common.limit_cpus); 0: all of them."
+)
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny preset, 4 rows of 8 + 8 tokens, 1 repeat.")
 _TORCH_ONE_THREAD = flags.DEFINE_bool(
     "torch_one_thread",
@@ -183,6 +186,8 @@ class _Torch:
 
 def main(argv: list[str]) -> None:
     del argv
+    if _CPUS.value:
+        common.limit_cpus(_CPUS.value)
     st = _settings()
     rows, tp, n = st["rows"], st["prompt_len"], st["completion_len"]
     chunk = _CHUNK.value or None
@@ -285,6 +290,7 @@ def main(argv: list[str]) -> None:
             "dtype": _DTYPE.value,
             "remat": _REMAT.value,
             "chunk_size": chunk,
+            "cpus": _CPUS.value or None,
             "seed": _SEED.value,
             "num_params": cfg.num_params(),
         },
