@@ -46,6 +46,12 @@ _STEPS = flags.DEFINE_integer("steps", 6, "Timed RL steps per verifier (after on
 _WORKERS = flags.DEFINE_integer("workers", 2, "Verifier pool worker processes.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per device phase.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "The smoke config, one step per verifier.")
+_KL = flags.DEFINE_float(
+    "kl_coef",
+    None,
+    "Override grpo.kl_coef: > 0 adds the reference log-prob pass, which runs on the device "
+    "while the verifiers work (the overlap this measures); None keeps the config's.",
+)
 
 TARGET_OUTSIDE_FRACTION = 0.10
 _STEP_KEYS = ("time_step", "time_sample_verify", "time_train", "time_verify", "time_verify_hidden")
@@ -166,6 +172,8 @@ def _device_phases(trainer: GRPOTrainer, examples: list[dict], repeats: int) -> 
 def main(argv):
     del argv
     config = r1_zero_tiny.get_config("smoke" if _SMOKE.value else None)
+    if _KL.value is not None:
+        config.grpo.kl_coef = _KL.value
     steps = 1 if _SMOKE.value else _STEPS.value
     repeats = 1 if _SMOKE.value else _REPEATS.value
     env = common.environment()
@@ -228,6 +236,7 @@ def main(argv):
         "workers": _WORKERS.value,
         "rows_per_step": config.grpo.prompts_per_step * config.grpo.group_size,
         "max_new_tokens": config.grpo.max_new_tokens,
+        "kl_coef": config.grpo.kl_coef,
         "environment": {**env, "load_average_1_5_15_end": list(os.getloadavg())},
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
