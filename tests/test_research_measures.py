@@ -191,8 +191,10 @@ def test_metric_paths():
     assert summary.metric_value(s, rows, "rollout.accuracy.first10") == 4.5
     assert summary.metric_value(s, rows, "rollout.accuracy.last10") == 24.5
     assert summary.metric_value(s, rows, "rollout.accuracy.mean") == 14.5
+    spiky = rows[:3] + [{"step": 4, "accuracy": 1000.0}]
+    assert summary.metric_value(s, spiky, "rollout.accuracy.median") == 1.5
     with pytest.raises(ValueError, match="rollout"):
-        summary.metric_value(s, rows, "rollout.accuracy.median")
+        summary.metric_value(s, rows, "rollout.accuracy.p90")
 
 
 def test_summarize_tables_seeds_with_mean_and_sd(tmp_path):

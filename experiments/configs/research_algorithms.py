@@ -36,7 +36,7 @@ SUMMARY = {
         ("all tokens, rollouts last 10", "rollout.response_length_mean.last10"),
         ("clipped share, low (mean)", "rollout.clip_frac_low.mean"),
         ("clipped share, high (mean)", "rollout.clip_frac_high.mean"),
-        ("KL to the base, last 10 (KL arm only)", "rollout.kl_ref.last10"),
+        ("KL to the base, median step (KL arm only)", "rollout.kl_ref.median"),
         ("sampling rounds (mean)", "rollout.sampling_rounds.mean"),
         ("seconds per RL step", "rollout.time_step.mean"),
     ],

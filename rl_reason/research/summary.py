@@ -11,8 +11,8 @@ writes into `out_dir`:
   bars.png       each table metric as bars with ± 1 s.d. error bars and the seeds as dots
 
 Table metrics are paths: ``after.accuracy`` (a field of summary.json, nested with dots) or
-``rollout.<metric>.<mean|first10|last10>`` (a per-step metric of metrics.jsonl over all steps,
-the first ten or the last ten).
+``rollout.<metric>.<mean|median|first10|last10>`` (a per-step metric of metrics.jsonl: mean or
+median over all steps, mean over the first ten or the last ten).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from rl_reason.research import runs
 from rl_reason.research.sweep import Experiment
 
 SMOOTH = 5
-AGGREGATES = ("mean", "first10", "last10")
+AGGREGATES = ("mean", "median", "first10", "last10")
 
 
 def metric_value(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], path: str) -> float:
@@ -42,10 +42,11 @@ def metric_value(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], 
         if agg not in AGGREGATES or not key:
             raise ValueError(f"{path!r}: use rollout.<metric>.<{'|'.join(AGGREGATES)}>")
         _, values = series(rows, key)
-        values = values[np.isfinite(values)] if agg == "mean" else values
-        part = {"mean": values, "first10": values[:10], "last10": values[-10:]}[agg]
+        part = {"first10": values[:10], "last10": values[-10:]}.get(agg, values)
         part = part[np.isfinite(part)]
-        return float(part.mean()) if part.size else math.nan
+        if not part.size:
+            return math.nan
+        return float(np.median(part) if agg == "median" else part.mean())
     node: Any = summary
     for name in path.split("."):
         if not isinstance(node, Mapping) or name not in node:
