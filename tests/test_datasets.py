@@ -365,8 +365,10 @@ def test_get_task_names_and_errors():
     assert get_task("gsm8k", verifier="math").verifier_name == "math"
     with pytest.raises(ValueError, match="valid names: arithmetic, countdown, gsm8k, math"):
         get_task("aime")
-    with pytest.raises(ValueError, match="valid names: arithmetic, code, countdown"):
+    with pytest.raises(ValueError, match="unknown verifier 'exact' for task 'gsm8k'") as info:
         get_task("gsm8k", verifier="exact")
+    # Other modules may register more verifiers; the built-ins are always listed.
+    assert all(n in str(info.value) for n in ["arithmetic", "code", "countdown", "gsm8k", "math"])
     with pytest.raises(TypeError, match="valid: max_bad_fraction$"):
         get_task("gsm8k", seed=1)
     with pytest.raises(ValueError, match="max_ops"):

@@ -38,7 +38,8 @@ def test_padded_prompts_give_identical_samples(model):
     a = _np(sample(model, PROMPTS, key, group_size=2, max_new_tokens=12))
     b = _np(sample(model, PROMPTS, key, group_size=2, max_new_tokens=12, prompt_width=32))
     np.testing.assert_array_equal(a.tokens, b.tokens)
-    np.testing.assert_allclose(a.policy_logprobs, b.policy_logprobs, atol=1e-5)
+    # Different cache widths change float32 reduction order; logits are of order 10 here.
+    np.testing.assert_allclose(a.policy_logprobs, b.policy_logprobs, rtol=2e-5, atol=1e-5)
     # Each prompt alone (no padding at width 16 beyond its own) gives the same rows too.
     for i, prompt in enumerate(PROMPTS):
         alone = _np(sample(model, [prompt] * len(PROMPTS), key, group_size=2, max_new_tokens=12))
@@ -61,7 +62,7 @@ def test_shared_prefill_equals_repeated_prompts(model):
     repeated = [p for p in PROMPTS for _ in range(3)]
     plain = _np(sample(model, repeated, key, group_size=1, max_new_tokens=10))
     np.testing.assert_array_equal(shared.tokens, plain.tokens)
-    np.testing.assert_allclose(shared.policy_logprobs, plain.policy_logprobs, atol=1e-5)
+    np.testing.assert_allclose(shared.policy_logprobs, plain.policy_logprobs, rtol=2e-5, atol=1e-5)
     np.testing.assert_array_equal(shared.lengths, plain.lengths)
 
 
