@@ -4,6 +4,7 @@ Golden numbers are worked out by hand in the comments; the bridge's batched log-
 checked against a per-text forward pass with numpy's log-softmax.
 """
 
+import functools
 import json
 import math
 
@@ -254,11 +255,22 @@ def tiny_model(tmp_path_factory):
     return tok, cfg, mesh, graphdef, params
 
 
-def _naive_answer_nll(graphdef, params, tok, text):
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, params, ids_BT):
     from flax import nnx
 
+    return nnx.merge(graphdef, params)(ids_BT)
+
+
+def _naive_answer_nll(graphdef, params, tok, text):
     ids = tok.encode(text, add_bos=True)
-    logits = np.asarray(nnx.merge(graphdef, params)(np.asarray([ids], np.int32))[0], np.float64)
+    # One text per call, right-padded to one width (causal: the padding after t is invisible at
+    # t), so that a single compiled forward serves every text.
+    width = 256
+    assert len(ids) <= width
+    padded = np.zeros((1, width), np.int32)
+    padded[0, : len(ids)] = ids
+    logits = np.asarray(_forward(graphdef, params, padded)[0, : len(ids)], np.float64)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
     logp -= logits.max(-1, keepdims=True)
     start = len(ids) - 1 - ids[::-1].index(tok.piece_to_id(templates.ANSWER_OPEN)) + 1
