@@ -1,6 +1,6 @@
 """Where the tiny experiment's RL step goes: device compute, verification, and the rest.
 
-    python -m benchmarks.rl_step [--json=PATH] [--steps=6] [--workers=2] [--smoke]
+    python -m benchmarks.rl_step [--json=PATH] [--steps=6] [--workers=2] [--off_policy] [--smoke]
 
 The policy has the r1_zero_tiny model shape, randomly initialised, so every completion runs to
 its budget (the worst case for sampling and verification volume, and the same work every step).
@@ -16,6 +16,9 @@ The breakdown, two ways:
   tokenising text, Python, dispatch;
 * a profiler trace of a few more steps: the share of their wall time in which the device
   executed nothing (common.device_busy_seconds).
+
+`--off_policy` also times the same steps with one-step-off-policy pipelining (the next round
+sampled and verified while this one trains) and reports the step-time ratio.
 
 Target (issue "Performance"): that remainder <= 10% of the step. `--smoke` runs the smoke
 config for one step each; its figures mean nothing.
@@ -51,6 +54,13 @@ _KL = flags.DEFINE_float(
     None,
     "Override grpo.kl_coef: > 0 adds the reference log-prob pass, which runs on the device "
     "while the verifiers work (the overlap this measures); None keeps the config's.",
+)
+
+_OFF_POLICY = flags.DEFINE_bool(
+    "off_policy",
+    False,
+    "Also time the real-verifier steps with one-step-off-policy pipelining "
+    "(grpo.off_policy_steps=1) and report the on-policy / off-policy step-time ratio.",
 )
 
 TARGET_OUTSIDE_FRACTION = 0.10
@@ -195,6 +205,14 @@ def main(argv):
                     dict(p, verifier=name) for p in data["rl_pool"][: trainer.cfg.prompts_per_step]
                 ]
                 phases = _device_phases(trainer, examples, repeats)
+        if _OFF_POLICY.value:
+            pipelined = config.copy_and_resolve_references()
+            with pipelined.unlocked():
+                pipelined.grpo.off_policy_steps = 1
+            trainer = _trainer(pipelined, data, tokenizer, "arithmetic", pool)
+            # The first pipelined step also samples the round after it: one more warm-up step.
+            trainer.step()
+            times["arithmetic_off_policy"] = _timed_steps(trainer, steps)
     med = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
     real = med["arithmetic"]
     step_s = real["time_step"]
@@ -237,6 +255,11 @@ def main(argv):
         "rows_per_step": config.grpo.prompts_per_step * config.grpo.group_size,
         "max_new_tokens": config.grpo.max_new_tokens,
         "kl_coef": config.grpo.kl_coef,
+        "off_policy_speedup": (
+            real["time_step"] / med["arithmetic_off_policy"]["time_step"]
+            if _OFF_POLICY.value
+            else None
+        ),
         "environment": {**env, "load_average_1_5_15_end": list(os.getloadavg())},
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -260,6 +283,12 @@ def main(argv):
         f"in a trace of the steps (target <= {TARGET_OUTSIDE_FRACTION:.0%}); real / noop "
         f"verifier step time {ratio:.3f}"
     )
+    if _OFF_POLICY.value:
+        off = med["arithmetic_off_policy"]["time_step"]
+        print(
+            f"one-step-off-policy pipelining: step {off:.3f} s vs {real['time_step']:.3f} s "
+            f"on-policy (speed-up {record['off_policy_speedup']:.3f}x)"
+        )
     if _JSON.value:
         common.write_json(_JSON.value, record)
         print(f"wrote {_JSON.value}")

@@ -130,6 +130,8 @@ ALGORITHM_ARMS = {
     # Same samples per step (P x G = 128) for every group size.
     "G=4": {"config.grpo.group_size": 4, "config.grpo.prompts_per_step": 32},
     "G=16": {"config.grpo.group_size": 16, "config.grpo.prompts_per_step": 8},
+    # One-step-off-policy pipelining: step k+1 is sampled with the weights before step k's update.
+    "GRPO, 1-step off-policy": {"config.grpo.off_policy_steps": 1},
 }
 
 

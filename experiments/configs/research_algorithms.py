@@ -1,4 +1,5 @@
-"""Algorithm ablations: GRPO vs Dr. GRPO vs DAPO vs GSPO vs RLOO, KL on/off, group size 4/8/16.
+"""Algorithm ablations: GRPO vs Dr. GRPO vs DAPO vs GSPO vs RLOO, KL on/off, group size 4/8/16,
+and GRPO with one-step-off-policy pipelining.
 
 Every arm samples 128 completions per step (the group-size arms trade prompts for samples) and
 takes two minibatch updates per step; DAPO's dynamic sampling may sample up to 4 rounds to fill
