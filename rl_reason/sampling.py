@@ -32,7 +32,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models import kv_cache, partitioning
-from models.transformer import Transformer, positions_from_mask
+from models.transformer import Transformer, positions_from_mask, rope_table
 from rl_reason import sharding
 
 
@@ -269,10 +269,14 @@ def _sample_impl(
         done = done | hit_stop | (t + 1 >= max_new)
         return token, (tokens, slp, plp, stopped, done, lengths)
 
+    # Token t is fed at position prompt_len + t: the sin/cos of every step, made once.
+    rope_BN = rope_table(prompt_len_B[:, None] + jnp.arange(buffer_len)[None], model.cfg)
+
     def body(state):
         # Token t was chosen last: feed it (writing cache slot t), choose token t + 1.
         t, cache, token, outputs = state
-        logits, cache = model.decode(token, prompt_len_B + t, cache)
+        rope = tuple(jax.lax.dynamic_slice_in_dim(x, t, 1, axis=1) for x in rope_BN)
+        logits, cache = model.decode(token, prompt_len_B + t, cache, rope)
         token, outputs = emit(t + 1, logits, outputs)
         return t + 1, _constrain_cache(cache, mesh), token, outputs
 
