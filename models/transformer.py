@@ -172,7 +172,9 @@ class Attention(nnx.Module):
         o = jnp.einsum("bkrts,bskh->btkrh", p.astype(v.dtype), v)
         return self._out(o.reshape(b, t, cfg.num_heads, cfg.head_dim)), LayerKV(k, v)
 
-    def decode(self, x_B1D, positions_B, rope, layer_cache: LayerKV, prefix: LayerKV, cache: KVCache):
+    def decode(
+        self, x_B1D, positions_B, rope, layer_cache: LayerKV, prefix: LayerKV, cache: KVCache
+    ):
         """One new token per row. Returns (out [B,1,D], updated suffix LayerKV).
 
         The softmax runs jointly over the prompt part (shared by a group, [P, K, Sp, H]) and the
