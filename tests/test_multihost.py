@@ -42,27 +42,42 @@ def _load(path) -> dict:
     }
 
 
-def _start(args: list[str], devices: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", SCRIPT, *args],
+def _run_single(out, devices: int, mesh: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", SCRIPT, str(out), f"--mesh={mesh}"],
         cwd=ROOT,
         env=_env(devices),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
+        timeout=600,
     )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return _load(out)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multihost")
     port = _free_port()
-    # All four processes at once: each spends most of its time compiling on one thread, so
-    # on two cores they overlap instead of queueing.
-    two = ["--num_processes=2", f"--port={port}"]
-    procs = [_start([str(tmp / "two.npz"), f"--process_id={i}", *two], 4) for i in range(2)]
-    procs.append(_start([str(tmp / "one.npz"), "--mesh=2,2,2"], 8))
-    procs.append(_start([str(tmp / "dev.npz"), "--mesh=1,1,1"], 1))
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                SCRIPT,
+                str(tmp / "two.npz"),
+                f"--process_id={i}",
+                "--num_processes=2",
+                f"--port={port}",
+            ],
+            cwd=ROOT,
+            env=_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         outputs = [p.communicate(timeout=600) for p in procs]
     finally:
@@ -72,8 +87,8 @@ def runs(tmp_path_factory):
         assert p.returncode == 0, err[-4000:]
     return {
         "two_processes": _load(tmp / "two.npz"),
-        "one_process": _load(tmp / "one.npz"),
-        "one_device": _load(tmp / "dev.npz"),
+        "one_process": _run_single(tmp / "one.npz", 8, "2,2,2"),
+        "one_device": _run_single(tmp / "dev.npz", 1, "1,1,1"),
     }
 
 
