@@ -1,8 +1,9 @@
 """models.from_pretrained / save_pretrained without transformers: placement on 8 fake CPU devices,
 bit-exact round trips, the safetensors format against the `safetensors` library, and the errors.
 
-The mesh half runs in a subprocess (this file run as a module) with
-XLA_FLAGS=--xla_force_host_platform_device_count=8, since the test process has one CPU device.
+The mesh half (compute_on_meshes) runs in the shared process with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/multidevice/runner.py), since the test
+process has one CPU device.
 Shardings are read off the loaded arrays (`.sharding.spec`, each device's shard shape) and the
 expected ones are written out by hand, not recomputed from the rules.
 """
@@ -11,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,6 @@ from models import (
     save_pretrained,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = {"1x4x2": (1, 4, 2), "2x2x2": (2, 2, 2)}
 # Qwen3-shaped with an untied head (so lm_head is split too), and Gemma-2-shaped (tied, post
 # norms, sliding window). 8 heads over 4 kv heads: both divide the tensor axis.
@@ -101,7 +99,7 @@ def _params(model) -> dict[str, jax.Array]:
     }
 
 
-# --- the subprocess half -----------------------------------------------------------------------
+# --- the 8-device half --------------------------------------------------------------------------
 
 
 class _Recorded(np.ndarray):
@@ -129,80 +127,86 @@ def _recording_open_checkpoint(opener):
     return open_checkpoint
 
 
-def _worker(out: str) -> None:
-    from jax.sharding import Mesh
-
-    from models import LoRAConfig, add_lora, pretrained
-
-    pretrained.safetensors_io.open_checkpoint = _recording_open_checkpoint(
-        safetensors_io.open_checkpoint
-    )
+def compute_on_meshes(family: str, out: str) -> None:
+    """Loads one family's checkpoint on each mesh; OUT/record.json for the tests below."""
+    from models import pretrained
 
     assert jax.device_count() == 8
-    ids, mask = _ids_and_mask()
-    record: dict[str, object] = {}
-    for family, cfg in CONFIGS.items():
-        ckpt = os.path.join(out, family)
-        # Small shards: the sharded path also goes through the index.
-        save_pretrained(random_model(cfg), ckpt, max_shard_bytes=30_000)
-        single = from_pretrained(ckpt)
-        record[f"{family}/logits"] = np.asarray(_logits(single, ids, mask)).tolist()
-        for name, shape in MESHES.items():
-            mesh = Mesh(np.asarray(jax.devices()).reshape(shape), ("data", "fsdp", "tensor"))
-            _Recorded.log.clear()
-            model = from_pretrained(ckpt, mesh=mesh)
-            sizes = {k: int(v.size) for k, v in safetensors_io.open_checkpoint(ckpt).items()}
-            reads: dict[str, dict] = {k: {"full": n, "reads": []} for k, n in sizes.items()}
-            for tensor, size in _Recorded.log:
-                reads[tensor]["reads"].append(size)
-            record[f"{family}/{name}/reads"] = reads
-            logits = _logits(model, ids, mask)
-            record[f"{family}/{name}/logits"] = np.asarray(logits).tolist()
-            for path, value in _params(model).items():
-                shards = value.addressable_shards
-                record[f"{family}/{name}/param/{path}"] = {
-                    "spec": [list(a) if isinstance(a, tuple) else a for a in value.sharding.spec],
-                    "mesh": value.sharding.mesh.devices.shape,
-                    "shape": value.shape,
-                    "shard_shapes": sorted({tuple(s.data.shape) for s in shards}),
-                    "devices": len(shards),
-                    "equal": bool(
-                        np.array_equal(np.asarray(value), np.asarray(_params(single)[path]))
-                    ),
-                }
-            add_lora(model, LoRAConfig(rank=4, alpha=4.0), nnx.Rngs(0))
-            for sub, attr in (("attn", "q_proj_lora"), ("mlp", "down_lora")):
-                adapter = getattr(getattr(model.layers[0], sub), attr)
-                for part in ("a", "b"):
-                    spec = getattr(adapter, part).get_value().sharding.spec
-                    record[f"{family}/{name}/lora/{sub}.{part}"] = [
-                        list(a) if isinstance(a, tuple) else a for a in spec
-                    ]
+    # The process is shared with other computations: the recording opener is put back after.
+    opener = pretrained.safetensors_io.open_checkpoint
+    pretrained.safetensors_io.open_checkpoint = _recording_open_checkpoint(opener)
+    try:
+        record = _on_meshes(family, CONFIGS[family], out)
+    finally:
+        pretrained.safetensors_io.open_checkpoint = opener
     with open(os.path.join(out, "record.json"), "w") as f:
         json.dump(record, f)
 
 
-if __name__ == "__main__":
-    _worker(sys.argv[1])
+def _on_meshes(family: str, cfg: ModelConfig, out: str) -> dict[str, object]:
+    from jax.sharding import Mesh
+
+    from models import LoRAConfig, add_lora
+
+    ids, mask = _ids_and_mask()
+    record: dict[str, object] = {}
+    ckpt = os.path.join(out, family)
+    # Small shards: the sharded path also goes through the index.
+    save_pretrained(random_model(cfg), ckpt, max_shard_bytes=30_000)
+    single = from_pretrained(ckpt)
+    record[f"{family}/logits"] = np.asarray(_logits(single, ids, mask)).tolist()
+    for name, shape in MESHES.items():
+        mesh = Mesh(np.asarray(jax.devices()).reshape(shape), ("data", "fsdp", "tensor"))
+        _Recorded.log.clear()
+        model = from_pretrained(ckpt, mesh=mesh)
+        sizes = {k: int(v.size) for k, v in safetensors_io.open_checkpoint(ckpt).items()}
+        reads: dict[str, dict] = {k: {"full": n, "reads": []} for k, n in sizes.items()}
+        for tensor, size in _Recorded.log:
+            reads[tensor]["reads"].append(size)
+        record[f"{family}/{name}/reads"] = reads
+        logits = _logits(model, ids, mask)
+        record[f"{family}/{name}/logits"] = np.asarray(logits).tolist()
+        for path, value in _params(model).items():
+            shards = value.addressable_shards
+            record[f"{family}/{name}/param/{path}"] = {
+                "spec": [list(a) if isinstance(a, tuple) else a for a in value.sharding.spec],
+                "mesh": value.sharding.mesh.devices.shape,
+                "shape": value.shape,
+                "shard_shapes": sorted({tuple(s.data.shape) for s in shards}),
+                "devices": len(shards),
+                "equal": bool(np.array_equal(np.asarray(value), np.asarray(_params(single)[path]))),
+            }
+        add_lora(model, LoRAConfig(rank=4, alpha=4.0), nnx.Rngs(0))
+        for sub, attr in (("attn", "q_proj_lora"), ("mlp", "down_lora")):
+            adapter = getattr(getattr(model.layers[0], sub), attr)
+            for part in ("a", "b"):
+                spec = getattr(adapter, part).get_value().sharding.spec
+                record[f"{family}/{name}/lora/{sub}.{part}"] = [
+                    list(a) if isinstance(a, tuple) else a for a in spec
+                ]
+    return record
 
 
 # --- the tests ---------------------------------------------------------------------------------
 
 
+def multidevice_needs(params: dict) -> list[str]:
+    # One computation per family in the shared 8-device process (tests/multidevice/runner.py), so
+    # a failure in one fails only that family's tests.
+    return [f"pretrained/{params['family']}"]
+
+
 @pytest.fixture(scope="module")
-def record(tmp_path_factory):
-    out = tmp_path_factory.mktemp("meshes")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.test_pretrained_sharded", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((out / "record.json").read_text())
+def records(multidevice):
+    loaded = {}
+
+    def get(family):
+        if family not in loaded:
+            out = multidevice.result(f"pretrained/{family}")
+            loaded[family] = json.loads((out / "record.json").read_text())
+        return loaded[family]
+
+    return get
 
 
 # (mesh, parameter) -> (spec, one device's shard shape), by hand from the rules: embed over
@@ -237,7 +241,8 @@ EXPECTED = {
 
 @pytest.mark.parametrize("family", list(CONFIGS))
 @pytest.mark.parametrize("mesh", list(MESHES))
-def test_sharded_load_gives_the_unsharded_logits(record, family, mesh):
+def test_sharded_load_gives_the_unsharded_logits(records, family, mesh):
+    record = records(family)
     _, mask = _ids_and_mask()
     single = np.asarray(record[f"{family}/logits"])[mask]
     sharded = np.asarray(record[f"{family}/{mesh}/logits"])[mask]
@@ -255,7 +260,8 @@ def _trim(spec: list) -> list:
 
 @pytest.mark.parametrize("family", list(CONFIGS))
 @pytest.mark.parametrize("mesh", list(MESHES))
-def test_each_parameter_is_placed_by_the_rules(record, family, mesh):
+def test_each_parameter_is_placed_by_the_rules(records, family, mesh):
+    record = records(family)
     prefix = f"{family}/{mesh}/param/"
     params = {k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)}
     for path, (spec, shard) in EXPECTED[mesh].items():
@@ -278,7 +284,8 @@ def test_each_parameter_is_placed_by_the_rules(record, family, mesh):
 
 @pytest.mark.parametrize("family", list(CONFIGS))
 @pytest.mark.parametrize("mesh", list(MESHES))
-def test_each_device_reads_only_its_slice(record, family, mesh):
+def test_each_device_reads_only_its_slice(records, family, mesh):
+    record = records(family)
     # Each device reads its own slice of the memory-mapped (index-sharded) checkpoint, never a
     # whole tensor that the rules split: in total one copy per replica along the data axis.
     reads = record[f"{family}/{mesh}/reads"]
@@ -295,7 +302,8 @@ def test_each_device_reads_only_its_slice(record, family, mesh):
 
 @pytest.mark.parametrize("family", list(CONFIGS))
 @pytest.mark.parametrize("mesh", list(MESHES))
-def test_lora_adapters_shard_like_their_base_weight(record, family, mesh):
+def test_lora_adapters_shard_like_their_base_weight(records, family, mesh):
+    record = records(family)
     # A over the base weight's input axes, B over its output axes, the rank replicated.
     prefix = f"{family}/{mesh}/lora/"
     lora = {k[len(prefix) :]: _trim(v) for k, v in record.items() if k.startswith(prefix)}

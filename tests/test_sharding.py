@@ -1,15 +1,13 @@
 """Sharding is real on CPU: the same sampling call and GRPO update on 8 fake devices in several
 mesh shapes give the one-device results, and every parameter is split as the rules say.
 
-The computations run in one subprocess (tests/multidevice/mesh_equivalence.py) with
-XLA_FLAGS=--xla_force_host_platform_device_count=8, since the test process has one CPU device.
+The computations (tests/multidevice/mesh_equivalence.py) run in the shared process with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/multidevice/runner.py), since the test
+process has one CPU device.
 Shardings are read off the arrays themselves (`.sharding.spec` and the shape of a device's
 shard), and the expected ones are written out by hand below, not recomputed from the rules.
 """
 
-import os
-import subprocess
-import sys
 import types
 
 import numpy as np
@@ -20,24 +18,26 @@ from tests.multidevice.mesh_equivalence import MESHES
 
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARDED = [name for name in MESHES if name != "1x1x1"]
 
 
+def multidevice_needs(params: dict) -> list[str]:
+    # One computation per mesh in the shared 8-device process (tests/multidevice/runner.py), so
+    # a failure on one mesh fails only the tests that read it, and `-k 1x4x2` runs two of them.
+    return [f"sharding/{params['mesh']}", "sharding/1x1x1"]
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("meshes")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.multidevice.mesh_equivalence", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {name: dict(np.load(out / f"{name}.npz")) for name in MESHES}
+def results(multidevice):
+    loaded = {}
+
+    def get(mesh):
+        if mesh not in loaded:
+            out = multidevice.result(f"sharding/{mesh}")
+            loaded[mesh] = dict(np.load(out / f"{mesh}.npz"))
+        return loaded[mesh]
+
+    return get
 
 
 def _params(record, prefix):
@@ -89,7 +89,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("mesh", SHARDED)
 def test_parameter_shardings_are_the_rules(results, mesh):
-    record = results[mesh]
+    record = results(mesh)
     for path, (spec, shard) in EXPECTED[mesh].items():
         got_spec = eval(str(record["spec" + path]))  # repr of a tuple of str / None
         # PartitionSpec drops trailing Nones in its repr on some versions; compare padded.
@@ -107,7 +107,7 @@ def test_parameter_shardings_are_the_rules(results, mesh):
 def test_every_parameter_follows_the_rules_table(results, mesh):
     # Beyond the hand-picked ones: every parameter's spec is what the table gives its names,
     # and a parameter the rules split really is split (its shard is smaller than the whole).
-    record = results[mesh]
+    record = results(mesh)
     shape = dict(zip(sharding.AXES, MESHES[mesh], strict=True))
     for path, value in _params(record, "init").items():
         spec = eval(str(record["spec" + path]))
@@ -120,7 +120,7 @@ def test_every_parameter_follows_the_rules_table(results, mesh):
 
 @pytest.mark.parametrize("mesh", SHARDED)
 def test_sampling_matches_one_device(results, mesh):
-    ref, got = results["1x1x1"], results[mesh]
+    ref, got = results("1x1x1"), results(mesh)
     assert got["tokens_spec"] == ref["tokens_spec"]
     assert eval(str(got["tokens_spec"]))[0] == ("data", "fsdp")
     np.testing.assert_array_equal(got["tokens"], ref["tokens"])
@@ -132,7 +132,7 @@ def test_sampling_matches_one_device(results, mesh):
 
 @pytest.mark.parametrize("mesh", SHARDED)
 def test_grpo_update_matches_one_device(results, mesh):
-    ref, got = results["1x1x1"], results[mesh]
+    ref, got = results("1x1x1"), results(mesh)
     init = _params(ref, "init")
     for path, value in _params(got, "init").items():
         np.testing.assert_array_equal(value, init[path])  # sharded init draws the same weights

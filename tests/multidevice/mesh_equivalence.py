@@ -1,8 +1,9 @@
 """One sampling call and one GRPO update on several meshes; results written for the test to compare.
 
-Run as `python -m tests.multidevice.mesh_equivalence OUT_DIR` with
-XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_sharding.py does). For each mesh it
-writes OUT_DIR/<name>.npz holding the sampled tokens and log-probs, the update's loss and grad
+Each mesh is one computation of the shared 8-device process (tests/multidevice/runner.py, for
+tests/test_sharding.py); all of them also run as `python -m tests.multidevice.mesh_equivalence
+OUT_DIR` with XLA_FLAGS=--xla_force_host_platform_device_count=8. For each mesh it writes
+OUT_DIR/<name>.npz holding the sampled tokens and log-probs, the update's loss and grad
 norm, the initial and updated params, and each param's shard shape and PartitionSpec as seen on
 the arrays themselves (`.sharding`, `.addressable_shards`).
 """
@@ -87,6 +88,11 @@ def run(name: str, shape: tuple[int, int, int], out_dir: str) -> None:
     for path, x in _flat(new_opt).items():
         record[f"opt_spec{path}"] = np.asarray(repr(tuple(x.sharding.spec)))
     np.savez(os.path.join(out_dir, f"{name}.npz"), **record)
+
+
+def compute(name: str, out_dir: str) -> None:
+    assert jax.device_count() == 8
+    run(name, MESHES[name], out_dir)
 
 
 if __name__ == "__main__":
