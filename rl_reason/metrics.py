@@ -1,4 +1,5 @@
-"""Per-step metrics: a JSONL file, TensorBoard scalars, a console progress line, and plots.
+"""Per-step metrics: a JSONL file, TensorBoard scalars, optionally Weights & Biases, a console
+progress line, and plots.
 
 ``workdir/metrics.jsonl`` holds one JSON object per ``write`` call, ``{"step": s, **metrics}``,
 flushed at once so a killed or preempted run keeps every line it logged. Non-finite floats
@@ -7,6 +8,13 @@ flushed at once so a killed or preempted run keeps every line it logged. Non-fin
 
 Only JAX process 0 should write: construct with ``enabled=jax.process_index() == 0`` and every
 method becomes a no-op on the other processes, so the trainer needs no ``if`` around calls.
+
+Weights & Biases is opt-in (``options=MetricsConfig(wandb=True)``, ``pip install -e ".[wandb]"``):
+every scalar written to the JSONL is logged to the wandb run at the same step. Its files go to
+``workdir/wandb/`` and its run id is kept in ``workdir/wandb_run_id.txt``, so a run resumed in
+the same workdir continues the same wandb run. wandb's service process writes the run's
+``.wandb`` file shortly after ``close`` returns; it is complete once that process has shut down
+(at interpreter exit, or ``wandb.teardown()``).
 
 Typical use::
 
@@ -22,9 +30,12 @@ Typical use::
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import os
+import secrets
+import string
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +46,8 @@ import numpy as np
 
 JSONL_NAME = "metrics.jsonl"
 TB_DIR = "tb"
+WANDB_RUN_ID_NAME = "wandb_run_id.txt"
+WANDB_MODES = ("online", "offline", "disabled")
 
 # (metric key, console label), named as the GRPO trainer names its metrics; keys absent from a
 # step's metrics are left out of its line, so eval accuracy shows only on evaluation steps.
@@ -44,6 +57,49 @@ DEFAULT_PROGRESS_KEYS: tuple[tuple[str, str], ...] = (
     ("response_length_mean", "len"),
     ("eval_accuracy", "eval_acc"),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    """Optional metrics sinks beside the JSONL file and TensorBoard.
+
+    Attributes:
+      wandb: also log to Weights & Biases (needs the ``[wandb]`` extra).
+      wandb_project: the wandb project.
+      wandb_run_name: display name of the run; empty lets wandb pick one.
+      wandb_entity: user or team; empty uses the account's default entity.
+      wandb_mode: "online", "offline" or "disabled"; empty leaves it to wandb (the
+        ``WANDB_MODE`` environment variable, else online).
+    """
+
+    wandb: bool = False
+    wandb_project: str = "rl_reason"
+    wandb_run_name: str = ""
+    wandb_entity: str = ""
+    wandb_mode: str = ""
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in ("", *WANDB_MODES):
+            raise ValueError(
+                f"MetricsConfig.wandb_mode must be one of {', '.join(map(repr, WANDB_MODES))} or "
+                f"'' (wandb's default / WANDB_MODE), got {self.wandb_mode!r}"
+            )
+
+
+def _wandb_run_id(workdir: Path) -> str:
+    """The wandb run id of this workdir, created on first use so a resumed run reuses it."""
+    path = workdir / WANDB_RUN_ID_NAME
+    if path.exists():
+        run_id = path.read_text(encoding="utf-8").strip()
+        if run_id:
+            return run_id
+    # wandb's own id alphabet: lowercase base 36, which is also safe in its run directory names.
+    alphabet = string.ascii_lowercase + string.digits
+    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+    tmp = path.with_suffix(".txt.tmp")
+    tmp.write_text(run_id + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return run_id
 
 
 def _scalar(key: str, value: Any) -> int | float:
@@ -98,6 +154,11 @@ class MetricsWriter:
       timing_window: the step time is the mean over this many most recent intervals, so the
         first step's compilation stops inflating the ETA after that many steps.
       clock: seconds as a float; injectable so tests control time.
+      options: further sinks (Weights & Biases); None is ``MetricsConfig()``, i.e. none.
+      run_config: the run's configuration, recorded as the wandb run config.
+
+    With wandb, the values of a step are sent as one history row when a later step is written
+    (or on ``close``), so several ``write`` calls for one step end up in the same row.
     """
 
     def __init__(
@@ -110,8 +171,11 @@ class MetricsWriter:
         timing_window: int = 20,
         clock: Callable[[], float] = time.perf_counter,
         resume_step: int | None = None,
+        options: MetricsConfig | None = None,
+        run_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        self.options = options if options is not None else MetricsConfig()
         self.total_steps = total_steps
         self.enabled = enabled
         self._clock = clock
@@ -119,6 +183,7 @@ class MetricsWriter:
         self._last_tick: tuple[int, float] | None = None
         self._file = None
         self._tb = None
+        self._wandb_run = None
         self._closed = False
         if not enabled:
             return
@@ -130,6 +195,31 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter  # heavy import, only where it is used
 
             self._tb = SummaryWriter(logdir=str(self.workdir / TB_DIR))
+        if self.options.wandb:
+            try:
+                self._wandb_run = self._init_wandb(run_config)
+            except BaseException:
+                self.close()
+                raise
+
+    def _init_wandb(self, run_config: Mapping[str, Any] | None):
+        try:
+            import wandb  # optional dependency, only where it is used
+        except ImportError as e:
+            raise ImportError(
+                'MetricsConfig(wandb=True) needs the wandb package: pip install -e ".[wandb]"'
+            ) from e
+        o = self.options
+        return wandb.init(
+            project=o.wandb_project,
+            name=o.wandb_run_name or None,
+            entity=o.wandb_entity or None,
+            mode=o.wandb_mode or None,
+            dir=str(self.workdir),
+            config=dict(run_config) if run_config is not None else None,
+            id=_wandb_run_id(self.workdir),
+            resume="allow",
+        )
 
     @property
     def jsonl_path(self) -> Path:
@@ -190,6 +280,8 @@ class MetricsWriter:
             for k, v in values.items():
                 self._tb.add_scalar(k, v, global_step=step)
             self._tb.flush()
+        if self._wandb_run is not None:
+            self._wandb_run.log(values, step=step)
 
     def progress_line(
         self,
@@ -233,7 +325,8 @@ class MetricsWriter:
         if line:
             print(line, flush=True)
 
-    def close(self) -> None:
+    def close(self, *, exit_code: int | None = None) -> None:
+        """Close every sink; ``exit_code`` != 0 marks the wandb run as failed."""
         if self._closed:
             return
         self._closed = True
@@ -241,12 +334,15 @@ class MetricsWriter:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb_run is not None:
+            self._wandb_run.finish(exit_code=exit_code)
 
     def __enter__(self) -> MetricsWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # A run ended by an exception shows as failed in wandb rather than finished.
+        self.close(exit_code=None if exc_type is None else 1)
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
