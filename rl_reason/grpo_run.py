@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 
 from rl_reason import verifiers
 from rl_reason.checkpoint import Checkpointer
-from rl_reason.metrics import MetricsWriter
+from rl_reason.metrics import MetricsConfig, MetricsWriter
 from rl_reason.trainer import GRPOConfig, GRPOTrainer
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ def run_grpo(
     carry: Mapping[str, Any] | None = None,
     echo: Callable[[str], None] = print,
     trainer_kwargs: Mapping[str, Any] | None = None,
+    metrics_cfg: MetricsConfig | None = None,
+    run_config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate, train `cfg.steps` GRPO steps (resuming if the checkpointer has a step),
     evaluate again. Returns {preempted, step, resumed, before, after, carry,
@@ -111,6 +113,8 @@ def run_grpo(
 
     `carry` is JSON stored in every checkpoint and handed back on resume (e.g. facts about a
     stage that a resumed run skips). `trainer_kwargs` go to GRPOTrainer (e.g. `frozen=`).
+    `metrics_cfg` turns on further metrics sinks (Weights & Biases) and `run_config` is the
+    configuration recorded with them; both go to MetricsWriter.
     """
     resuming = is_resuming(checkpointer)
     with (
@@ -120,6 +124,8 @@ def run_grpo(
             total_steps=cfg.steps,
             enabled=jax.process_index() == 0,
             resume_step=checkpointer.latest_step() if resuming else None,
+            options=metrics_cfg,
+            run_config=run_config,
         ) as writer,
     ):
         trainer = GRPOTrainer(
@@ -143,7 +149,7 @@ def run_grpo(
             carry = dict(carry or {})
             # Kept on the host to measure how far RL moves the weights.
             initial = multihost_utils.process_allgather(trainer.params, tiled=True)
-            before = trainer.evaluate()
+            before = trainer.evaluate(echo=echo)
         else:
             carry, before, initial = meta["carry"], meta["before"], None
             echo(f"[grpo] resumed at step {trainer.step_count}/{cfg.steps}")
@@ -162,7 +168,7 @@ def run_grpo(
         if trainer.preempted:
             echo(f"[grpo] preempted: saved step {trainer.step_count}; rerun to continue")
         else:
-            result["after"] = trainer.evaluate()
+            result["after"] = trainer.evaluate(echo=echo)
             echo("[grpo] after RL:  " + fmt(result["after"]))
             if initial is not None:  # unknown to a resumed run, which skipped the start
                 final = multihost_utils.process_allgather(trainer.params, tiled=True)

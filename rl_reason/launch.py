@@ -29,6 +29,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index in 
 # config.pipeline -> "module:function" running it (imported lazily: after jax.distributed).
 PIPELINES = {
     "r1_zero": "rl_reason.r1_zero:run",
+    "pretrain_base": "rl_reason.base_model:run",
     "recipe": "rl_reason.recipe:run",
     "research": "rl_reason.research.pipeline:run",
 }

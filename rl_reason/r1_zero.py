@@ -1,8 +1,11 @@
-"""R1-Zero in miniature: pretrain a small base model, then GRPO with an outcome reward only.
+"""R1-Zero in miniature: a small base model, then GRPO with an outcome reward only.
 
-Stage 1 trains a sentencepiece tokenizer and a small decoder from scratch on a synthetic corpus
-in which arithmetic-chain problems appear sometimes with worked solutions and mostly with bare
-answers: the analog of a web-pretrained base model that has seen some worked math. Stage 2 runs
+The base model is the one shipped in models/bases/ (`config.base="shipped"`, loaded like any
+Hugging Face checkpoint), or, with `config.base="scratch"`, stage 1 runs first: it trains a
+sentencepiece tokenizer and a small decoder from scratch on a synthetic corpus in which
+arithmetic-chain problems appear sometimes with worked solutions and mostly with bare answers
+(the analog of a web-pretrained base model that has seen some worked math); the shipped base is
+exactly that stage's result (`python -m experiments.pretrain_base`). Stage 2 runs
 GRPO on held-out problems (none in the corpus), rewarding only the final <answer>. The before /
 after evaluation measures accuracy, response length and the fraction of responses that write
 their steps.
@@ -23,29 +26,17 @@ import jax
 import numpy as np
 
 from models import get_config as model_preset
+from rl_reason import base_model, grpo_run, pretrain, sharding
 from rl_reason import data as data_lib
-from rl_reason import grpo_run, pretrain, sharding
-from rl_reason.metrics import plot_curves
+from rl_reason.metrics import MetricsConfig, plot_curves
 from rl_reason.preemption import PreemptionGuard
 from rl_reason.tasks import arithmetic
-from rl_reason.tasks.templates import SPECIAL_TOKENS
-from rl_reason.tokenizer import Tokenizer, train_sentencepiece
+from rl_reason.tokenizer import Tokenizer
 from rl_reason.trainer import GRPOConfig
 
 log = logging.getLogger(__name__)
 
 CURVES = ("accuracy", "reward_mean", "response_length_mean", "eval_accuracy")
-
-
-def _response_stats(texts: list[str], examples: list[dict]) -> dict[str, float]:
-    return {
-        "frac_with_steps": float(np.mean([arithmetic.has_steps(t) for t in texts])),
-        "frac_process_correct": float(
-            np.mean(
-                [arithmetic.process_correct(t, ex) for t, ex in zip(texts, examples, strict=True)]
-            )
-        ),
-    }
 
 
 def _echo(msg: str) -> None:
@@ -81,9 +72,9 @@ def run(config) -> dict[str, Any]:
     """Both stages; returns the summary written to `workdir/summary.json`.
 
     Resumable: when `workdir/checkpoints` holds a GRPO checkpoint, stage 1 is skipped (the
-    checkpoint holds the weights; the tokenizer is read back from the workdir) and stage 2
-    continues from the newest readable step, repeating and skipping nothing. SIGTERM saves at
-    the next step boundary and returns early (summary["preempted"] is then True).
+    checkpoint holds the weights; a scratch base's tokenizer is read back from the workdir) and
+    stage 2 continues from the newest readable step, repeating and skipping nothing. SIGTERM
+    saves at the next step boundary and returns early (summary["preempted"] is then True).
     """
     t_start = time.perf_counter()
     workdir = Path(config.workdir)
@@ -91,56 +82,45 @@ def run(config) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     echo = _echo if is_main else (lambda msg: None)
     grpo_cfg = grpo_run.config_from(GRPOConfig, config.grpo)
-    pre_cfg = grpo_run.config_from(pretrain.PretrainConfig, config.pretrain)
+    metrics_cfg = grpo_run.config_from(MetricsConfig, config.metrics)
+    grpo_run.config_from(pretrain.PretrainConfig, config.pretrain)  # a bad field fails now
     mesh_cfg = grpo_run.config_from(sharding.MeshConfig, config.mesh)
     checkpointer = grpo_run.make_checkpointer(workdir, grpo_cfg)
     resuming = grpo_run.is_resuming(checkpointer)
 
-    data = build_data(config)
+    base_dir = base_model.resolve_base(config.base)
+    data = build_data(config, with_corpus=base_dir is None)
     task = data["task"]
-    tokenizer_path = workdir / "tokenizer.model"
-    if resuming and tokenizer_path.exists():
-        tokenizer = Tokenizer.load(tokenizer_path)
-    else:
-        # Every process trains the same tokenizer (deterministic); process 0 keeps the file.
-        out = tokenizer_path if is_main else Path(tempfile.mkdtemp()) / "tokenizer.model"
-        tokenizer = train_sentencepiece(
-            data["corpus"][: config.tokenizer.train_texts],
-            out,
-            vocab_size=config.tokenizer.vocab_size,
-            user_defined_symbols=SPECIAL_TOKENS,
-        )
-    model_cfg = model_preset(
-        config.model.preset, vocab_size=tokenizer.vocab_size, **dict(config.model.overrides)
-    )
     mesh = sharding.make_mesh(mesh_cfg)
-    graphdef, params = sharding.create_model(model_cfg, mesh, seed=config.seed)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
     with PreemptionGuard() as guard:
-        stage1: dict[str, Any] = {}
-        if resuming:
+        stage1: dict[str, Any] = {"base": config.base}
+        if base_dir is not None:
+            tokenizer, graphdef, params, info = base_model.load_base(base_dir, mesh, config)
+            echo(f"[stage 1] base model {base_dir} ({_describe(params, tokenizer)})")
+            stage1["base_eval"] = info.get("eval")
+        elif resuming:
             echo(f"[stage 1] skipped: resuming stage 2 from {checkpointer.directory}")
+            tokenizer = Tokenizer.load(workdir / "tokenizer.model")
+            graphdef, params = _skeleton(config, tokenizer, mesh)
         else:
-            echo(
-                f"[stage 1] base model: {n_params / 1e6:.2f}M params, vocab "
-                f"{tokenizer.vocab_size}, corpus {len(data['corpus'])} texts, mesh "
-                f"{dict(mesh.shape)}"
+            # Every process trains the same tokenizer (deterministic); process 0 keeps the file.
+            tok_dir = workdir if is_main else Path(tempfile.mkdtemp())
+            base = base_model.train_base(
+                config, data["corpus"], mesh, tok_dir, echo, guard.should_stop
             )
-            params, pre_losses = _stage1(
-                graphdef, params, tokenizer, data, pre_cfg, mesh, guard, echo
-            )
-            if guard.stop_step is not None:
+            if base is None:
                 echo("[stage 1] interrupted: nothing saved yet, a rerun starts stage 1 again")
                 return {"preempted": True, "stage": 1}
-            stage1 = {
-                "pretrain_steps": pre_cfg.steps,
-                "pretrain_final_loss": pre_losses[-1] if pre_losses else None,
-                "pretrain_seconds": time.perf_counter() - t_start,
-            }
+            tokenizer, graphdef, params, facts = base
+            stage1.update(facts)
+            stage1["pretrain_seconds"] = time.perf_counter() - t_start
+        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
         result = grpo_run.run_grpo(
             grpo_cfg,
+            metrics_cfg=metrics_cfg,
+            run_config=config.to_dict(),
             workdir=workdir,
             graphdef=graphdef,
             params=params,
@@ -153,8 +133,8 @@ def run(config) -> dict[str, Any]:
             mesh=mesh,
             checkpointer=checkpointer,
             guard=guard,
-            stop_token_ids=(tokenizer.eos_id, tokenizer.piece_to_id("</answer>")),
-            response_stats=_response_stats,
+            stop_token_ids=base_model.stop_token_ids(tokenizer),
+            response_stats=base_model.response_stats,
             carry={"stage1": stage1},
             echo=echo,
         )
@@ -189,41 +169,41 @@ def run(config) -> dict[str, Any]:
     return summary
 
 
-def _stage1(graphdef, params, tokenizer, data, pre_cfg, mesh, guard, echo):
-    every = max(pre_cfg.steps // 10, 1)
-
-    def pre_log(step: int, loss: float, seconds: float) -> None:
-        if step % every == 0 or step == pre_cfg.steps:
-            echo(f"[stage 1] step {step}/{pre_cfg.steps} | loss {loss:.3f} | {seconds:.0f}s")
-
-    return pretrain.pretrain(
-        graphdef,
-        params,
-        tokenizer,
-        data["corpus"],
-        pre_cfg,
-        pre_log,
-        mesh=mesh,
-        should_stop=guard.should_stop,
+def _skeleton(config, tokenizer, mesh):
+    """The scratch base's (graphdef, params) before training: what a resumed run restores into."""
+    model_cfg = model_preset(
+        config.model.preset, vocab_size=tokenizer.vocab_size, **dict(config.model.overrides)
     )
+    return sharding.create_model(model_cfg, mesh, seed=config.seed)
 
 
-def _summary_row(ev: dict[str, float]) -> dict[str, float]:
+def _describe(params, tokenizer) -> str:
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    return f"{n_params / 1e6:.2f}M params, vocab {tokenizer.vocab_size}"
+
+
+def _summary_row(ev: dict[str, float]) -> dict[str, Any]:
     return {
         "accuracy": ev["accuracy"],
         "mean_response_tokens": ev["mean_response_tokens"],
         "frac_with_steps": ev["frac_with_steps"],
+        "frac_process_correct": ev["frac_process_correct"],
+        "accuracy_by_ops": base_model.accuracy_by_ops(ev),
     }
 
 
 def _table(summary: dict[str, Any]) -> str:
     rows = ["", "|                      | before RL | after RL |", "|---|---|---|"]
-    for key in ("accuracy", "mean_response_tokens", "frac_with_steps"):
-        b, a = summary["before"][key], summary["after"][key]
-        rows.append(f"| {key:<20} | {b:9.3f} | {a:8.3f} |")
+    before, after = summary["before"], summary["after"]
+    for key in ("accuracy", "mean_response_tokens", "frac_with_steps", "frac_process_correct"):
+        rows.append(f"| {key:<20} | {before[key]:9.3f} | {after[key]:8.3f} |")
+    for k, b in before["accuracy_by_ops"].items():
+        name = f"accuracy, {k} ops"
+        rows.append(f"| {name:<20} | {b:9.3f} | {after['accuracy_by_ops'][k]:8.3f} |")
+    stage1 = summary.get("pretrain_seconds")
     rows.append(
-        f"RL steps {summary['rl_steps']}, wall {summary['wall_seconds']:.0f}s "
-        f"(stage 1: {summary['pretrain_seconds']:.0f}s"
+        f"RL steps {summary['rl_steps']}, wall {summary['wall_seconds']:.0f}s (base "
+        + (f"pretrained here in {stage1:.0f}s" if stage1 is not None else summary["base"])
         + (", resumed" if summary["resumed"] else "")
         + ")"
     )

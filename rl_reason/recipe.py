@@ -49,7 +49,7 @@ from models import LoRAConfig, Transformer, add_lora, from_pretrained, merge_lor
 from models.lora import TARGETS
 from rl_reason import data as data_lib
 from rl_reason import grpo_run, sharding
-from rl_reason.metrics import plot_curves
+from rl_reason.metrics import MetricsConfig, plot_curves
 from rl_reason.preemption import PreemptionGuard
 from rl_reason.tasks.templates import ANSWER_CLOSE, SPECIAL_TOKENS
 from rl_reason.tiny_model import TINY_FAMILIES, build_tiny_model
@@ -513,6 +513,7 @@ def run(config) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     echo = _echo if is_main else (lambda msg: None)
     _, _, data, _ = sections(config)
+    metrics_cfg = grpo_run.config_from(MetricsConfig, config.metrics)
     mesh = sharding.make_mesh(grpo_run.config_from(sharding.MeshConfig, config.mesh))
     s = setup(config, mesh)
     cfg = s.grpo
@@ -534,6 +535,8 @@ def run(config) -> dict[str, Any]:
     with PreemptionGuard() as guard:
         result = grpo_run.run_grpo(
             cfg,
+            metrics_cfg=metrics_cfg,
+            run_config=config.to_dict(),
             workdir=workdir,
             graphdef=s.policy.graphdef,
             params=s.policy.params,

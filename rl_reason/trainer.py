@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 from models import lora
 from rl_reason import evaluation, losses, sampling, sharding, train_step
 from rl_reason.grpo_config import GRPOConfig, overlong_penalty  # noqa: F401  (re-exported)
+from rl_reason.progress import Progress
 from rl_reason.rollout import InFlight, Rollout, flight_arrays, flight_from_arrays, vote_answer
 from rl_reason.sampling import SamplingConfig
 from rl_reason.tokenizer import Tokenizer
@@ -520,8 +521,11 @@ class GRPOTrainer:
         *,
         samples: int | None = None,
         batch_size: int = 64,
+        echo: Callable[[str], None] | None = None,
     ) -> dict[str, float]:
         """Greedy accuracy, and mean@k / maj@k / pass@k over k sampled answers per problem.
+
+        With `echo`, a progress line (problems done, rate, ETA) after each chunk.
 
         Every process passes the same `examples`; each chunk of them is split over the processes
         like a training batch (padded to a multiple of the batch shards with copies of its last
@@ -539,6 +543,7 @@ class GRPOTrainer:
         chunk_size = -(-batch_size // shards) * shards
         greedy_correct, greedy_len, correct_k, maj_hits = [], [], [], []
         stats_sums: dict[str, float] = {}
+        progress = Progress("eval", len(examples), echo, every=chunk_size, unit="problems")
         for start in range(0, len(examples), chunk_size):
             real = examples[start : start + chunk_size]
             width = -(-len(real) // shards) * shards
@@ -573,6 +578,8 @@ class GRPOTrainer:
                 ]
                 correct_k += list(sharding.all_rows(ok)[: len(real)])
                 maj_hits += list(sharding.all_rows(np.asarray(hits, bool))[: len(real)])
+            if echo is not None:
+                progress.update(start + len(real))
         result = {
             "accuracy": evaluation.greedy_accuracy(greedy_correct),
             "mean_response_tokens": float(np.mean(greedy_len)),

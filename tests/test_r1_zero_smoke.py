@@ -1,27 +1,57 @@
-"""The default experiment end to end in smoke mode: the loop's invariants and its outputs."""
+"""The default experiment end to end in smoke mode: the loop's invariants and its outputs, and
+stage 1 run inline (`base=scratch`) against the same stage saved by experiments.pretrain_base
+and loaded back as a Hugging Face directory."""
 
 import json
 import math
 
 import pytest
 
-from experiments.configs import r1_zero_tiny
-from rl_reason import r1_zero
+from experiments.configs import pretrain_base, r1_zero_tiny
+from rl_reason import base_model, r1_zero
 from rl_reason.metrics import read_jsonl
+
+TIMING = ("time_", "generated_tokens_per_s")
+SUMMARY_ROW = {
+    "accuracy",
+    "mean_response_tokens",
+    "frac_with_steps",
+    "frac_process_correct",
+    "accuracy_by_ops",
+}
+
+
+@pytest.fixture(scope="module")
+def scratch_run(tmp_path_factory):
+    """The smoke config as it is: stage 1 from scratch, then GRPO."""
+    workdir = tmp_path_factory.mktemp("scratch")
+    config = r1_zero_tiny.get_config("smoke")
+    with config.unlocked():
+        config.workdir = str(workdir)
+    return config, workdir, r1_zero.run(config)
+
+
+def _metrics(workdir) -> list[dict]:
+    rows = read_jsonl(workdir / "metrics.jsonl")
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
 
 
 @pytest.mark.slow
-def test_r1_zero_tiny_smoke(tmp_path):
-    config = r1_zero_tiny.get_config("smoke")
-    with config.unlocked():
-        config.workdir = str(tmp_path)
-    summary = r1_zero.run(config)
-
+def test_r1_zero_tiny_smoke(scratch_run):
+    config, tmp_path, summary = scratch_run
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["rl_steps"] == config.grpo.steps
+    assert written["base"] == "scratch" and written["pretrain_steps"] == config.pretrain.steps
     for stage in ("before", "after"):
-        assert set(written[stage]) == {"accuracy", "mean_response_tokens", "frac_with_steps"}
-        assert 0.0 <= written[stage]["accuracy"] <= 1.0
+        row = written[stage]
+        assert set(row) == SUMMARY_ROW
+        assert 0.0 <= row["accuracy"] <= 1.0
+        by_ops = row["accuracy_by_ops"]
+        assert list(by_ops) == [str(k) for k in range(config.task.min_ops, config.task.max_ops + 1)]
+        # The per-op accuracies are the overall one, split: weighted by each op count's share.
+        full = written[f"{stage}_full"]
+        total = sum(by_ops[k] * full[f"frac_ops{k}"] for k in by_ops)
+        assert total == pytest.approx(row["accuracy"])
     assert written["wall_seconds"] > 0
 
     rows = read_jsonl(tmp_path / "metrics.jsonl")
@@ -53,6 +83,46 @@ def test_r1_zero_tiny_smoke(tmp_path):
     assert list((tmp_path / "tb").iterdir())
     assert (tmp_path / "tokenizer.model").exists()
     assert (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_pretrain_base_then_loading_it_is_the_scratch_run(scratch_run, tmp_path, monkeypatch):
+    """experiments.pretrain_base's smoke variant writes a Hugging Face directory; a run that
+    loads it with from_pretrained / load_tokenizer is the scratch run, step for step. With
+    wandb on (offline: nothing leaves the machine) it also writes a wandb run directory."""
+    config, scratch_dir, scratch = scratch_run
+    pre = pretrain_base.get_config("smoke")
+    with pre.unlocked():
+        pre.out_dir = str(tmp_path / "base")
+    info = base_model.run(pre)
+    assert info["eval"]["num_examples"] == config.data.eval_size
+    assert sorted(p.name for p in (tmp_path / "base").iterdir()) == [
+        "README.md",
+        "base_info.json",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
+    # The tokenizer pretrain_base ships is the one the scratch run trained.
+    assert (tmp_path / "base" / "tokenizer.model").read_bytes() == (
+        scratch_dir / "tokenizer.model"
+    ).read_bytes()
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    loaded = r1_zero_tiny.get_config("smoke")
+    with loaded.unlocked():
+        loaded.workdir = str(tmp_path / "run")
+        loaded.base = str(tmp_path / "base")
+        loaded.metrics.wandb = True
+    summary = r1_zero.run(loaded)
+    assert summary["base"] == str(tmp_path / "base") and "pretrain_steps" not in summary
+    assert summary["base_eval"]["accuracy"] == scratch["before"]["accuracy"]
+    assert summary["before_full"] == scratch["before_full"]
+    assert summary["after_full"] == scratch["after_full"]
+    assert _metrics(tmp_path / "run") == _metrics(scratch_dir)
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
 @pytest.mark.slow

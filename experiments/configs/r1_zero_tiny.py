@@ -13,6 +13,8 @@ only, it writes its steps before answering and held-out greedy accuracy rises by
 
 import ml_collections
 
+from experiments.configs.common import metrics_section
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -20,9 +22,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.workdir = "runs/r1_zero_tiny"
     c.seed = 0
     c.smoke = False
+    # "shipped": the base model committed in models/bases/ (stage 1 already done); "scratch":
+    # pretrain it first (python -m experiments.pretrain_base rebuilds the shipped one); or the
+    # path of a directory written by experiments.pretrain_base.
+    c.base = "shipped"
 
     c.task = ml_collections.ConfigDict(
-        dict(min_ops=2, max_ops=4, max_value=9, ops="+-", max_factor=3)
+        dict(min_ops=2, max_ops=4, max_value=19, ops="+-", max_factor=3)
     )
     c.data = ml_collections.ConfigDict(
         dict(
@@ -33,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             frac_template=0.7,  # share of bare-answer texts written in the RL prompt template
             frac_template_worked=0.15,  # share of worked texts written in the template
             eval_size=256,  # held-out problems for before/after evaluation
-            rl_pool_size=8192,  # RL training problems (none in the corpus)
+            rl_pool_size=2048,  # RL training problems (none in the corpus)
         )
     )
     c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=256, train_texts=5000))
@@ -54,9 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.metrics = metrics_section()
     c.pretrain = ml_collections.ConfigDict(
         dict(
-            steps=1500,
+            steps=2000,
             batch_size=16,
             seq_len=256,
             learning_rate=3e-3,
@@ -68,11 +75,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.grpo = ml_collections.ConfigDict(
         dict(
-            steps=60,
+            steps=30,
             prompts_per_step=16,
             group_size=8,
-            max_prompt_len=64,
-            max_new_tokens=64,
+            max_prompt_len=80,
+            max_new_tokens=96,
             temperature=1.0,
             learning_rate=2e-4,
             warmup_steps=5,
@@ -88,7 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             clip_eps_high=0.2,
             eval_every=0,
             eval_samples=4,
-            checkpoint_every=30,
+            checkpoint_every=15,
             checkpoint_keep=2,
             verifier_workers=2,
             verifier_timeout_s=10.0,
@@ -98,6 +105,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if arg == "smoke":
         c.smoke = True
+        # Stage 1 from scratch on a tiny model: the smoke run exercises the whole pipeline.
+        c.base = "scratch"
         c.workdir = "runs/r1_zero_tiny_smoke"
         c.data.update(corpus_size=2000, eval_size=16, rl_pool_size=256)
         c.tokenizer.train_texts = 2000

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import ml_collections
 
+from experiments.configs.common import metrics_section
+
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
 
 
@@ -51,6 +53,7 @@ def recipe_config(
     c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=32.0, targets="q,k,v,o,gate,up,down"))
     # FSDP over every device (the sampler's batch is split over data x fsdp either way).
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.metrics = metrics_section()
     grpo_defaults = dict(
         checkpoint_every=20, checkpoint_keep=2, verifier_workers=8, verifier_timeout_s=10.0
     )

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,21 +29,9 @@ import numpy as np
 from flax import nnx
 
 from models import get_config as model_preset
-from rl_reason import pretrain, sharding
-from rl_reason.grpo_run import config_from
-from rl_reason.tasks.templates import SPECIAL_TOKENS
-from rl_reason.tokenizer import Tokenizer, train_sentencepiece
-
-# The config sections stage 1 depends on (top-level `seed` too).
-STAGE1_SECTIONS = ("task", "data", "tokenizer", "model", "pretrain")
-
-
-def stage1_settings(config) -> dict[str, Any]:
-    """The JSON-able part of `config` that determines the base model."""
-    settings = {"seed": config.seed}
-    for name in STAGE1_SECTIONS:
-        settings[name] = config[name].to_dict()
-    return settings
+from rl_reason import sharding
+from rl_reason.base_model import stage1_settings, train_base
+from rl_reason.tokenizer import Tokenizer
 
 
 def stage1_key(config) -> str:
@@ -118,54 +105,26 @@ def load_or_train(
     """
     key = stage1_key(config)
     entry = Path(cache_dir) / key
-    hit = (entry / "params.npz").exists()
-    if hit:
+    if (entry / "params.npz").exists():
         tokenizer = Tokenizer.load(entry / "tokenizer.model")
         stage1 = json.loads((entry / "stage1.json").read_text())
-    else:
-        corpus = make_corpus()
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir))
-        tokenizer = train_sentencepiece(
-            corpus[: config.tokenizer.train_texts],
-            tmp / "tokenizer.model",
-            vocab_size=config.tokenizer.vocab_size,
-            user_defined_symbols=SPECIAL_TOKENS,
+        model_cfg = model_preset(
+            config.model.preset, vocab_size=tokenizer.vocab_size, **dict(config.model.overrides)
         )
-    model_cfg = model_preset(
-        config.model.preset, vocab_size=tokenizer.vocab_size, **dict(config.model.overrides)
-    )
-    graphdef, params = sharding.create_model(model_cfg, mesh, seed=config.seed)
-    if hit:
+        graphdef, params = sharding.create_model(model_cfg, mesh, seed=config.seed)
         params = load_params(params, entry / "params.npz", mesh)
         echo(f"[stage 1] base model {key} from the cache {cache_dir}")
         return tokenizer, graphdef, params, {"key": key, "cache_hit": True, **stage1["log"]}
 
-    pre_cfg = config_from(pretrain.PretrainConfig, config.pretrain)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    echo(
-        f"[stage 1] base model {key}: {n_params / 1e6:.2f}M params, vocab "
-        f"{tokenizer.vocab_size}, corpus {len(corpus)} texts"
-    )
-    every = max(pre_cfg.steps // 10, 1)
-
-    def log(step: int, loss: float, seconds: float) -> None:
-        if step % every == 0 or step == pre_cfg.steps:
-            echo(f"[stage 1] step {step}/{pre_cfg.steps} | loss {loss:.3f} | {seconds:.0f}s")
-
-    t0 = time.perf_counter()
-    params, losses = pretrain.pretrain(
-        graphdef, params, tokenizer, corpus, pre_cfg, log, mesh=mesh, should_stop=should_stop
-    )
-    if len(losses) < pre_cfg.steps:
+    corpus = make_corpus()
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir))
+    echo(f"[stage 1] base model {key}: not cached, pretraining")
+    base = train_base(config, corpus, mesh, tmp, echo, should_stop)
+    if base is None:
         shutil.rmtree(tmp, ignore_errors=True)
         return None
-    facts = {
-        "pretrain_steps": pre_cfg.steps,
-        "pretrain_final_loss": losses[-1] if losses else None,
-        "pretrain_seconds": time.perf_counter() - t0,
-        "num_params": n_params,
-    }
+    tokenizer, graphdef, params, facts = base
     save_params(params, tmp / "params.npz")
     (tmp / "stage1.json").write_text(
         json.dumps({"settings": stage1_settings(config), "log": facts}, indent=2)

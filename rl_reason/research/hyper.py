@@ -54,8 +54,9 @@ def arm(label: str, overrides: Mapping[str, Any] | None = None) -> list[Point]:
 
 def seeds(values: Iterable[int]) -> list[Point]:
     """One point per seed, setting every seed field (data, model init, pretraining, RL, SFT):
-    each seed has its own base model."""
-    return zipit([sweep(name, list(values)) for name in SEED_FIELDS])
+    each seed has its own base model, pretrained by the run (the shipped base is seed 0's)."""
+    points = zipit([sweep(name, list(values)) for name in SEED_FIELDS])
+    return [{**p, "config.base": "scratch"} for p in points]
 
 
 def rl_seeds(values: Iterable[int]) -> list[Point]:

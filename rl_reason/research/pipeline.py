@@ -28,9 +28,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from rl_reason import base_model, grpo_run, pretrain, r1_zero, sampling, sharding
 from rl_reason import data as data_lib
-from rl_reason import grpo_run, pretrain, r1_zero, sampling, sharding
-from rl_reason.metrics import plot_curves
+from rl_reason.metrics import MetricsConfig, plot_curves
 from rl_reason.preemption import PreemptionGuard
 from rl_reason.research import base_cache, bridge, measures, runs
 from rl_reason.tasks import arithmetic
@@ -174,6 +174,7 @@ def run(config) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     echo = _echo
     grpo_cfg = grpo_run.config_from(GRPOConfig, config.grpo)
+    metrics_cfg = grpo_run.config_from(MetricsConfig, config.metrics)
     reward_cfg = grpo_run.config_from(RewardConfig, config.reward)
     cold_cfg = grpo_run.config_from(ColdStartConfig, config.cold_start)
     mesh = sharding.make_mesh(grpo_run.config_from(sharding.MeshConfig, config.mesh))
@@ -184,14 +185,20 @@ def run(config) -> dict[str, Any]:
 
     data = build_data(config)
     with PreemptionGuard() as guard:
-        base = base_cache.load_or_train(
-            config,
-            lambda: r1_zero.build_data(config)["corpus"],
-            mesh,
-            runs.base_cache_for(config),
-            echo,
-            should_stop=guard.should_stop,
-        )
+        base_dir = base_model.resolve_base(config.base)
+        if base_dir is not None:
+            tokenizer, graphdef, params, info = base_model.load_base(base_dir, mesh, config)
+            base = tokenizer, graphdef, params, {"base": config.base, "base_eval": info.get("eval")}
+            echo(f"[stage 1] base model {base_dir}")
+        else:
+            base = base_cache.load_or_train(
+                config,
+                lambda: r1_zero.build_data(config)["corpus"],
+                mesh,
+                runs.base_cache_for(config),
+                echo,
+                should_stop=guard.should_stop,
+            )
         if base is None:
             echo("[stage 1] interrupted: nothing cached, a rerun starts stage 1 again")
             return {"preempted": True, "stage": 1}
@@ -221,6 +228,8 @@ def run(config) -> dict[str, Any]:
 
         result = grpo_run.run_grpo(
             grpo_cfg,
+            metrics_cfg=metrics_cfg,
+            run_config=config.to_dict(),
             workdir=workdir,
             graphdef=graphdef,
             params=params,

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-LOCATION_FIELDS = ("workdir", "runs_root", "base_cache")
+# Where a run is stored and reported, not what it computes: left out of its directory's hash.
+LOCATION_FIELDS = ("workdir", "runs_root", "base_cache", "metrics")
 SUMMARY_FILE = "summary.json"
 
 

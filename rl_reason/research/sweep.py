@@ -25,6 +25,7 @@ from typing import Any
 
 import ml_collections
 
+from rl_reason.metrics import format_duration
 from rl_reason.research import hyper, runs
 
 
@@ -151,7 +152,7 @@ def run_sweep(
         for p in exp.points(seeds):
             todo.setdefault(p.workdir, p)
     ordered = sorted(todo.values(), key=_order)
-    results = []
+    results, seconds = [], []
     for i, p in enumerate(ordered, 1):
         head = f"[sweep {i}/{len(ordered)}] {p.label} seed {p.seed} -> {p.workdir}"
         if runs.is_done(p.workdir):
@@ -167,6 +168,11 @@ def run_sweep(
         with open(p.workdir / "run.log", "a") as log:
             rc = subprocess.call(p.command, stdout=log, stderr=subprocess.STDOUT)
         status = "ran" if rc == 0 and runs.is_done(p.workdir) else f"failed (rc {rc})"
-        echo(f"{head}: {status} in {time.perf_counter() - t0:.0f}s (log {p.workdir}/run.log)")
+        seconds.append(time.perf_counter() - t0)
+        left = sum(not runs.is_done(q.workdir) for q in ordered[i:])
+        eta = f", ETA {format_duration(left * sum(seconds) / len(seconds))}" if left else ""
+        echo(
+            f"{head}: {status} in {seconds[-1]:.0f}s, {left} to run{eta} (log {p.workdir}/run.log)"
+        )
         results.append((p, status))
     return results

@@ -1,0 +1,24 @@
+"""Rebuild the shipped base model: python -m experiments.pretrain_base"""
+
+import os
+
+from absl import app
+from ml_collections import config_flags
+
+from rl_reason import launch
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(os.path.dirname(__file__), "configs", "pretrain_base.py"),
+    "experiment config file[:arg]",
+    lock_config=True,
+)
+
+
+def main(argv):
+    del argv
+    launch.main(_CONFIG.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
