@@ -188,7 +188,7 @@ def run(config) -> dict[str, Any]:
         base_dir = base_model.resolve_base(config.base)
         if base_dir is not None:
             tokenizer, graphdef, params, info = base_model.load_base(base_dir, mesh, config)
-            base = tokenizer, graphdef, params, {"base": config.base, "base_eval": info.get("eval")}
+            base = tokenizer, graphdef, params, {"base_eval": info.get("eval")}
             echo(f"[stage 1] base model {base_dir}")
         else:
             base = base_cache.load_or_train(
@@ -203,6 +203,7 @@ def run(config) -> dict[str, Any]:
             echo("[stage 1] interrupted: nothing cached, a rerun starts stage 1 again")
             return {"preempted": True, "stage": 1}
         tokenizer, graphdef, params, stage1 = base
+        stage1 = {"base": config.base, **stage1}
         stops = (tokenizer.eos_id, tokenizer.piece_to_id("</answer>"))
         carry: dict[str, Any] = {"stage1": stage1}
         if not resuming:
