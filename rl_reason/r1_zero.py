@@ -97,7 +97,7 @@ def run(config) -> dict[str, Any]:
         stage1: dict[str, Any] = {"base": config.base}
         if base_dir is not None:
             tokenizer, graphdef, params, info = base_model.load_base(base_dir, mesh, config)
-            echo(f"[stage 1] base model {base_dir} ({_describe(params, tokenizer)})")
+            echo(f"[stage 1] base model {base_dir} (vocab {tokenizer.vocab_size})")
             stage1["base_eval"] = info.get("eval")
         elif resuming:
             echo(f"[stage 1] skipped: resuming stage 2 from {checkpointer.directory}")
@@ -175,11 +175,6 @@ def _skeleton(config, tokenizer, mesh):
         config.model.preset, vocab_size=tokenizer.vocab_size, **dict(config.model.overrides)
     )
     return sharding.create_model(model_cfg, mesh, seed=config.seed)
-
-
-def _describe(params, tokenizer) -> str:
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    return f"{n_params / 1e6:.2f}M params, vocab {tokenizer.vocab_size}"
 
 
 def _summary_row(ev: dict[str, float]) -> dict[str, Any]:

@@ -204,7 +204,7 @@ def run(config) -> dict[str, Any]:
             return {"preempted": True, "stage": 1}
         tokenizer, graphdef, params, stage1 = base
         stage1 = {"base": config.base, **stage1}
-        stops = (tokenizer.eos_id, tokenizer.piece_to_id("</answer>"))
+        stops = base_model.stop_token_ids(tokenizer)
         carry: dict[str, Any] = {"stage1": stage1}
         if not resuming:
             if cold_cfg.examples:
