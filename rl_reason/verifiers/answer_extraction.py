@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -32,7 +33,8 @@ ANSWER_CLOSE = "</answer>"
 _BOXED = re.compile(r"\\boxed\s*\{")
 # Escaped characters (\{, \}, \\) are skipped as one token so that set braces do not unbalance.
 _BRACE_TOKENS = re.compile(r"\\.|[{}]", re.DOTALL)
-_HASH_LINE = re.compile(r"^[ \t]*####[ \t]*(.*?)[ \t]*$", re.MULTILINE)
+# Exactly four hashes: "##### x" is a level-5 Markdown heading.
+_HASH_LINE = re.compile(r"^[ \t]*####(?!#)[ \t]*(.*?)[ \t]*$", re.MULTILINE)
 _WRAPPERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
 
@@ -116,8 +118,9 @@ def _inside(pos: int, spans: list[tuple[int, int]]) -> bool:
     return any(start <= pos < end for start, end in spans)
 
 
-def final_answers(response: str, *, hash_lines: bool = False) -> Extraction:
-    """Applies the module's rules; ``hash_lines`` also accepts GSM8K-style ``#### 42`` lines."""
+def final_answers(response: str, *, hash_lines: bool | Callable[[str], bool] = False) -> Extraction:
+    """Applies the module's rules; ``hash_lines`` also accepts GSM8K-style ``#### 42`` lines
+    (those whose text it accepts, when it is a predicate: the rest are Markdown headings)."""
     region = answer_region(response)
     if region is None:
         return Extraction((), "no final answer after the reasoning")
@@ -132,8 +135,11 @@ def final_answers(response: str, *, hash_lines: bool = False) -> Extraction:
             raw.append(region[start:end])
     if hash_lines:
         for m in _HASH_LINE.finditer(region):
-            if not _inside(m.start(), blocks):
-                raw.append(m.group(1))
+            if _inside(m.start(), blocks):
+                continue
+            if callable(hash_lines) and not hash_lines(m.group(1)):
+                continue
+            raw.append(m.group(1))
     if not raw:
         if len(region) < len(response) and ("\\boxed" in response or ANSWER_OPEN in response):
             return Extraction((), "answer only inside the reasoning")

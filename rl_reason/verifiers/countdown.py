@@ -5,7 +5,8 @@ example: ``{"numbers": [25, 3, 7, 50], "target": 69}``.
 The final answer (anchored, see ``answer_extraction``; every distinct one must be right) must be
 an expression of integers, binary ``+ - * /`` (also written ``− × · ÷`` or ``\\times \\cdot
 \\div``) and parentheses, and nothing else: no ``= 69``, no unary minus, no ``**``, ``//``, ``%``,
-names or calls. Each given number must be used exactly as many times as it is given.
+names or calls. Line breaks inside the expression are spaces. Each given number must be used
+exactly as many times as it is given.
 
 Nothing is ever passed to ``eval``: the text is filtered to those characters, parsed with
 ``ast.parse`` (which refuses more than 200 nested parentheses in constant time) and the tree is
@@ -99,8 +100,11 @@ def check_expression(expression: str, numbers: list[int], target: int) -> Verify
         return reject("expression too long")
     if not _ALLOWED_CHARS.match(expression):
         return reject("only integers, + - * / and parentheses are allowed")
+    # One expression may be written over several lines; Python would end it at a line break
+    # outside parentheses, so line breaks are only spaces here.
+    expression = " ".join(expression.split())
     try:
-        tree = ast.parse(expression.strip(), mode="eval")
+        tree = ast.parse(expression, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return reject("not a valid expression")
     try:

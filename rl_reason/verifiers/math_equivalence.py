@@ -36,8 +36,13 @@ MAX_BRACKET_DEPTH = 8
 MAX_DISTINCT_ANSWERS = 4
 # Exact values with more digits than this are not computed (9^{9^{9}} has ~370 million).
 MAX_DIGITS = 100_000
+# Sub-expressions below 10^SMALL_LOG10 in size are evaluated numerically for the size check.
+SMALL_LOG10 = 15
 
 _THIN_SPACE_IN_NUMBER = re.compile(r"(?<=\d)\\[,!; ](?=\d{3})")
+# "1 000 000": digit groups of three after plain spaces are one number (SI style), not a
+# product; a group must be exactly three digits, so "2 3" or "12 1000" are left alone.
+_SPACED_DIGIT_GROUPS = re.compile(r"(?<![\d.])\d{1,3}(?: \d{3})+(?![\d.])")
 
 
 def _math_verify():
@@ -55,6 +60,7 @@ def _latex_config():
 def _parse_boxed(text: str) -> list:
     mv = _math_verify()
     text = _THIN_SPACE_IN_NUMBER.sub("", text)
+    text = _SPACED_DIGIT_GROUPS.sub(lambda m: m.group().replace(" ", ""), text)
     return mv.parse(
         "\\boxed{" + text + "}", extraction_config=_latex_config(), parsing_timeout=None
     )
@@ -63,10 +69,11 @@ def _parse_boxed(text: str) -> list:
 @functools.lru_cache(maxsize=4096)
 def _parse_gold(gold: str) -> list:
     # A group of G samples shares one gold answer: parse it once per process.
-    boxes = boxed_spans(gold)
+    # Several distinct boxes ("\\boxed{2} and \\boxed{3}") are one answer with several parts:
+    # all of them are the gold, as a list, never just the last one.
+    boxes = list(dict.fromkeys(gold[start:end].strip() for start, end in boxed_spans(gold)))
     if boxes:
-        start, end = boxes[-1]
-        gold = gold[start:end]
+        gold = ", ".join(boxes)
     parsed = _parse_boxed(gold)
     if not parsed:
         parsed = _math_verify().parse("$" + gold + "$", parsing_timeout=None)
@@ -86,8 +93,65 @@ def _bracket_depth(text: str) -> int:
     return deepest
 
 
-def _digits_bound(node: Any) -> float | None:
-    """An upper bound on log10|value| of a numeric sympy expression; None when not numeric."""
+def _numeric_log10(node: Any) -> float | None:
+    """log10|value| of a sub-expression already known to be small, or None if not a number."""
+    try:
+        value = abs(complex(node.evalf(30)))
+    except (TypeError, ValueError, ArithmeticError):
+        return None
+    if not math.isfinite(value):
+        return None
+    return -math.inf if value == 0 else math.log10(value)
+
+
+def _pow_bound(base_node: Any, exponent_node: Any, worst: list[float]) -> float | None:
+    base = _log10_bound(base_node, worst)
+    exponent = _log10_bound(exponent_node, worst)
+    if exponent is None:
+        return None
+    if exponent > SMALL_LOG10:
+        return math.inf
+    # The exponent is below 10^15: its value, not a bound on its size, decides (10^{-0.23} is
+    # below 1; a bound would call it astronomically large), and likewise a small base.
+    e = _numeric_value(exponent_node)
+    if e is None:
+        e = 10**exponent
+    if base is None:
+        base = 1.0  # symbolic base: as if it were 10
+    elif base <= SMALL_LOG10:
+        base = _numeric_log10(base_node)
+        if base is None:
+            return None
+        if base == -math.inf:
+            return 0.0
+    return abs(e) * base if e >= 0 or base > SMALL_LOG10 else e * base
+
+
+def _numeric_value(node: Any) -> float | None:
+    try:
+        value = complex(node.evalf(30))
+    except (TypeError, ValueError, ArithmeticError):
+        return None
+    if not (math.isfinite(value.real) and math.isfinite(value.imag)):
+        return None
+    return value.real if value.imag == 0 else abs(value)
+
+
+def _log10_bound(node: Any, worst: list[float]) -> float | None:
+    """An upper bound on log10|value| of a numeric sympy expression; None when not numeric.
+
+    ``worst[0]`` collects the largest |bound| of any sub-expression: a tiny intermediate such
+    as 10^{-10^{9}} is as costly to compute exactly as a huge one.
+    """
+    bound = _node_bound(node, worst)
+    if bound is not None and math.isfinite(bound):
+        worst[0] = max(worst[0], abs(bound))
+    elif bound is not None and bound == math.inf:
+        worst[0] = math.inf
+    return bound
+
+
+def _node_bound(node: Any, worst: list[float]) -> float | None:
     import sympy
 
     if isinstance(node, sympy.Integer):
@@ -98,20 +162,19 @@ def _digits_bound(node: Any) -> float | None:
         mantissa_exp = node._mpf_[2] + node._mpf_[3]
         return abs(mantissa_exp) * math.log10(2)
     if isinstance(node, sympy.Pow):
-        base, exponent = (_digits_bound(arg) for arg in node.args)
-        if exponent is None:
-            return None
-        if exponent > 15:
-            return math.inf
-        return (base if base is not None else 1.0) * 10**exponent
+        return _pow_bound(node.args[0], node.args[1], worst)
     if isinstance(node, sympy.factorial):
-        n = _digits_bound(node.args[0])
+        n = _log10_bound(node.args[0], worst)
         if n is None:
             return None
-        return math.inf if n > 15 else 10**n * max(n, 1.0)
+        if n > SMALL_LOG10:
+            return math.inf
+        value = _numeric_value(node.args[0])
+        value = 10**n if value is None else max(value, 0.0)
+        return math.lgamma(value + 1) / math.log(10)
     if not node.args:
         return None
-    bounds = [_digits_bound(arg) for arg in node.args]
+    bounds = [_log10_bound(arg, worst) for arg in node.args]
     known = [b for b in bounds if b is not None]
     if not known:
         return None
@@ -123,23 +186,44 @@ def _too_large(parsed: list) -> bool:
 
     for item in parsed:
         if isinstance(item, sympy.Basic):
-            bound = _digits_bound(item)
-            if bound is not None and bound > MAX_DIGITS:
+            worst = [0.0]
+            _log10_bound(item, worst)
+            if worst[0] > MAX_DIGITS:
                 return True
     return False
 
 
+def _several_parts(parsed: list) -> bool:
+    import sympy
+
+    return bool(parsed) and isinstance(parsed[0], sympy.FiniteSet) and len(parsed[0]) > 1
+
+
 def _check(gold: str, answers: tuple[str, ...]) -> VerifyResult:
     gold_parsed = _parse_gold(gold)
+    mv = _math_verify()
+    all_match = True
     for answer in answers:
         parsed = _parse_boxed(answer)
         if not parsed:
             return reject("unparsable answer")
         if _too_large(parsed):
             return reject("answer too large to compare")
-        if not _math_verify().verify(gold_parsed, parsed, timeout_seconds=None):
-            return reject("several different final answers" if len(answers) > 1 else "wrong answer")
-    return accept()
+        if not mv.verify(gold_parsed, parsed, timeout_seconds=None):
+            all_match = False
+            break
+    if all_match:
+        return accept()
+    if len(answers) == 1:
+        return reject("wrong answer")
+    # A gold with several parts (a set, or several boxes) may be answered one box per part:
+    # then the boxes together must be exactly that set. Any other gold makes them a hedge.
+    if _several_parts(gold_parsed):
+        joined = _parse_boxed(", ".join(answers))
+        if joined and not _too_large(joined):
+            if mv.verify(gold_parsed, joined, timeout_seconds=None):
+                return accept()
+    return reject("several different final answers")
 
 
 def gold_text(example: Mapping[str, Any], name: str) -> str:
