@@ -2,7 +2,11 @@
 
 example: ``{"tests": "<python source with top-level assert statements>"}`` or
 ``{"io": [{"stdin": "1 2\\n", "stdout": "3\\n"}, ...]}``; optional ``"timeout_s"`` (wall clock
-for all cases together, default ``SandboxLimits.wall_s``, at most ``MAX_TIMEOUT_S``).
+for all cases together, default ``SandboxLimits.wall_s``, at most ``MAX_TIMEOUT_S``). The forms
+datasets ship are read too (``code_forms``): HumanEval's ``{"test": "def check(candidate): ...",
+"entry_point": ..., "helpers": <the prompt's code>}``, MBPP's ``test_list``, APPS' and
+CodeContests' ``inputs``/``outputs`` lists. ``helpers`` is trusted code that runs before the
+solution and is part of the tests.
 
 Trust argument. Model-written code runs in the sandbox (see ``sandbox``), and anything that comes
 out of the sandbox is what the code *claims*: a process that ran it can print, exit, patch
@@ -22,6 +26,10 @@ a verdict, and the expected answers never enter a process that runs model code:
   check itself when it only compares plain values, or in a second sandbox run that never sees the
   solution (setup + checks + the decoded values) otherwise. The model's process thus never holds
   an expected value, and ``sys.exit(0)`` before the tests leaves the probes unanswered: failed.
+
+A check function with loops or random inputs cannot be split statically; it is replayed
+(``_replay``): the tests run without the solution, which only ever sees the arguments of its calls
+and whose decoded results the tests then check.
 
 What this cannot protect: expected values the tests put in setup statements that probes also
 need (those run next to the solution), and probes that pass the solution's functions to test
@@ -46,6 +54,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from rl_reason.verifiers import code_forms
 from rl_reason.verifiers.answer_extraction import last_python_block
 from rl_reason.verifiers.result import VerifyResult, accept, reject
 from rl_reason.verifiers.sandbox import CaseRun, SandboxLimits, run_job
@@ -53,6 +62,10 @@ from rl_reason.verifiers.sandbox_runner import decode_value, encode_value
 
 MAX_CODE_CHARS = 100_000
 MAX_TIMEOUT_S = 60.0
+# Calls a replayed check function may make to the solution (HumanEval's most: 100).
+MAX_REPLAY_CALLS = 10_000
+TEST_FORMS = ("tests", "test", "test_list")
+IO_FORMS = ("io", "input_output")
 _BUILTIN_NAMES = frozenset(dir(builtins))
 _STDLIB_MODULES = frozenset(sys.stdlib_module_names)
 
@@ -516,18 +529,104 @@ def _reference_checks(
 # The verifier.
 
 
+def _replay(code: str, form: code_forms.CheckFunction, limits: SandboxLimits) -> VerifyResult:
+    """A check function that is not straight-line code, in three runs.
+
+    1. The tests alone, with a stand-in that records the arguments of each call to the solution
+       (its results are placeholders; failing asserts do not stop the recording).
+    2. The solution alone, called with those arguments (probes): it sees no expected value.
+    3. The tests alone again, the stand-in replaying the solution's decoded results for the same
+       arguments; the check finishing is the verdict. Calls whose arguments depend on earlier
+       results do not replay the same way and fail (the reason says so).
+    """
+    run = "check(__candidate__)"
+    job = {"mode": "calls", "setup": form.record_setup, "run": run, "max_calls": MAX_REPLAY_CALLS}
+    report = run_job(job, limits)
+    if report.failure or not report.runs or report.runs[0].timed_out:
+        return reject(f"recording the tests' calls failed ({report.failure or 'timeout'})")
+    if report.runs[0].exit_code != 0:
+        last_line = (report.runs[0].stderr.strip().splitlines() or ["no output"])[-1]
+        raise ValueError(f"code: the test setup fails without the solution ({last_line})")
+    recorded = []
+    for answered, arguments in _read_records(report.runs[0], MAX_REPLAY_CALLS, "a"):
+        if not answered:
+            break
+        recorded.append(arguments)
+    if not recorded:
+        raise ValueError("code: the check function never calls its candidate")
+    probes = [
+        f"{form.entry_point}(*__value_{k}__[0], **__value_{k}__[1])" for k in range(len(recorded))
+    ]
+    job = {"mode": "probes", "code": code, "setup": "", "probes": probes, "values": recorded}
+    report = run_job(job, limits)
+    if report.failure:
+        return reject(report.failure)
+    if report.runs[0].timed_out or report.runs[0].overflow:
+        return reject(_run_problem(report.runs[0]))
+    replies = []
+    for answered, encoded in _read_records(report.runs[0], len(probes), "v"):
+        try:
+            # Decoded and encoded again here: only plain values reach the tests.
+            replies.append([encode_value(decode_value(encoded))] if answered else None)
+        except (ValueError, TypeError, RecursionError):
+            replies.append(None)
+    job = {
+        "mode": "calls",
+        "setup": form.setup,
+        "run": run,
+        "max_calls": MAX_REPLAY_CALLS,
+        "recorded": recorded,
+        "replies": replies,
+    }
+    report = run_job(job, limits)
+    if report.failure or not report.runs or report.runs[0].timed_out:
+        return reject(f"checking the results failed ({report.failure or 'timeout'})")
+    [(answered, ok)] = _read_records(report.runs[0], 1, "ok")
+    if answered and ok is True:
+        return accept(f"passed ({len(recorded)} calls)")
+    [(_, error)] = _read_records(report.runs[0], 1, "e")
+    failed = sum(reply is None for reply in replies)
+    detail = f"; the solution failed {failed} of {len(replies)} calls" if failed else ""
+    return reject(f"check failed ({error or 'no verdict'}{detail})")
+
+
+def _tests_source(example: Mapping[str, Any], form: str, helpers: str):
+    """The test source (top-level asserts) or a `code_forms.CheckFunction` to replay."""
+    if form == "test_list":
+        tests = code_forms.mbpp_tests(example)
+    else:
+        tests = _text(example[form])
+        if not isinstance(tests, str):
+            raise ValueError(f"code: {form!r} must be Python source (a string)")
+    if "entry_point" in example:
+        entry_point = _text(example["entry_point"])
+        if not isinstance(entry_point, str):
+            raise ValueError("code: 'entry_point' must be a string")
+        return code_forms.check_function_tests(tests, entry_point, helpers)
+    return "\n".join(filter(None, [helpers, tests]))
+
+
 def verify_code(response: str, example: Mapping[str, Any]) -> VerifyResult:
     """Runs the last ```python block of ``response`` against ``example`` (module docstring)."""
-    has_tests, has_io = "tests" in example, "io" in example
-    if has_tests == has_io:
+    forms = [k for k in (*TEST_FORMS, *IO_FORMS) if k in example]
+    if len(forms) != 1:
         raise ValueError(
-            f"code: example needs exactly one of 'tests' or 'io', got keys {sorted(example)}"
+            f"code: example needs exactly one of {', '.join(TEST_FORMS + IO_FORMS)}, got keys "
+            f"{sorted(example)}"
         )
-    tests = _text(example["tests"]) if has_tests else None
-    if has_tests and not isinstance(tests, str):
-        raise ValueError("code: 'tests' must be Python source (a string)")
-    suite = _parse_tests(tests) if has_tests else None
-    cases = _parse_io(example["io"]) if has_io else None
+    form = forms[0]
+    helpers = _text(example.get("helpers") or "")
+    if not isinstance(helpers, str):
+        raise ValueError("code: 'helpers' must be Python source (a string)")
+    suite = replay = cases = None
+    if form in TEST_FORMS:
+        tests = _tests_source(example, form, helpers)
+        if isinstance(tests, code_forms.CheckFunction):
+            replay = tests
+        else:
+            suite = _parse_tests(tests)
+    else:
+        cases = _parse_io(code_forms.io_cases(example))
     limits = _limits(example)
     code = last_python_block(response)
     if code is None:
@@ -542,4 +641,11 @@ def verify_code(response: str, example: Mapping[str, Any]) -> VerifyResult:
         return reject("syntax error")
     if cases is not None:
         return _verify_io(code, cases, limits)
+    if helpers:
+        # The prompt's own code (imports, helper functions) comes first, as in HumanEval's
+        # harness: a solution may use it without repeating it.
+        code = helpers + "\n" + code
+        tree = ast.parse(code)
+    if replay is not None:
+        return _replay(code, replay, limits)
     return _verify_tests(code, tree, suite, limits)

@@ -12,7 +12,11 @@ Nothing in the report is trusted by the host as a verdict: it is what the child 
 Job: {"mode": "io" | "probes" | "reference", "limits": {...}, "deadline_s": float, and
   io:        "code", "inputs": [stdin text per case]
   probes:    "code", "setup", "probes": [expression source]       (records: {"i", "v" | "e"})
-  reference: "setup", "conditions": [source], "values": [encoded]  (records: {"i", "ok" | "e"})}
+  reference: "setup", "conditions": [source], "values": [encoded]  (records: {"i", "ok" | "e"})
+  calls:     "setup", "run", "max_calls", and "recorded": [encoded arguments], "replies":
+             [[encoded] | null] to replay (records: {"i", "ok" | "e"}), or neither to record the
+             calls "run" makes to __candidate__ (records: {"i", "a"})}
+Probes may also get "values": [encoded], bound as __value_K__ before the probes run.
 Report: {"runs": [{"exit", "signal", "timed_out", "overflow", "stdout", "records", "stderr"}]}
 with stdout/records base64 encoded.
 
@@ -207,6 +211,8 @@ def _run_probes(job, index):
     except BaseException:
         traceback.print_exc()
         return 1
+    for k, encoded in enumerate(job.get("values", ())):
+        namespace[f"__value_{k}__"] = decode_value(encoded)
     for i, source in enumerate(job["probes"]):
         try:
             value = eval(compile(source, f"probe{i}", "eval"), namespace)
@@ -235,7 +241,56 @@ def _run_reference(job, index):
     return 0
 
 
-_MODES = {"io": _run_program, "probes": _run_probes, "reference": _run_reference}
+class _Unreplayable(Exception):
+    pass
+
+
+def _run_calls(job, index):
+    # The tests' own code with a stand-in for the solution: no solution code runs here. Both
+    # passes draw the same "random" inputs (tests that use the module without a seed).
+    import builtins
+    import copy
+    import random
+
+    random.seed(0)
+    namespace = {"__name__": "tests", "__builtins__": builtins}
+    exec(compile(job["setup"], "tests.py", "exec"), namespace)
+    recorded, replies = job.get("recorded"), job.get("replies")
+    count = [0]
+
+    def candidate(*args, **kwargs):
+        k = count[0]
+        count[0] += 1
+        if k >= int(job["max_calls"]):
+            raise _Unreplayable("too many calls")
+        if replies is None:
+            _record({"i": k, "a": encode_value([list(copy.deepcopy(args)), dict(kwargs)])})
+            return None
+        if k >= len(recorded) or decode_value(recorded[k]) != [list(args), dict(kwargs)]:
+            raise _Unreplayable("the calls differ from the recorded ones")
+        if replies[k] is None:
+            raise RuntimeError("the solution raised or did not answer")
+        return decode_value(replies[k][0])
+
+    namespace["__candidate__"] = candidate
+    try:
+        exec(compile(job["run"], "run", "exec"), namespace)
+        line = {"i": 0, "ok": True}
+    except _Unreplayable as e:
+        line = {"i": 0, "e": "unreplayable: " + str(e)}
+    except BaseException as e:
+        line = {"i": 0, "e": type(e).__name__}
+    if replies is not None:
+        _record(line)
+    return 0
+
+
+_MODES = {
+    "io": _run_program,
+    "probes": _run_probes,
+    "reference": _run_reference,
+    "calls": _run_calls,
+}
 
 
 def _set_limits(limits):
