@@ -108,4 +108,13 @@ class Mbpp(ManualDirBuilder, skip_registration=True):
         if layout.format != "jsonl":
             return examples
         low, high = TASK_ID_SPLITS[split]  # the one file holds every split
-        return [(w, ex) for w, ex in examples if low <= int(ex["task_id"]) <= high]
+        kept = [(w, ex) for w, ex in examples if low <= int(ex["task_id"]) <= high]
+        if not kept:
+            self._empty_splits.add(split)
+        return kept
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        # A file without any problem of a split (a subset of mbpp.jsonl) has no such split.
+        self._empty_splits: set[str] = set()
+        generators = super()._split_generators(dl_manager)
+        return {s: g for s, g in generators.items() if s not in self._empty_splits}
