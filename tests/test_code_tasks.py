@@ -51,3 +51,16 @@ def test_humaneval_from_the_package(tmp_path):
         assert task.validate(example) is None
         assert _solve(example).correct, task_id
     assert "def poly" in by_id["HumanEval/32"]["helpers"]
+
+
+@pytest.mark.parametrize("module", ["humaneval_r1_zero", "mbpp_r1_zero"])
+def test_code_configs_name_their_task_and_a_smoke_variant(module):
+    import importlib
+
+    get_config = importlib.import_module(f"experiments.configs.{module}").get_config
+    full, smoke = get_config(), get_config("smoke")
+    assert full.task.name == smoke.task.name == module.split("_")[0]
+    assert get_task(full.task.name).verifier_name == "code"
+    assert smoke.smoke and smoke.grpo.steps == 2 and smoke.model.tiny == "qwen2"
+    with pytest.raises(ValueError, match="unknown config arg"):
+        get_config("big")

