@@ -68,8 +68,7 @@ def get_builder(
     """
     builders = _builders()
     if name not in builders:
-        # In registration order: the answer datasets, then the code datasets.
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(builders)}")
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(builders))}")
     cls, make_config = builders[name]
     data_dir = str(Path(data_dir).expanduser())
     if make_config is not None:

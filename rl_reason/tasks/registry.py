@@ -237,8 +237,7 @@ def get_task(name: str, *, verifier: str | None = None, **params: Any) -> Datase
       TypeError: a parameter the task's builder does not take.
     """
     if name not in _TASKS:
-        # In registration order: the answer tasks, then the code tasks.
-        raise ValueError(f"unknown task {name!r}; valid names: {', '.join(_TASKS)}")
+        raise ValueError(f"unknown task {name!r}; valid names: {', '.join(names())}")
     cls, default_verifier, builder = _TASKS[name]
     verifier = default_verifier if verifier is None else verifier
     if verifier not in verifiers.names():
