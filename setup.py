@@ -35,6 +35,7 @@ setup(
         # agreement tests.
         "dev": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
             "ruff",
             "nbclient>=0.10",
             "nbformat>=5.10",

@@ -13,6 +13,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="rl_reason_test_xla_cache_")
@@ -46,17 +47,76 @@ def _shared(config) -> SharedProcess:
     return config.stash[_SHARED]
 
 
+_NEEDS = pytest.StashKey[dict]()
+
+# The README's test command runs two pytest-xdist workers, each taking whole files. Files that
+# run for a minute or more go out first, so the short ones fill in around them at the end
+# instead of one long file running alone while the other worker idles.
+HEAVY_FIRST = (
+    "test_multihost",
+    "test_research_smoke",
+    "test_resume",
+    "test_recipes",
+    "test_benchmarks_smoke",
+    "test_sharding",
+    "test_r1_zero_smoke",
+    "test_bad_input",
+    "test_notebook",
+    "test_checkpoint_sharded",
+    "test_pretrained_sharded",
+    "test_evaluate",
+    "test_off_policy",
+)
+
+
+# Files whose tests start code sandboxes and check that none is left over: `no_leftovers` sees
+# every sandbox on the host, so they run as one unit on one worker, never beside each other.
+SANDBOX_FILES = (
+    "test_verifiers_code",
+    "test_verifiers_pool",
+    "test_verifiers_dataset_forms",
+    "test_code_tasks",
+)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduler(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "sandbox files" if Path(path).stem in SANDBOX_FILES else path
+
+    return Scheduler(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):
+        return  # one process: keep the files' own order
+
+    def rank(item):
+        name = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        return HEAVY_FIRST.index(name) if name in HEAVY_FIRST else len(HEAVY_FIRST)
+
+    items.sort(key=rank)  # stable: tests keep their order inside a file
+
+
 def pytest_collection_finish(session):
     if session.config.option.collectonly:
         return
-    names = []
+    by_module: dict[str, list[str]] = {}
     for item in session.items:
         needs = getattr(getattr(item, "module", None), "multidevice_needs", None)
         if needs is not None and "multidevice" in getattr(item, "fixturenames", ()):
             callspec = getattr(item, "callspec", None)
+            names = by_module.setdefault(item.module.__name__, [])
             names += [n for n in needs(callspec.params if callspec else {}) if n not in names]
-    if names:
-        _shared(session.config).schedule(names)
+    session.config.stash[_NEEDS] = by_module
+    # Under pytest-xdist every worker collects every test but runs only some files: each
+    # schedules a module's computations when that module first asks (see the fixture).
+    if by_module and not hasattr(session.config, "workerinput"):
+        _shared(session.config).schedule([n for names in by_module.values() for n in names])
 
 
 def pytest_unconfigure(config):
@@ -64,6 +124,8 @@ def pytest_unconfigure(config):
         config.stash[_SHARED].close()
 
 
-@pytest.fixture(scope="session")
-def multidevice(pytestconfig) -> SharedProcess:
-    return _shared(pytestconfig)
+@pytest.fixture(scope="module")
+def multidevice(request) -> SharedProcess:
+    shared = _shared(request.config)
+    shared.schedule(request.config.stash.get(_NEEDS, {}).get(request.module.__name__, []))
+    return shared
