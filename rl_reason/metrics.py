@@ -36,6 +36,7 @@ import math
 import os
 import secrets
 import string
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -140,6 +141,24 @@ def format_duration(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def _import_summary_writer():
+    """tensorboardX's SummaryWriter, without the torch import it does when torch is installed.
+
+    tensorboardX imports torch (2 s of start-up) only to accept torch tensors, which we never
+    log; with the [ref] extra installed every run paid for it. A torch imported already is kept.
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError inside tensorboardX
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Writes each step's scalar metrics to JSONL and TensorBoard and reports progress.
 
@@ -192,8 +211,7 @@ class MetricsWriter:
             self._drop_rows_after(int(resume_step))
         self._file = open(self.workdir / JSONL_NAME, "a", encoding="utf-8")
         if tensorboard:
-            from tensorboardX import SummaryWriter  # heavy import, only where it is used
-
+            SummaryWriter = _import_summary_writer()
             self._tb = SummaryWriter(logdir=str(self.workdir / TB_DIR))
         if self.options.wandb:
             try:
