@@ -77,8 +77,13 @@ def is_resuming(checkpointer: Checkpointer | None) -> bool:
     return checkpointer is not None and checkpointer.latest_step() is not None
 
 
+# Per-op-count shares feed accuracy_by_ops (the before/after table); on the progress line they
+# would bury the figures that matter. They stay in summary.json and the metrics.
+_NOT_ECHOED = ("frac_ops", "frac_correct_ops")
+
+
 def fmt(ev: Mapping[str, float]) -> str:
-    return " | ".join(f"{k} {v:.3f}" for k, v in ev.items())
+    return " | ".join(f"{k} {v:.3f}" for k, v in ev.items() if not k.startswith(_NOT_ECHOED))
 
 
 def _l2_distance(a, b) -> float:
