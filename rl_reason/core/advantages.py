@@ -1,0 +1,104 @@
+"""Registered advantage estimators: outcome rewards of a group → one advantage per sample.
+
+An estimator is fn(rewards_PG, valid_PG as 0/1, n_valid_P1, eps) -> advantages_PG, on the P
+prompts' groups of G samples; `compute_advantages` handles the batch layout, invalid rewards and
+all-equal groups around it. Papers: see `rl_reason.losses`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from rl_reason.core.checks import Array, ArrayLike, float_dtype, positive_int, safe_div
+from rl_reason.core.registry import Registry
+
+ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
+"""Advantage estimators by name: fn(rewards_PG, valid_PG as 0/1, n_valid_P1, eps) -> adv_PG."""
+
+register_advantage_estimator = ADVANTAGE_ESTIMATORS.register
+
+
+@register_advantage_estimator("grpo")
+def _grpo_advantage(r_PG: Array, w_PG: Array, n_P1: Array, eps: float) -> Array:
+    mean = safe_div(jnp.sum(w_PG * r_PG, -1, keepdims=True), n_P1)
+    dev = r_PG - mean
+    var = safe_div(jnp.sum(w_PG * dev**2, -1, keepdims=True), n_P1)  # population, ddof=0
+    # sqrt has an infinite derivative at 0; keep it away so gradients w.r.t. rewards stay finite.
+    std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1)), 0)
+    return dev / (std + eps)
+
+
+@register_advantage_estimator("dr_grpo")
+def _dr_grpo_advantage(r_PG: Array, w_PG: Array, n_P1: Array, eps: float) -> Array:
+    del eps
+    return r_PG - safe_div(jnp.sum(w_PG * r_PG, -1, keepdims=True), n_P1)
+
+
+@register_advantage_estimator("rloo")
+def _rloo_advantage(r_PG: Array, w_PG: Array, n_P1: Array, eps: float) -> Array:
+    del eps
+    others_sum = jnp.sum(w_PG * r_PG, -1, keepdims=True) - r_PG
+    # A reward with no valid peer has no baseline; the caller zeroes it (n == 1 ⇒ all equal).
+    return r_PG - safe_div(others_sum, n_P1 - 1)
+
+
+def compute_advantages(
+    rewards: ArrayLike,
+    group_size: int,
+    estimator: str = "grpo",
+    eps: float = 1e-6,
+    valid: ArrayLike | None = None,
+) -> Array:
+    """Outcome advantages relative to each prompt's group of G samples.
+
+    ``rewards`` is [N] with N = P·G and the G samples of a prompt contiguous. With mean_g and
+    std_g the mean and population standard deviation (ddof=0) of the group's valid rewards:
+
+    - ``"grpo"`` [GRPO, outcome supervision]: A_i = (r_i − mean_g) / (std_g + eps).
+    - ``"dr_grpo"`` [DrGRPO]: A_i = r_i − mean_g. Dropping the std removes the question-difficulty
+      bias (groups with nearly equal rewards are no longer up-weighted).
+    - ``"rloo"`` [RLOO]: A_i = r_i − (1/(G−1)) Σ_{j≠i} r_j, the leave-one-out baseline, which is
+      independent of r_i and hence unbiased; equals G/(G−1)·(r_i − mean_g).
+
+    ``valid`` [N] (bool) marks rewards that exist (e.g. the verifier did not time out). Invalid
+    rewards are left out of their group's statistics (G becomes the group's valid count) and get
+    advantage 0. A group whose valid rewards are all equal (including a single valid reward, or
+    none) gets exactly 0: r − mean alone can leave a rounding residue (the float32 mean of three
+    0.1s is off by 7e-9), which grpo's division by std + eps would turn into a spurious signal.
+
+    Returns:
+      advantages [N], float (at least float32).
+    """
+    ADVANTAGE_ESTIMATORS.check(estimator)
+    r = jnp.asarray(rewards)
+    if r.ndim != 1:
+        raise ValueError(f"rewards must be 1-D [N], got shape {r.shape}")
+    group_size = positive_int("group_size", group_size)
+    n = r.shape[0]
+    if n % group_size:
+        raise ValueError(
+            f"rewards length {n} is not divisible by group_size {group_size}; the batch must "
+            "hold whole groups of G samples per prompt, contiguous"
+        )
+    r = r.astype(float_dtype(r))
+    if valid is None:
+        ok = jnp.ones(r.shape, bool)
+    else:
+        ok = jnp.asarray(valid)
+        if ok.shape != r.shape:
+            raise ValueError(f"valid must have the shape of rewards {r.shape}, got {ok.shape}")
+        ok = ok.astype(bool)
+
+    r_PG = r.reshape(-1, group_size)
+    ok_PG = ok.reshape(-1, group_size)
+    # Invalid entries may hold NaN or garbage; replace them before any arithmetic.
+    r_PG = jnp.where(ok_PG, r_PG, 0)
+    w_PG = ok_PG.astype(r.dtype)
+    n_P1 = jnp.sum(w_PG, -1, keepdims=True)
+    adv_PG = ADVANTAGE_ESTIMATORS[estimator](r_PG, w_PG, n_P1, eps)
+
+    hi = jnp.max(jnp.where(ok_PG, r_PG, -jnp.inf), -1, keepdims=True)
+    lo = jnp.min(jnp.where(ok_PG, r_PG, jnp.inf), -1, keepdims=True)
+    all_equal_P1 = hi <= lo  # also true for an empty group (-inf <= inf)
+    adv_PG = jnp.where(ok_PG & ~all_equal_P1, adv_PG, 0)
+    return adv_PG.reshape(n)
