@@ -33,7 +33,8 @@ class GRPOConfig:
     minibatches: int = 1  # optimizer updates per pass
     microbatches: int = 1  # gradient accumulation inside one update
     # Objective (rl_reason.losses).
-    advantage_estimator: str = "grpo"
+    advantage_estimator: str = "grpo"  # a name in losses.ADVANTAGE_ESTIMATORS
+    policy_objective: str = "ppo_clip"  # a name in losses.POLICY_OBJECTIVES
     aggregation: str = "token-mean"
     ratio_level: str = "token"
     clip_eps_low: float = 0.2
@@ -99,6 +100,7 @@ class GRPOConfig:
             )
         for name, value, valid in (
             ("advantage_estimator", self.advantage_estimator, losses.ADVANTAGE_ESTIMATORS),
+            ("policy_objective", self.policy_objective, losses.POLICY_OBJECTIVES),
             ("aggregation", self.aggregation, losses.AGGREGATIONS),
             ("ratio_level", self.ratio_level, losses.RATIO_LEVELS),
             ("kl_estimator", self.kl_estimator, losses.KL_ESTIMATORS),
@@ -120,6 +122,7 @@ class GRPOConfig:
             kl_coef=self.kl_coef,
             kl_estimator=self.kl_estimator,
             chunk_size=self.logprob_chunk_size,
+            objective=self.policy_objective,
         )
 
     def optim_config(self) -> train_step.OptimConfig:

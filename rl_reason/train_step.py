@@ -48,6 +48,7 @@ class LossConfig:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     chunk_size: int | None = None
+    objective: str = "ppo_clip"  # a name in losses.POLICY_OBJECTIVES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +158,7 @@ def _loss_and_metrics(params, frozen, graphdef, mb: Batch, normalizer, cfg: Loss
         kl_coef=cfg.kl_coef,
         kl_estimator=cfg.kl_estimator,
         normalizer=normalizer,
+        objective=cfg.objective,
     )
     tokens = jnp.maximum(jnp.sum(mb.mask), 1.0)
     metrics = dict(metrics, entropy=jnp.sum(jax.lax.stop_gradient(ent) * mb.mask) / tokens)

@@ -72,6 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             minibatches=2,
             microbatches=8,
             advantage_estimator="grpo",
+            policy_objective="ppo_clip",
             aggregation="token-mean",
             kl_coef=1e-3,
             kl_estimator="k3",

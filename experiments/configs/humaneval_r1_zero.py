@@ -52,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             minibatches=1,
             microbatches=8,
             advantage_estimator="grpo",
+            policy_objective="ppo_clip",
             aggregation="token-mean",
             clip_eps_low=0.2,
             clip_eps_high=0.2,

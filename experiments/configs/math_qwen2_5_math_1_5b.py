@@ -82,6 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             minibatches=8,
             microbatches=4,
             advantage_estimator="dr_grpo",
+            policy_objective="ppo_clip",
             aggregation="seq-mean-token-sum-norm",
             kl_coef=0.0,
             eval_every=16,
