@@ -61,6 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.metrics = metrics_section()
+    # Modules imported before the run (and by the verifier workers) that register estimators,
+    # objectives, verifiers or tasks (rl_reason/plugins.py).
+    c.plugins = ()
     c.pretrain = ml_collections.ConfigDict(
         dict(
             steps=2000,

@@ -54,6 +54,9 @@ def recipe_config(
     # FSDP over every device (the sampler's batch is split over data x fsdp either way).
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.metrics = metrics_section()
+    # Modules imported before the run (and by the verifier workers) that register estimators,
+    # objectives, verifiers or tasks (rl_reason/plugins.py).
+    c.plugins = ()
     grpo_defaults = dict(
         checkpoint_every=20, checkpoint_keep=2, verifier_workers=8, verifier_timeout_s=10.0
     )

@@ -21,6 +21,8 @@ def run_settings(config) -> dict[str, Any]:
     settings = config.to_dict()
     for name in LOCATION_FIELDS:
         settings.pop(name, None)
+    if not settings.get("plugins", True):
+        settings.pop("plugins")  # none: the hash of the runs made before the field existed
     return settings
 
 

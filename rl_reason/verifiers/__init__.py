@@ -62,7 +62,23 @@ def register(name: str, verifier: Verifier) -> None:
     _REGISTRY[name] = verifier
 
 
+_WORKER_IMPORTS: list[str] = []
+
+
+def add_worker_imports(modules) -> None:
+    """Modules every `VerifierPool` created from now on has its workers import first (what
+    `rl_reason.plugins.load` records, so that plugin verifiers reach the workers)."""
+    for name in modules:
+        if name not in _WORKER_IMPORTS:
+            _WORKER_IMPORTS.append(name)
+
+
+def worker_imports() -> tuple[str, ...]:
+    return tuple(_WORKER_IMPORTS)
+
+
 __all__ = [
+    "add_worker_imports",
     "SandboxError",
     "SandboxLimits",
     "SandboxUnavailable",
@@ -74,4 +90,5 @@ __all__ = [
     "get",
     "names",
     "register",
+    "worker_imports",
 ]

@@ -241,7 +241,8 @@ class VerifierPool:
       mp_context: "forkserver" (default) forks workers from a clean pre-imported zygote process;
         "spawn" starts each worker as a new interpreter. Both are safe while JAX threads run in
         this process; neither imports this process's ``__main__`` (see ``worker``).
-      imports: extra modules the workers import first (modules that ``register`` verifiers).
+      imports: extra modules the workers import first (modules that ``register`` verifiers),
+        after those of `rl_reason.plugins.load` (a config's ``plugins``).
     """
 
     def __init__(
@@ -266,7 +267,9 @@ class VerifierPool:
         self.timeout_s = float(timeout_s)
         self.recycle_every = recycle_every
         self.mp_context = mp_context
-        self._imports = tuple(imports)
+        from rl_reason.verifiers import worker_imports  # the package imports this module
+
+        self._imports = tuple(dict.fromkeys((*worker_imports(), *imports)))
         self._pending: collections.deque[tuple[VerifyHandle, int, Item]] = collections.deque()
         self._lock = threading.Lock()
         self._closed = False
