@@ -59,6 +59,8 @@ def decode(value: Any) -> Any:
 
 
 def _source_name(source: Any) -> str:
+    if getattr(source, "source_name", ""):
+        return source.source_name
     info = getattr(source, "dataset_info", None)
     split = getattr(source, "split", None)
     if info is not None and split is not None:

