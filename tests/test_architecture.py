@@ -37,6 +37,8 @@ def test_the_objective_loads_only_jax(module):
     )
 
 
-def test_the_verifiers_load_no_jax():
+def test_the_verifiers_load_no_jax_and_no_tasks():
     mods = _loaded("rl_reason.verifiers")
     assert not _tops(mods) & {"jax", "jaxlib", "flax", *HEAVY}
+    # The tasks sit above the verifiers (their registry names verifiers), never below.
+    assert not {m for m in mods if m.startswith("rl_reason.tasks")}

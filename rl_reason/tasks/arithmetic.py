@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 
 from rl_reason.tasks import templates
+from rl_reason.verifiers.arithmetic_steps import apply_op
 
 VERIFIER = "arithmetic"
 OPS = "+-*"
@@ -139,7 +139,7 @@ def _successors(cur: int, op: str, feasible_next: np.ndarray, cfg: ArithmeticCon
 
 
 def _apply(a: int, op: str, b: int) -> int:
-    return a + b if op == "+" else a - b if op == "-" else a * b
+    return apply_op(a, op, b)
 
 
 DEFAULT_CONFIG = ArithmeticConfig()
@@ -335,59 +335,15 @@ def pretraining_corpus(
 
 
 # ----------------------------------------------------------------------------- step checks
-
-# "a op b = c", optionally after a label such as "Step 2:"; a trailing period is allowed.
-_STEP_LINE = re.compile(
-    r"\s*(?:[A-Za-z]+\s*\d*\s*:\s*)?(-?\d+)\s*([-+*])\s*(-?\d+)\s*=\s*(-?\d+)\s*\.?\s*"
+# The checker lives with the verifiers that use it; these names stay importable from here.
+from rl_reason.verifiers.arithmetic_steps import (  # noqa: E402, F401
+    check_arithmetic,
+    check_steps,
+    count_steps,
+    has_steps,
+    parse_steps,
+    process_correct,
 )
-
-
-def parse_steps(response: str) -> list[Step]:
-    """The ``a op b = c`` lines of the think block of `response`, in order.
-
-    `response` is the policy's completion (a full prompt+completion also works, see
-    `templates.think_block`). Lines of any other shape are ignored.
-    """
-    steps = []
-    for line in templates.think_block(response).split("\n"):
-        m = _STEP_LINE.fullmatch(line)
-        if m:
-            steps.append((int(m[1]), m[2], int(m[3]), int(m[4])))
-    return steps
-
-
-def check_arithmetic(response: str) -> list[bool]:
-    """Per step line: is ``a op b = c`` true, whatever the problem?"""
-    return [_apply(a, op, b) == c for a, op, b, c in parse_steps(response)]
-
-
-def check_steps(response: str, problem: Mapping[str, Any]) -> list[bool]:
-    """Per step line: is it the right step at its position in this problem's chain?
-
-    Line i is right iff it is arithmetically true, uses step i's operator and operand, and
-    starts from the true value before step i (the start number, or step i-1's true result).
-    Lines past the end of the chain are wrong. A skipped or reordered step therefore makes that
-    line and the ones after it wrong.
-    """
-    gold = [tuple(s) for s in problem["steps"]]
-    return [i < len(gold) and step == gold[i] for i, step in enumerate(parse_steps(response))]
-
-
-def count_steps(response: str) -> int:
-    """Number of step lines in the think block."""
-    return len(parse_steps(response))
-
-
-def has_steps(response: str) -> bool:
-    """Whether the think block has at least one step line (the "frac_with_steps" metric)."""
-    return count_steps(response) > 0
-
-
-def process_correct(response: str, problem: Mapping[str, Any]) -> bool:
-    """Exactly the problem's steps, all right, in order, and nothing else that looks like one."""
-    checks = check_steps(response, problem)
-    return len(checks) == len(problem["steps"]) and all(checks)
-
 
 # ----------------------------------------------------------------------------- the task
 

@@ -20,10 +20,14 @@ The outcome verifiers read only the last ``<answer>...</answer>`` of a response,
 may put text after the closing answer tag.
 """
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-ANSWER_OPEN = "<answer>"
-ANSWER_CLOSE = "</answer>"
+# One home for the tags: the verifiers that read them (and never import tasks).
+from rl_reason.verifiers.answer_extraction import (  # noqa: F401 - re-exported
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    THINK_CLOSE,
+    THINK_OPEN,
+    think_block,
+)
 
 # Train tokenizers with these as user-defined symbols so each is one token: the policy then emits
 # a tag in one step, and a prompt ending in "<think>" tokenizes the same alone or with its
@@ -51,21 +55,3 @@ def make_completion(reasoning: str, answer: str) -> str:
     reasoning = reasoning.strip("\n")
     body = f"\n{reasoning}" if reasoning else ""
     return f"{body}\n{THINK_CLOSE}\n{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
-
-
-def think_block(response: str) -> str:
-    """The reasoning the policy wrote in `response`.
-
-    `response` is normally the completion alone (text after the prompt); a full prompt+completion
-    works too because the text starts after the last ``<think>``, which is the prompt's own. The
-    block ends at the first ``</think>`` after that; if the policy never closed it, at the first
-    ``<answer>``; otherwise at the end of the response.
-    """
-    start = response.rfind(THINK_OPEN)
-    start = 0 if start < 0 else start + len(THINK_OPEN)
-    rest = response[start:]
-    for closer in (THINK_CLOSE, ANSWER_OPEN):
-        end = rest.find(closer)
-        if end >= 0:
-            return rest[:end]
-    return rest

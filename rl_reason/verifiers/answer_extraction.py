@@ -25,10 +25,30 @@ import dataclasses
 import re
 from collections.abc import Callable
 
+# The R1-Zero template's tags (rl_reason.tasks.templates writes them from these).
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 ANSWER_OPEN = "<answer>"
 ANSWER_CLOSE = "</answer>"
+
+
+def think_block(response: str) -> str:
+    """The reasoning the policy wrote in `response`.
+
+    `response` is normally the completion alone (text after the prompt); a full prompt+completion
+    works too because the text starts after the last ``<think>``, which is the prompt's own. The
+    block ends at the first ``</think>`` after that; if the policy never closed it, at the first
+    ``<answer>``; otherwise at the end of the response.
+    """
+    start = response.rfind(THINK_OPEN)
+    start = 0 if start < 0 else start + len(THINK_OPEN)
+    rest = response[start:]
+    for closer in (THINK_CLOSE, ANSWER_OPEN):
+        end = rest.find(closer)
+        if end >= 0:
+            return rest[:end]
+    return rest
+
 
 _BOXED = re.compile(r"\\boxed\s*\{")
 # Escaped characters (\{, \}, \\) are skipped as one token so that set braces do not unbalance.

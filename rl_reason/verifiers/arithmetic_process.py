@@ -3,8 +3,9 @@
 example: an `rl_reason.tasks.arithmetic` problem, ``{"answer": "20", "steps": [(17, "+", 8, 25),
 (25, "-", 5, 20)], ...}``, optionally with ``"process_weight": w`` in [0, 1] (default 1).
 
-Every step line of the think block is judged by `arithmetic.check_steps` (right operation, right
-operand, right value before and after, at its position in the chain). The process score is
+Every step line of the think block is judged by `arithmetic_steps.check_steps` (right
+operation, right operand, right value before and after, at its position in the chain). The
+process score is
 
     (number of right step lines) / max(number of gold steps, number of step lines written)
 
@@ -20,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from rl_reason.tasks import arithmetic
 from rl_reason.verifiers.arithmetic import verify_arithmetic
+from rl_reason.verifiers.arithmetic_steps import check_steps
 from rl_reason.verifiers.result import VerifyResult
 
 
@@ -45,7 +46,7 @@ def _weight(example: Mapping[str, Any]) -> float:
 def process_score(response: str, example: Mapping[str, Any]) -> float:
     """The fraction of right steps (see the module docstring), in [0, 1]."""
     gold = _gold_steps(example)
-    checks = arithmetic.check_steps(response, {"steps": gold})
+    checks = check_steps(response, {"steps": gold})
     return sum(checks) / max(len(gold), len(checks))
 
 
