@@ -37,7 +37,7 @@ import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +53,7 @@ from rl_reason.metrics import MetricsConfig, plot_curves
 from rl_reason.preemption import PreemptionGuard
 from rl_reason.tasks.templates import ANSWER_CLOSE, SPECIAL_TOKENS
 from rl_reason.tiny_model import TINY_FAMILIES, build_tiny_model
-from rl_reason.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+from rl_reason.tokenizer import TextTokenizer, load_tokenizer
 from rl_reason.trainer import GRPOConfig
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ TOKENIZER_FILES = (
 # config.json keys of the source checkpoint carried into the export (not architecture keys).
 _CARRIED_CONFIG_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
-AnyTokenizer = Tokenizer | HFTokenizer
+AnyTokenizer = TextTokenizer
 
 
 # -- config sections --------------------------------------------------------------------------
@@ -206,36 +206,14 @@ def make_task(config):
     return get_task(config.task.name, **dict(config.task.params))
 
 
-class PromptTokenizer:
-    """A tokenizer whose prompt encodings follow the prompt format, whatever bos the caller asks
-    for: chat templates write their own bos (or none), so nothing may be added to them.
-
-    Everything else is the wrapped tokenizer's.
-    """
-
-    def __init__(self, tokenizer: AnyTokenizer, *, add_bos: bool):
-        self._tokenizer = tokenizer
-        self._add_bos = add_bos
-
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        return self._tokenizer.encode(text, add_bos=self._add_bos, add_eos=add_eos)
-
-    def encode_batch(
-        self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False
-    ) -> list[list[int]]:
-        return self._tokenizer.encode_batch(texts, add_bos=self._add_bos, add_eos=add_eos)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._tokenizer, name)
-
-    def __repr__(self) -> str:
-        return f"PromptTokenizer({self._tokenizer!r}, add_bos={self._add_bos})"
-
-
 @dataclasses.dataclass(frozen=True)
 class ChatTask:
-    """A task whose prompts are the tokenizer's chat template around the question."""
+    """A task whose prompts are the tokenizer's chat template around the question.
 
+    The template writes the bos it wants (or none), so the trainer must add none.
+    """
+
+    prompt_add_bos: ClassVar[bool] = False
     task: Any
     tokenizer: Any
     system: str = ""
@@ -299,10 +277,7 @@ def prompting(tokenizer: AnyTokenizer, task, prompt: PromptOptions):
             f"config.prompt.format='chat', but {tokenizer.source} has no chat template: use "
             "prompt.format='r1_zero' or a tokenizer with one"
         )
-    return (
-        PromptTokenizer(tokenizer, add_bos=False),
-        ChatTask(task, tokenizer, prompt.system, prompt.suffix),
-    )
+    return tokenizer, ChatTask(task, tokenizer, prompt.system, prompt.suffix)
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -457,7 +432,7 @@ class Setup:
     """Everything a recipe run (or an evaluation of one) is built from."""
 
     path: Path
-    tokenizer: Any  # encodes prompts (see PromptTokenizer)
+    tokenizer: Any  # encodes prompts (with bos unless the task says prompt_add_bos=False)
     task: Any  # gives the prompts (see ChatTask)
     dataset_task: Any  # reads and checks the rows
     stop_token_ids: tuple[int, ...]

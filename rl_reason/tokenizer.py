@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import sentencepiece as spm
@@ -38,6 +38,44 @@ _RESERVED_PIECES = ("<pad>", "<unk>", "<s>", "</s>")
 _MODEL_TYPES = ("bpe", "unigram", "char", "word")
 
 IdSequence = Sequence[int] | np.ndarray
+
+
+class TextTokenizer(Protocol):
+    """What the pipelines use of a tokenizer; `Tokenizer` (SentencePiece) and `HFTokenizer`
+    (``tokenizer.json``) both are one, so code takes a ``TextTokenizer`` and either works.
+
+    A typing protocol, not an isinstance check: `HFTokenizer.bos_id` raises for a tokenizer
+    without a bos token, which an isinstance check would call."""
+
+    chat_template: str | None
+
+    @property
+    def source(self) -> str: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def bos_id(self) -> int: ...
+    @property
+    def eos_id(self) -> int: ...
+    @property
+    def pad_id(self) -> int: ...
+    @property
+    def special_ids(self) -> dict[str, int]: ...
+
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]: ...
+    def encode_batch(
+        self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False
+    ) -> list[list[int]]: ...
+    def decode(self, ids: IdSequence, *, stop_at_eos: bool = True) -> str: ...
+    def decode_batch(
+        self, batch: Sequence[IdSequence] | np.ndarray, *, stop_at_eos: bool = True
+    ) -> list[str]: ...
+    def piece_to_id(self, piece: str) -> int: ...
+    def id_to_piece(self, i: int) -> str: ...
+    def assert_fits(self, embedding_rows: int) -> None: ...
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs
+    ) -> str: ...
 
 
 class Tokenizer:
@@ -434,7 +472,7 @@ def _tokenizer_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer | HFTokenizer:
+def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
     """The tokenizer at `path`: a model directory, a tokenizer.json, or a SentencePiece .model.
 
     A directory with tokenizer.json gives an `HFTokenizer`; otherwise its tokenizer.model gives
@@ -521,7 +559,7 @@ def _compile_template(template: str):
     return env.from_string(template)
 
 
-def check_vocab(tokenizer: Tokenizer | HFTokenizer, model_vocab_size: int) -> None:
+def check_vocab(tokenizer: TextTokenizer, model_vocab_size: int) -> None:
     """Raises ValueError if `tokenizer` can emit an id that has no row in the model's embedding.
 
     A model with more rows than the vocabulary (rows padded to a multiple of 128, say) is fine.

@@ -40,7 +40,11 @@ log = logging.getLogger(__name__)
 
 
 class Task(Protocol):
-    """What the trainer needs from a task (see rl_reason/tasks/)."""
+    """What the trainer needs from a task (see rl_reason/tasks/).
+
+    A task may also set ``prompt_add_bos = False`` when its prompts carry their own start (a
+    chat template writes the bos it wants, or none); prompts are encoded with bos otherwise.
+    """
 
     verifier_name: str
 
@@ -199,7 +203,9 @@ class GRPOTrainer:
     # -- sampling and verification --------------------------------------------------------------
 
     def _encode_prompts(self, examples: Sequence[dict]) -> list[list[int]]:
-        ids = self.tokenizer.encode_batch([self.task.prompt(ex) for ex in examples], add_bos=True)
+        add_bos = getattr(self.task, "prompt_add_bos", True)
+        texts = [self.task.prompt(ex) for ex in examples]
+        ids = self.tokenizer.encode_batch(texts, add_bos=add_bos)
         too_long = [len(x) for x in ids if len(x) > self.cfg.max_prompt_len]
         if too_long:
             raise ValueError(

@@ -14,6 +14,7 @@ the same step-2 metrics and weights as an uninterrupted run.
 
 import json
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,8 @@ from models import from_pretrained
 from models.safetensors_io import open_checkpoint
 from rl_reason import evaluate_run, launch, recipe, sharding, tiny_model, verifiers
 from rl_reason.metrics import read_jsonl
-from rl_reason.tokenizer import load_tokenizer
+from rl_reason.tokenizer import TextTokenizer, load_tokenizer, train_sentencepiece
+from rl_reason.trainer import GRPOTrainer
 
 TINY_TEXTS = [
     "Natalia sold clips to 48 of her friends in April, and then half as many in May.",
@@ -114,19 +116,37 @@ def test_chat_prompts_are_encoded_as_the_template_wrote_them(tmp_path, template_
     text = chat_task.prompt({"question": "What is 3 + 4?"})
     bos = "<s>" if template_has_bos else ""
     assert text == f"{bos}[system] Be brief.<|eot|>[user] What is 3 + 4? Reason.<|eot|>[assistant] "
-    # The trainer asks for a bos; the template decides: one bos if it wrote one, else none.
-    (ids,) = encoder.encode_batch([text], add_bos=True)
+    # The template decides: one bos if it wrote one, else none. The chat task tells the
+    # trainer to add none (its own prompt encoding, called on a stand-in for the trainer).
+    assert encoder is tokenizer and chat_task.prompt_add_bos is False
+    stand_in = types.SimpleNamespace(
+        tokenizer=encoder, task=chat_task, cfg=types.SimpleNamespace(max_prompt_len=512)
+    )
+    (ids,) = GRPOTrainer._encode_prompts(stand_in, [{"question": "What is 3 + 4?"}])
     assert ids == tokenizer.encode(text)
     assert ids.count(tokenizer.bos_id) == int(template_has_bos)
     assert (ids[0] == tokenizer.bos_id) == template_has_bos
     # The plain format keeps the trainer's bos (for base models that were trained with one).
     encoder, plain_task = recipe.prompting(tokenizer, task, recipe.PromptOptions())
     assert plain_task is task and encoder is tokenizer
+    plain = types.SimpleNamespace(tokenizer=encoder, task=plain_task, cfg=stand_in.cfg)
+    (ids,) = GRPOTrainer._encode_prompts(plain, [{"question": "What is 3 + 4?"}])
+    assert ids[0] == tokenizer.bos_id
     # Stop tokens: eos and the template's end of turn (chat); eos alone when </answer> is not
     # one token (r1_zero).
     eot = tokenizer.piece_to_id("<|eot|>")
     assert recipe.stop_token_ids(tokenizer, "chat") == (tokenizer.eos_id, eot)
     assert recipe.stop_token_ids(tokenizer, "r1_zero") == (tokenizer.eos_id,)
+
+
+def test_both_tokenizer_kinds_have_every_member_of_the_protocol(tiny_dir, tmp_path):
+    members = {n for n in vars(TextTokenizer) if not n.startswith("_")}
+    members |= set(TextTokenizer.__annotations__)
+    assert {"encode_batch", "decode", "eos_id", "chat_template"} <= members
+    spm = train_sentencepiece(TINY_TEXTS * 20, tmp_path / "spm", vocab_size=64)
+    for tokenizer in (load_tokenizer(tiny_dir), spm):
+        missing = {n for n in members if not hasattr(type(tokenizer), n)} - set(vars(tokenizer))
+        assert not missing, (type(tokenizer).__name__, missing)
 
 
 def test_tiny_tokenizer_chatml_stops_and_padded_rows(tiny_dir):
