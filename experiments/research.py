@@ -16,17 +16,10 @@ from absl import app, flags
 
 from rl_reason.research import summary, sweep
 
-EXPERIMENTS = (
-    "research_supervision",
-    "research_fidelity",
-    "research_bridge",
-    "research_cold_start",
-    "research_algorithms",
-)
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 _CONFIG = flags.DEFINE_string("config", None, "experiment config file[:arg]")
-_ALL = flags.DEFINE_bool("all", False, f"every experiment: {', '.join(EXPERIMENTS)}")
+_ALL = flags.DEFINE_bool("all", False, f"every experiment: {', '.join(sweep.EXPERIMENTS)}")
 _SEEDS = flags.DEFINE_list("seeds", None, "only these seeds (default: the sweep's)")
 _RUNS_ROOT = flags.DEFINE_string("runs_root", None, "override config.runs_root")
 _RESULTS = flags.DEFINE_string("results_root", "experiments/results", "where summaries go")
@@ -34,20 +27,12 @@ _SUMMARIZE_ONLY = flags.DEFINE_bool("summarize_only", False, "only regenerate ta
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the commands, run nothing")
 
 
-def _experiments() -> list[sweep.Experiment]:
-    if _ALL.value == bool(_CONFIG.value):
-        raise app.UsageError("pass exactly one of --config=FILE[:ARG] or --all")
-    specs = [str(CONFIG_DIR / f"{n}.py") for n in EXPERIMENTS] if _ALL.value else [_CONFIG.value]
-    out = []
-    for spec in specs:
-        path, _, arg = spec.partition(":")
-        out.append(sweep.load_experiment(path, arg, _RUNS_ROOT.value))
-    return out
-
-
 def main(argv):
     del argv
-    exps = _experiments()
+    try:
+        exps = sweep.select_experiments(_CONFIG.value, _ALL.value, _RUNS_ROOT.value, CONFIG_DIR)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     seeds = None if _SEEDS.value is None else [int(s) for s in _SEEDS.value]
     if not _SUMMARIZE_ONLY.value:
         results = sweep.run_sweep(exps, seeds=seeds, dry_run=_DRY_RUN.value)

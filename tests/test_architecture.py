@@ -42,3 +42,48 @@ def test_the_verifiers_load_no_jax_and_no_tasks():
     assert not _tops(mods) & {"jax", "jaxlib", "flax", *HEAVY}
     # The tasks sit above the verifiers (their registry names verifiers), never below.
     assert not {m for m in mods if m.startswith("rl_reason.tasks")}
+
+
+def test_models_load_nothing_of_rl_reason():
+    assert not {m for m in _loaded("models") if m.split(".")[0] == "rl_reason"}
+
+
+def test_entry_points_are_short():
+    # The logic lives in rl_reason/; an entry point parses flags and calls it.
+    long = {
+        p.name: n
+        for p in (ROOT / "experiments").glob("*.py")
+        if (n := len(p.read_text().splitlines())) > 60
+    }
+    assert not long, long
+
+
+def test_no_import_cycle_between_subpackages():
+    # Module-level imports only (imports inside functions are deliberate late binding).
+    import ast
+
+    graph: dict[str, set[str]] = {}
+    for path in (ROOT / "rl_reason").rglob("*.py"):
+        rel = path.relative_to(ROOT / "rl_reason").parts
+        unit = rel[0].removesuffix(".py")
+        for node in ast.parse(path.read_text()).body:
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "rl_reason" and len(parts) > 1 and parts[1] != unit:
+                    if (ROOT / "rl_reason" / parts[1]).is_dir():
+                        graph.setdefault(unit, set()).add(parts[1])
+    subpackages = {p.name for p in (ROOT / "rl_reason").iterdir() if (p / "__init__.py").exists()}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in graph.get(start, ()):
+            if nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})):
+                return True
+        return False
+
+    cycles = sorted(p for p in subpackages if reaches(p, p, {p}))
+    assert not cycles, {p: sorted(graph.get(p, ())) for p in cycles}

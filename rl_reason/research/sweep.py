@@ -131,6 +131,30 @@ def load_experiment(path: str | Path, arg: str = "", runs_root: str | None = Non
     return Experiment(path, arg, runs_root)
 
 
+# Every research experiment, in the order `--all` runs them (configs in experiments/configs/).
+EXPERIMENTS = (
+    "research_supervision",
+    "research_fidelity",
+    "research_bridge",
+    "research_cold_start",
+    "research_algorithms",
+)
+
+
+def select_experiments(
+    config: str | None, every: bool, runs_root: str | None, config_dir: str | Path
+) -> list[Experiment]:
+    """The experiments a command names: one config ``FILE[:ARG]``, or ``every`` one."""
+    if every == bool(config):
+        raise ValueError("pass exactly one of --config=FILE[:ARG] or --all")
+    specs = [str(Path(config_dir) / f"{n}.py") for n in EXPERIMENTS] if every else [config]
+    out = []
+    for spec in specs:
+        path, _, arg = spec.partition(":")
+        out.append(load_experiment(path, arg, runs_root))
+    return out
+
+
 def run_sweep(
     exps: Sequence[Experiment] | Experiment,
     *,
