@@ -362,11 +362,12 @@ def test_get_task_names_and_errors():
         ("math", "math", "math"),
         ("humaneval", "code", "humaneval"),
         ("mbpp", "code", "mbpp"),
+        ("jsonl", "math", "jsonl"),
     ]:
         task = get_task(name)
         assert (task.name, task.verifier_name, task.builder) == (name, verifier, builder)
     assert get_task("gsm8k", verifier="math").verifier_name == "math"
-    names = "arithmetic, countdown, gsm8k, humaneval, math, mbpp"
+    names = "arithmetic, countdown, gsm8k, humaneval, jsonl, math, mbpp"
     with pytest.raises(ValueError, match=f"valid names: {names}"):
         get_task("aime")
     with pytest.raises(ValueError, match="unknown verifier 'exact' for task 'gsm8k'") as info:
