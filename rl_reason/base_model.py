@@ -29,7 +29,7 @@ from flax import nnx
 
 from models import from_pretrained, save_pretrained
 from models import get_config as model_preset
-from rl_reason import pretrain, sharding, verifiers
+from rl_reason import plugins, pretrain, sharding, verifiers
 from rl_reason.grpo_run import config_from
 from rl_reason.progress import Progress
 from rl_reason.tasks import arithmetic
@@ -326,6 +326,7 @@ def run(config) -> dict[str, Any]:
     from rl_reason import r1_zero  # the default experiment's splits
     from rl_reason.preemption import PreemptionGuard
 
+    plugins.load_from(config)  # before anything checks a registered name
     is_main = jax.process_index() == 0
     echo = _echo if is_main else (lambda msg: None)
     mesh = sharding.make_mesh(config_from(sharding.MeshConfig, config.mesh))

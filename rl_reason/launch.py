@@ -66,7 +66,4 @@ def main(config):
     """Start the runtime, then run the config's pipeline."""
     run = pipeline(config.pipeline)
     start()
-    from rl_reason import plugins
-
-    plugins.load(config.get("plugins", ()))  # before anything checks a registered name
     return run(config)

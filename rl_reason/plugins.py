@@ -1,9 +1,9 @@
 """User modules that register variants: estimators, objectives, KL estimators, verifiers, tasks.
 
-A config's ``plugins`` (a tuple of module names on the Python path) is imported by every entry
-point before its pipeline builds anything, so the names the modules register pass the config's
-checks; the verifier pools' worker processes import them as well, so a verifier registered by
-a plugin is found where verification runs:
+A config's ``plugins`` (a tuple of module names on the Python path) is imported by every
+pipeline's ``run(config)`` before it builds anything, from the command line or in a notebook, so
+the names the modules register pass the config's checks; the verifier pools' worker processes
+import them as well, so a verifier registered by a plugin is found where verification runs:
 
     python -m experiments.train --config=experiments/configs/r1_zero_tiny.py \\
         --config.plugins="('my_lab.estimators',)" --config.grpo.advantage_estimator=my_estimator
@@ -37,3 +37,8 @@ def load(modules: Sequence[str]) -> list[str]:
         names.append(name)
     verifiers.add_worker_imports(names)
     return names
+
+
+def load_from(config) -> list[str]:
+    """`load` of ``config.plugins`` (none when the config has no such field)."""
+    return load(config.get("plugins", ()) or ())

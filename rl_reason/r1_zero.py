@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from models import get_config as model_preset
-from rl_reason import base_model, grpo_run, pretrain, sharding
+from rl_reason import base_model, grpo_run, plugins, pretrain, sharding
 from rl_reason import data as data_lib
 from rl_reason.metrics import MetricsConfig, plot_curves
 from rl_reason.preemption import PreemptionGuard
@@ -76,6 +76,7 @@ def run(config) -> dict[str, Any]:
     stage 2 continues from the newest readable step, repeating and skipping nothing. SIGTERM
     saves at the next step boundary and returns early (summary["preempted"] is then True).
     """
+    plugins.load_from(config)  # before anything checks a registered name
     t_start = time.perf_counter()
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ from jax.experimental import multihost_utils
 from models import LoRAConfig, Transformer, add_lora, from_pretrained, merge_lora, save_pretrained
 from models.lora import TARGETS
 from rl_reason import data as data_lib
-from rl_reason import grpo_run, sharding
+from rl_reason import grpo_run, plugins, sharding
 from rl_reason.metrics import MetricsConfig, plot_curves
 from rl_reason.preemption import PreemptionGuard
 from rl_reason.tasks.templates import ANSWER_CLOSE, SPECIAL_TOKENS
@@ -482,6 +482,7 @@ def run(config) -> dict[str, Any]:
     (the base weights are read from the checkpoint path again). SIGTERM saves at the next step
     boundary and returns early (summary["preempted"] is then True; nothing is exported).
     """
+    plugins.load_from(config)  # before anything checks a registered name
     t_start = time.perf_counter()
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -68,3 +68,11 @@ def test_a_plugin_estimator_from_the_command_line_drives_the_update(tmp_path):
     (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # Rewards varied, yet the plugin's all-zero advantages leave nothing to follow.
     assert row["reward_std"] > 0 and row["grad_norm"] == 0
+
+
+def test_load_from_a_config(clean_plugins):
+    import ml_collections
+
+    assert plugins.load_from(ml_collections.ConfigDict({"workdir": "x"})) == []
+    config = ml_collections.ConfigDict({"plugins": (PLUGIN,)})
+    assert plugins.load_from(config) == [PLUGIN] and "plugin_zero" in losses.ADVANTAGE_ESTIMATORS

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rl_reason import base_model, grpo_run, pretrain, r1_zero, sampling, sharding
+from rl_reason import base_model, grpo_run, plugins, pretrain, r1_zero, sampling, sharding
 from rl_reason import data as data_lib
 from rl_reason.metrics import MetricsConfig, plot_curves
 from rl_reason.preemption import PreemptionGuard
@@ -167,6 +167,7 @@ def with_ratios(ev: Mapping[str, float]) -> dict[str, float]:
 
 def run(config) -> dict[str, Any]:
     """One arm; returns the summary written to `workdir/summary.json`."""
+    plugins.load_from(config)  # before anything checks a registered name
     t_start = time.perf_counter()
     if jax.process_count() > 1:
         raise ValueError("the research pipeline runs in one process (tiny models, one host)")
