@@ -47,7 +47,7 @@ setup(
         "ref": ["torch==2.13.0", "transformers>=4.45", "safetensors"],
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
-        # Optional Weights & Biases logging (rl_reason.metrics.MetricsConfig(wandb=True)).
+        # Optional Weights & Biases logging (rl_reason.infra.metrics.MetricsConfig(wandb=True)).
         "wandb": ["wandb>=0.17"],
     },
 )

@@ -38,10 +38,14 @@ from absl import app, flags
 
 from benchmarks import common, noop_verifier  # noqa: F401  (registers "noop" here too)
 from experiments.configs import r1_zero_tiny
-from rl_reason import data as data_lib
-from rl_reason import grpo_run, r1_zero, sampling, sharding, verifiers
+from rl_reason import verifiers
+from rl_reason.infra import data as data_lib
+from rl_reason.infra import sharding
+from rl_reason.infra.tokenizer import train_sentencepiece
+from rl_reason.pipelines import grpo_stage as grpo_run
+from rl_reason.pipelines import r1_zero
+from rl_reason.rollout import sampling
 from rl_reason.tasks.templates import SPECIAL_TOKENS
-from rl_reason.tokenizer import train_sentencepiece
 from rl_reason.trainer import GRPOTrainer
 
 _JSON = flags.DEFINE_string("json", None, "Write the results to this JSON file.")

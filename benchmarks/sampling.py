@@ -50,8 +50,8 @@ from flax import nnx
 
 from benchmarks import common, flops, hf_reference, roofline
 from models import Transformer, get_config, kv_cache
-from rl_reason import sampling
-from rl_reason.sampling import SamplingConfig
+from rl_reason.rollout import sampling
+from rl_reason.rollout.sampling import SamplingConfig
 
 _JSON = flags.DEFINE_string("json", None, "Write the results to this JSON file.")
 _PRESET = flags.DEFINE_string("preset", "llama-20m", "models.config preset (Llama or Qwen2).")

@@ -8,7 +8,7 @@ Both sides take one optimizer step on the same weights and the same batch: rows 
 followed by a completion, the completion's token log-probs (lm-head on the completion positions
 only), their entropy as a metric, the clipped GRPO surrogate with token-mean aggregation,
 gradient clipping at global norm 1 and AdamW (b1 0.9, b2 0.99). Ours is
-`rl_reason.train_step.StepFns.update`; the reference is the transformers model of the same
+`rl_reason.core.update.StepFns.update`; the reference is the transformers model of the same
 family with our weights (benchmarks/hf_reference.py), a hand-written loss of the same formula
 and `torch.optim.AdamW`. Before timing, the first step's loss and gradient norm are compared,
 so that the two cannot be doing different work.
@@ -36,7 +36,8 @@ from flax import nnx
 
 from benchmarks import common, flops, hf_reference, roofline
 from models import Transformer, get_config
-from rl_reason import sharding, train_step
+from rl_reason.core import update as train_step
+from rl_reason.infra import sharding
 
 _JSON = flags.DEFINE_string("json", None, "Write the results to this JSON file.")
 _PRESET = flags.DEFINE_string("preset", "llama-20m", "models.config preset (Llama or Qwen2).")

@@ -1,17 +1,18 @@
-"""Evaluate a recipe's policy on its held-out split (see rl_reason/evaluate_run.py):
+"""Evaluate a recipe's policy on its held-out split (see rl_reason/pipelines/evaluate.py):
 
   python -m experiments.evaluate --config=experiments/configs/NAME.py --checkpoint=latest \
       [--split=test --samples=8 --num_examples=500 --out=FILE.json]
 
 --checkpoint: a step number, latest or best (of the config's workdir), a workdir, a checkpoints
 directory or one of its step directories, or a Hugging Face model directory (e.g. an export).
-Prints a markdown table and writes the JSON. Multi-host flags are in rl_reason/launch.py.
+Prints a markdown table and writes the JSON. Multi-host flags are in rl_reason/infra/launch.py.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from rl_reason import evaluate_run, launch
+from rl_reason.infra import launch
+from rl_reason.pipelines import evaluate as evaluate_run
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "recipe config file[:arg]", lock_config=True

@@ -11,7 +11,8 @@ and loads with models.from_pretrained or transformers' AutoModelForCausalLM.
 from absl import app, flags
 from ml_collections import config_flags
 
-from rl_reason import evaluate_run, launch
+from rl_reason.infra import launch
+from rl_reason.pipelines import evaluate as evaluate_run
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "recipe config file[:arg]", lock_config=True

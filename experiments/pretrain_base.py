@@ -5,7 +5,7 @@ import os
 from absl import app
 from ml_collections import config_flags
 
-from rl_reason import launch
+from rl_reason.infra import launch
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from rl_reason.research import summary, sweep
+from rl_reason.pipelines.research import summary, sweep
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -1,13 +1,13 @@
 """Run any experiment config: python -m experiments.train --config=experiments/configs/NAME.py
 
 Any field can be overridden (`--config.grpo.kl_coef=0.01`); multi-host flags are in
-rl_reason/launch.py.
+rl_reason/infra/launch.py.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from rl_reason import launch
+from rl_reason.infra import launch
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment config file[:arg]", lock_config=True

@@ -1,9 +1,9 @@
 """Logical axis names -> mesh axes: the one rules table, and the shardings it gives.
 
 Parameters carry logical axis names (models/transformer.py); `LOGICAL_RULES` maps each name to
-a mesh axis of the data x fsdp x tensor mesh that `rl_reason.sharding` builds. It lives here,
+a mesh axis of the data x fsdp x tensor mesh that `rl_reason.infra.sharding` builds. It lives here,
 beside the model, so that `models.from_pretrained(path, mesh=...)` can place weights shard by
-shard without importing the RL library; `rl_reason.sharding` uses this same table.
+shard without importing the RL library; `rl_reason.infra.sharding` uses this same table.
 """
 
 from __future__ import annotations

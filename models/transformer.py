@@ -6,7 +6,7 @@ Axis letters used in array names:
   R query heads per kv head H head dim             F MLP hidden
   V vocabulary              P prompts              G samples per prompt (B = P * G)
 
-Parameters carry logical axis names (`out_sharding` metadata); `rl_reason.sharding` maps them
+Parameters carry logical axis names (`out_sharding` metadata); `rl_reason.infra.sharding` maps them
 onto a mesh. Norms, softmax and logits are computed in float32 whatever the compute dtype.
 
 Two attention paths share one set of weights:
@@ -32,8 +32,8 @@ _NEG_INF = -1e30
 
 
 def _param(rngs: nnx.Rngs, init, shape, dtype, names) -> nnx.Param:
-    # eager_sharding=False: parameters are placed by rl_reason.sharding from these names, so that
-    # creating a module never needs an ambient mesh.
+    # eager_sharding=False: parameters are placed by rl_reason.infra.sharding from these names,
+    # so that creating a module never needs an ambient mesh.
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
 
 

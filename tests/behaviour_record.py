@@ -49,7 +49,7 @@ def _fingerprint(workdir: Path) -> dict:
     import numpy as np
     import orbax.checkpoint as ocp
 
-    from rl_reason.metrics import read_jsonl
+    from rl_reason.infra.metrics import read_jsonl
 
     rows = read_jsonl(workdir / "metrics.jsonl")
     metrics = [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]

@@ -11,11 +11,13 @@ from flax import nnx
 
 from experiments.configs import r1_zero_tiny
 from models import Transformer, get_config
-from rl_reason import grpo_run, r1_zero, tasks
-from rl_reason.checkpoint import CheckpointMismatchError
+from rl_reason import tasks
+from rl_reason.infra.checkpoint import CheckpointMismatchError
+from rl_reason.infra.tokenizer import train_sentencepiece
+from rl_reason.pipelines import grpo_stage as grpo_run
+from rl_reason.pipelines import r1_zero
 from rl_reason.tasks import arithmetic
 from rl_reason.tasks.templates import SPECIAL_TOKENS
-from rl_reason.tokenizer import train_sentencepiece
 from rl_reason.trainer import GRPOConfig, GRPOTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

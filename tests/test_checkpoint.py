@@ -1,4 +1,4 @@
-"""Tests for rl_reason.checkpoint: exact round trips, retention (last K plus the best), the
+"""Tests for rl_reason.infra.checkpoint: exact round trips, retention (last K plus the best), the
 pre-restore shape/dtype check, restoring onto a NamedSharding, typed PRNG keys and iterator
 state, and resuming past damaged checkpoints or a process killed mid-save.
 
@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rl_reason.checkpoint import Checkpointer, CheckpointMismatchError, CheckpointReadError
+from rl_reason.infra.checkpoint import Checkpointer, CheckpointMismatchError, CheckpointReadError
 
 # A failed tensorstore read leaves a callback that fires after orbax closed its event loop, and
 # the garbage collector reports it during whichever test runs next: orbax's noise, not a failure.
@@ -230,7 +230,7 @@ def test_restore_latest_falls_back_past_unreadable_steps(tmp_path, caplog, damag
     with Checkpointer(tmp_path, save_every=1, max_to_keep=5) as ckpt:
         # Orbax still lists the damaged step as the latest one.
         assert ckpt.latest_step() == 3
-        with caplog.at_level(logging.WARNING, logger="rl_reason.checkpoint"):
+        with caplog.at_level(logging.WARNING, logger="rl_reason.infra.checkpoint"):
             step, state, meta = ckpt.restore_latest(jax.eval_shape(make_state))
         assert step == 2 and int(state["step"]) == 2
         assert meta == {"data": {"position": 2}}
@@ -377,7 +377,7 @@ KILLED_WRITER = textwrap.dedent(
     """
     import sys, time
     import jax.numpy as jnp
-    from rl_reason.checkpoint import Checkpointer
+    from rl_reason.infra.checkpoint import Checkpointer
 
     ckpt = Checkpointer(sys.argv[1], save_every=1, async_save=True)
     state = lambda s: {f"w{i}": jnp.full((4_000_000,), float(s * 10 + i)) for i in range(8)}

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rl_reason.checkpoint import Checkpointer
+from rl_reason.infra.checkpoint import Checkpointer
 
 
 def multidevice_needs(params: dict) -> list[str]:
@@ -48,7 +48,7 @@ TWO_HOSTS = textwrap.dedent(
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from rl_reason.checkpoint import Checkpointer
+    from rl_reason.infra.checkpoint import Checkpointer
 
     port, pid, directory, phase = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)

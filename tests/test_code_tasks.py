@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rl_reason import data as data_lib
 from rl_reason import verifiers
+from rl_reason.infra import data as data_lib
 from rl_reason.tasks import get_task
 from rl_reason.tasks.templates import THINK_OPEN
 

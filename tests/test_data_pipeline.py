@@ -12,7 +12,7 @@ import pickle
 import numpy as np
 import pytest
 
-from rl_reason import data
+from rl_reason.infra import data
 from rl_reason.tasks import get_task
 from rl_reason.tasks.bad_rows import MalformedRowsError
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import tensorflow_datasets as tfds
 
-from rl_reason import data, verifiers
+from rl_reason import verifiers
+from rl_reason.infra import data
 from rl_reason.tasks import arithmetic, datasets, get_task, registry, templates
 from rl_reason.tasks.bad_rows import MalformedRowsError
 from rl_reason.tasks.builder_base import bad_row_report

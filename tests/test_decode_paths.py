@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from models import Transformer, get_config, kv_cache
-from rl_reason import sampling
-from rl_reason.sampling import SamplingConfig, decode_segments, inverse_cdf, sample
+from rl_reason.rollout import sampling
+from rl_reason.rollout.sampling import SamplingConfig, decode_segments, inverse_cdf, sample
 
 CFG = get_config("tiny").replace(vocab_size=300)
 

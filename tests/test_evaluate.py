@@ -1,4 +1,4 @@
-"""The evaluation and export entry points (rl_reason/evaluate_run.py, experiments/evaluate.py,
+"""The evaluation and export entry points (rl_reason/pipelines/evaluate.py, experiments/evaluate.py,
 experiments/export.py) on a finished smoke run of the MATH recipe (full fine-tuning, float32).
 
 Evaluating the run's final checkpoint reproduces the run's own final evaluation number for
@@ -18,8 +18,9 @@ import pytest
 
 from experiments.configs import math_qwen2_5_math_1_5b
 from models.safetensors_io import open_checkpoint
-from rl_reason import evaluate_run, recipe
-from rl_reason.checkpoint import Checkpointer
+from rl_reason.infra.checkpoint import Checkpointer
+from rl_reason.pipelines import evaluate as evaluate_run
+from rl_reason.pipelines import recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "experiments/configs/math_qwen2_5_math_1_5b.py:smoke"

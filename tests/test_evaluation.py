@@ -1,4 +1,4 @@
-"""Tests for rl_reason.evaluation against hand-computed numbers and exact binomial counts.
+"""Tests for rl_reason.trainer.eval_metrics against hand-computed numbers and exact binomial counts.
 
 pass@k is checked against math.comb in exact rational arithmetic (an independent formula from the
 product form the module uses) and against brute-force enumeration of k-subsets on small n.
@@ -11,7 +11,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from rl_reason import evaluation as E
+from rl_reason.trainer import eval_metrics as E
 
 
 def exact_pass_at_k(n, c, k):

@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from models import Transformer, from_pretrained, get_config, hf, save_pretrained  # noqa: E402
-from rl_reason.sampling import SamplingConfig, sample  # noqa: E402
+from rl_reason.rollout.sampling import SamplingConfig, sample  # noqa: E402
 
 pytestmark = pytest.mark.ref
 

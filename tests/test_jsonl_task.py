@@ -8,7 +8,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from rl_reason import data as data_lib
+from rl_reason.infra import data as data_lib
 from rl_reason.tasks import get_task, register_task
 from rl_reason.tasks.bad_rows import MalformedRowsError
 from rl_reason.tasks.registry import _TASKS, DatasetTask
@@ -74,7 +74,7 @@ def test_a_registered_task_class_is_found_by_name():
 @pytest.mark.slow
 def test_a_recipe_smoke_run_on_jsonl_files(tmp_path):
     from experiments.configs import gsm8k_qwen2_5_0_5b
-    from rl_reason import recipe
+    from rl_reason.pipelines import recipe
 
     files = tmp_path / "data"
     problems = [(a, b) for a in range(2, 9) for b in range(2, 7)]

@@ -7,11 +7,12 @@ import pytest
 from flax import nnx
 
 from models import Transformer, get_config, lora
-from rl_reason import data, sharding, verifiers
-from rl_reason.checkpoint import Checkpointer
+from rl_reason import verifiers
+from rl_reason.infra import data, sharding
+from rl_reason.infra.checkpoint import Checkpointer
+from rl_reason.infra.tokenizer import train_sentencepiece
 from rl_reason.tasks import arithmetic
 from rl_reason.tasks.templates import SPECIAL_TOKENS
-from rl_reason.tokenizer import train_sentencepiece
 from rl_reason.trainer import GRPOConfig, GRPOTrainer
 
 pytestmark = pytest.mark.slow

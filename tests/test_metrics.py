@@ -1,4 +1,5 @@
-"""Tests for rl_reason.metrics: exact JSONL lines, TensorBoard events, progress/ETA with a fake
+"""Tests for rl_reason.infra.metrics: exact JSONL lines, TensorBoard events, progress/ETA
+with a fake
 clock, and plots.
 
 TensorBoard files are decoded here with a hand-written TFRecord reader (length, crc, payload, crc)
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rl_reason import metrics as M
+from rl_reason.infra import metrics as M
 
 
 class FakeClock:

@@ -1,4 +1,4 @@
-"""Tests for rl_reason.preemption: SIGTERM -> save at the step boundary -> exit 0.
+"""Tests for rl_reason.infra.preemption: SIGTERM -> save at the step boundary -> exit 0.
 
 In-process tests check the handler's bookkeeping; subprocess tests send real signals to a real
 training-like loop (one process with its own handler, two processes through JAX's preemption
@@ -18,8 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from rl_reason.checkpoint import Checkpointer
-from rl_reason.preemption import PreemptionGuard
+from rl_reason.infra.checkpoint import Checkpointer
+from rl_reason.infra.preemption import PreemptionGuard
 
 
 def test_sigterm_sets_stop_and_exit_restores_the_previous_handler():
@@ -76,8 +76,8 @@ LOOP = textwrap.dedent(
     """
     import os, signal, sys, time
     import jax, jax.numpy as jnp
-    from rl_reason.checkpoint import Checkpointer
-    from rl_reason.preemption import PreemptionGuard
+    from rl_reason.infra.checkpoint import Checkpointer
+    from rl_reason.infra.preemption import PreemptionGuard
 
     ckpt = Checkpointer(sys.argv[1], save_every=4, async_save=True)
     w = jnp.zeros((8_000_000,), jnp.float32)
@@ -162,7 +162,7 @@ DISTRIBUTED = textwrap.dedent(
     """
     import sys, time
     import jax
-    from rl_reason.preemption import PreemptionGuard
+    from rl_reason.infra.preemption import PreemptionGuard
 
     port, pid = sys.argv[1], int(sys.argv[2])
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from experiments.configs import pretrain_base, r1_zero_tiny
-from rl_reason import base_model, r1_zero
-from rl_reason.metrics import read_jsonl
+from rl_reason.infra.metrics import read_jsonl
+from rl_reason.pipelines import base_model, r1_zero
 
 TIMING = ("time_", "generated_tokens_per_s")
 SUMMARY_ROW = {

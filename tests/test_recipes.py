@@ -1,4 +1,4 @@
-"""The published recipes (rl_reason/recipe.py, experiments/configs/*_qwen2_5_*.py).
+"""The published recipes (rl_reason/pipelines/recipe.py, experiments/configs/*_qwen2_5_*.py).
 
 Fast: prompts, bos handling and stop tokens against chat templates with and without a bos,
 config sections that refuse bad values, and the tiny models of every family loading as they
@@ -26,9 +26,12 @@ from flax import nnx
 from experiments.configs import countdown_qwen2_5_3b, gsm8k_qwen2_5_0_5b, math_qwen2_5_math_1_5b
 from models import from_pretrained
 from models.safetensors_io import open_checkpoint
-from rl_reason import evaluate_run, launch, recipe, sharding, tiny_model, verifiers
-from rl_reason.metrics import read_jsonl
-from rl_reason.tokenizer import TextTokenizer, load_tokenizer, train_sentencepiece
+from rl_reason import verifiers
+from rl_reason.infra import launch, sharding
+from rl_reason.infra.metrics import read_jsonl
+from rl_reason.infra.tokenizer import TextTokenizer, load_tokenizer, train_sentencepiece
+from rl_reason.pipelines import evaluate as evaluate_run
+from rl_reason.pipelines import recipe, tiny_model
 from rl_reason.trainer import GRPOTrainer
 
 TINY_TEXTS = [

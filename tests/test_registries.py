@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from rl_reason import losses
+from rl_reason.core.config import GRPOConfig
 from rl_reason.core.registry import Registry
-from rl_reason.grpo_config import GRPOConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 REGISTRIES = (losses.ADVANTAGE_ESTIMATORS, losses.POLICY_OBJECTIVES, losses.KL_ESTIMATORS)
@@ -146,7 +146,7 @@ def test_registration_errors():
 def test_a_registered_objective_reaches_the_jitted_update():
     import optax
 
-    from rl_reason import train_step
+    from rl_reason.core import update as train_step
     from tests.test_train_step import _batch as train_batch
     from tests.test_train_step import _fns, _rollout
 

@@ -15,10 +15,11 @@ from absl import flags
 from ml_collections import config_flags
 
 from models import get_config as model_preset
-from rl_reason import sharding, verifiers
-from rl_reason.research import base_cache, bridge, hyper, measures, runs, summary, sweep
+from rl_reason import verifiers
+from rl_reason.infra import sharding
+from rl_reason.infra.tokenizer import train_sentencepiece
+from rl_reason.pipelines.research import base_cache, bridge, hyper, measures, runs, summary, sweep
 from rl_reason.tasks import arithmetic, templates
-from rl_reason.tokenizer import train_sentencepiece
 
 PROBLEM = {
     "question": "Start with 17. Step 1: add 8. Step 2: subtract 5.",

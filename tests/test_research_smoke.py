@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-from rl_reason.metrics import read_jsonl
-from rl_reason.research import pipeline, runs, summary, sweep
+from rl_reason.infra.metrics import read_jsonl
+from rl_reason.pipelines.research import pipeline, runs, summary, sweep
 
 EXPERIMENTS = ["supervision", "fidelity", "bridge", "cold_start", "algorithms"]
 # One arm per experiment that exercises what is new in it (the baseline covers fidelity/bridge).

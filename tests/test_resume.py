@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from rl_reason.metrics import read_jsonl
+from rl_reason.infra.metrics import read_jsonl
 
 pytestmark = pytest.mark.slow
 

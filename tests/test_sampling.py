@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 from models import Transformer, get_config
-from rl_reason import sampling
-from rl_reason.sampling import SamplingConfig, filter_logits, sample
+from rl_reason.rollout import sampling
+from rl_reason.rollout.sampling import SamplingConfig, filter_logits, sample
 
 CFG = get_config("tiny").replace(vocab_size=64)
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]

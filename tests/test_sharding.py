@@ -13,7 +13,7 @@ import types
 import numpy as np
 import pytest
 
-from rl_reason import sharding
+from rl_reason.infra import sharding
 from tests.multidevice.mesh_equivalence import MESHES
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,9 @@ import pytest
 from safetensors import safe_open
 
 from experiments.configs import r1_zero_tiny
-from rl_reason import base_model, r1_zero, sharding
-from rl_reason.grpo_run import config_from
+from rl_reason.infra import sharding
+from rl_reason.pipelines import base_model, r1_zero
+from rl_reason.pipelines.grpo_stage import config_from
 from rl_reason.trainer import GRPOConfig
 
 BASE = base_model.SHIPPED_BASE
@@ -96,7 +97,7 @@ def test_transformers_reads_the_same_model():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from models import from_pretrained
-    from rl_reason.tokenizer import load_tokenizer
+    from rl_reason.infra.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(BASE)
     text = "Start with 17. Step 1: add 2. Step 2: subtract 5."

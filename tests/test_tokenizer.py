@@ -1,4 +1,5 @@
-"""Tests for rl_reason.tokenizer: training, exact round trips, special tokens, vocab checks."""
+"""Tests for rl_reason.infra.tokenizer: training, exact round trips, special tokens,
+vocab checks."""
 
 import io
 import json
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from rl_reason.infra.tokenizer import Tokenizer, check_vocab, train_sentencepiece
 from rl_reason.tasks import arithmetic, templates
-from rl_reason.tokenizer import Tokenizer, check_vocab, train_sentencepiece
 
 # Whitespace the default SentencePiece normalisation would destroy.
 TRICKY_TEXTS = [
@@ -170,7 +171,7 @@ def test_training_is_deterministic_across_processes(tmp_path):
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     code = (
         "import json, sys; from rl_reason.tasks import templates; "
-        "from rl_reason.tokenizer import train_sentencepiece; "
+        "from rl_reason.infra.tokenizer import train_sentencepiece; "
         "train_sentencepiece(json.load(open(sys.argv[1])), sys.argv[2], vocab_size=120, "
         "user_defined_symbols=templates.SPECIAL_TOKENS)"
     )

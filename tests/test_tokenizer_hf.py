@@ -1,4 +1,5 @@
-"""rl_reason.tokenizer for Hugging Face tokenizer.json files: the same ids, texts, special ids and
+"""rl_reason.infra.tokenizer for Hugging Face tokenizer.json files: the same ids, texts,
+special ids and
 chat-template renderings as transformers' AutoTokenizer, on byte-level BPE tokenizers trained
 here with the `tokenizers` library (a ChatML-style one without bos, like Qwen's, and one whose
 post-processor adds a bos, like Llama's)."""
@@ -10,7 +11,7 @@ import pytest
 
 tokenizers = pytest.importorskip("tokenizers")
 
-from rl_reason.tokenizer import (  # noqa: E402
+from rl_reason.infra.tokenizer import (  # noqa: E402
     HFTokenizer,
     Tokenizer,
     load_tokenizer,

@@ -15,7 +15,10 @@ import pytest
 from flax import nnx
 
 from models import Transformer, get_config
-from rl_reason import losses, sampling, sharding, train_step
+from rl_reason import losses
+from rl_reason.core import update as train_step
+from rl_reason.infra import sharding
+from rl_reason.rollout import sampling
 
 CFG = get_config("tiny").replace(vocab_size=64, num_layers=1)
 

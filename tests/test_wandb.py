@@ -1,4 +1,4 @@
-"""Tests for the optional Weights & Biases sink of rl_reason.metrics, in wandb's offline mode.
+"""Tests for the optional Weights & Biases sink of rl_reason.infra.metrics, in wandb's offline mode.
 
 The run's ``.wandb`` transaction log is decoded here with a hand-written reader of its LevelDB
 log format (a 7-byte file header, then 32 KiB blocks of crc32 / length / type chunks holding
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rl_reason import metrics as M
+from rl_reason.infra import metrics as M
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402

@@ -4,7 +4,8 @@ import ml_collections
 
 
 def metrics_section(project: str = "rl_reason") -> ml_collections.ConfigDict:
-    """Where metrics go besides metrics.jsonl and TensorBoard (rl_reason.metrics.MetricsConfig).
+    """Where metrics go besides metrics.jsonl and TensorBoard
+    (rl_reason.infra.metrics.MetricsConfig).
 
     --config.metrics.wandb=True also logs to Weights & Biases (pip install -e ".[wandb]");
     WANDB_MODE=offline (or --config.metrics.wandb_mode=offline) keeps the run local.

@@ -1,4 +1,5 @@
-"""The config skeleton the published-recipe configs share (pipeline "recipe", rl_reason/recipe.py).
+"""The config skeleton the published-recipe configs share
+(pipeline "recipe", rl_reason/pipelines/recipe.py).
 
 Not a config itself: each recipe file calls `recipe_config(...)` with its sourced values and
 `smoke(c, ...)` for its `:smoke` variant. Every section maps onto a checked dataclass

@@ -6,7 +6,7 @@ read a prepared dataset without any builder class with
 ``tfds.builder_from_directory(path).as_data_source(split)``.
 
 They write ``array_record`` files, which ``as_data_source`` reads with random access and
-without TensorFlow. Text features come back as bytes: `rl_reason.data` decodes them.
+without TensorFlow. Text features come back as bytes: `rl_reason.infra.data` decodes them.
 
 Manual-dir builders (`ManualDirBuilder`) read and check every row of every split before they
 write anything, so a bad file stops the build before it produces a dataset; the skipped rows

@@ -7,7 +7,7 @@
 
 A task has ``name``, ``verifier_name`` (the default verifier; an example's own ``verifier``
 field wins in the trainer), ``builder`` (its tfds builder name in `rl_reason.tasks.datasets`),
-``prompt(example)``, and for `rl_reason.data`: ``from_record(record)`` (a decoded data-source
+``prompt(example)``, and for `rl_reason.infra.data`: ``from_record(record)`` (a decoded data-source
 row -> the example dict the verifier and the step checks expect) and ``validate(example)``
 (``None``, or why the example is malformed: a short reason, counted per reason).
 

@@ -1,6 +1,7 @@
 """Step checks for arithmetic chains: the ``a op b = c`` lines a policy writes in its reasoning.
 
-Used by the ``arithmetic_process`` verifier and the process measures (`rl_reason.research`);
+Used by the ``arithmetic_process`` verifier and the process measures
+(`rl_reason.pipelines.research`);
 problems are `rl_reason.tasks.arithmetic` dicts with ``steps`` as (a, op, b, result) tuples.
 """
 

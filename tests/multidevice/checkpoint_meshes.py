@@ -20,9 +20,9 @@ from jax.sharding import PartitionSpec as P
 
 from models import Transformer
 from models.config import get_config
-from rl_reason import train_step
-from rl_reason.checkpoint import Checkpointer, abstract_on, abstract_opt_state
-from rl_reason.sharding import MeshConfig, create_model, make_mesh, state_shardings
+from rl_reason.core import update as train_step
+from rl_reason.infra.checkpoint import Checkpointer, abstract_on, abstract_opt_state
+from rl_reason.infra.sharding import MeshConfig, create_model, make_mesh, state_shardings
 
 CFG = get_config("tiny", vocab_size=64, embed_dim=32, mlp_dim=64, num_layers=1, head_dim=8)
 TX = train_step.make_optimizer(train_step.OptimConfig(learning_rate=1e-2))

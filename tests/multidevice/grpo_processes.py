@@ -16,7 +16,7 @@ import json
 import jax
 import numpy as np
 
-from rl_reason import sharding
+from rl_reason.infra import sharding
 
 
 def main() -> None:
@@ -36,9 +36,9 @@ def main() -> None:
 
     from models import get_config
     from rl_reason import verifiers
+    from rl_reason.infra.tokenizer import train_sentencepiece
     from rl_reason.tasks import arithmetic
     from rl_reason.tasks.templates import SPECIAL_TOKENS
-    from rl_reason.tokenizer import train_sentencepiece
     from rl_reason.trainer import GRPOConfig, GRPOTrainer
 
     task = arithmetic.ArithmeticTask(arithmetic.ArithmeticConfig(max_value=9, max_ops=3))

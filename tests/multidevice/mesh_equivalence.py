@@ -18,7 +18,10 @@ import numpy as np
 import optax
 
 from models import get_config
-from rl_reason import losses, sampling, sharding, train_step
+from rl_reason import losses
+from rl_reason.core import update as train_step
+from rl_reason.infra import sharding
+from rl_reason.rollout import sampling
 
 MESHES = {
     "1x1x1": (1, 1, 1),

@@ -29,9 +29,9 @@ import numpy as np
 from flax import nnx
 
 from models import get_config as model_preset
-from rl_reason import sharding
-from rl_reason.base_model import stage1_settings, train_base
-from rl_reason.tokenizer import Tokenizer
+from rl_reason.infra import sharding
+from rl_reason.infra.tokenizer import Tokenizer
+from rl_reason.pipelines.base_model import stage1_settings, train_base
 
 
 def stage1_key(config) -> str:

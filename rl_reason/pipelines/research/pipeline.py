@@ -1,20 +1,21 @@
 """The "research" pipeline: one arm of an experiment on the R1-Zero-in-miniature setting.
 
-Like `rl_reason.r1_zero` (same task, data and base model), with what the experiments vary and
+Like `rl_reason.pipelines.r1_zero` (same task, data and base model),
+with what the experiments vary and
 measure:
 
-  stage 1     the base model, from the per-seed cache (`rl_reason.research.base_cache`)
+  stage 1     the base model, from the per-seed cache (`rl_reason.pipelines.research.base_cache`)
   cold start  optional SFT on `cold_start.examples` worked solutions in the RL template
   reward      `reward.mode`: "outcome" (the `arithmetic` verifier), "process" (the fraction of
               right steps, `arithmetic_process`), or "both" (their weighted sum)
-  RL          `rl_reason.grpo_run.run_grpo` with every `grpo.*` option
+  RL          `rl_reason.pipelines.grpo_stage.run_grpo` with every `grpo.*` option
   measures    held-out greedy completions before and after RL (`research.measures`:
               process correctness, readability, wrong-step share of correct answers, length of
               wrong answers), the same on every step's training rollouts (``rollout_*`` in
               metrics.jsonl), and the reasoning bridge before and after RL (`research.bridge`)
 
 `run(config)` writes summary.json, metrics.jsonl, tb/, curves.png and checkpoints into the
-run's workdir (`rl_reason.research.runs.workdir_for`) and resumes from its checkpoints.
+run's workdir (`rl_reason.pipelines.research.runs.workdir_for`) and resumes from its checkpoints.
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from rl_reason import base_model, grpo_run, plugins, pretrain, r1_zero, sampling, sharding
-from rl_reason import data as data_lib
-from rl_reason.metrics import MetricsConfig, plot_curves
-from rl_reason.preemption import PreemptionGuard
-from rl_reason.research import base_cache, bridge, measures, runs
+from rl_reason import plugins
+from rl_reason.infra import data as data_lib
+from rl_reason.infra import sharding
+from rl_reason.infra.metrics import MetricsConfig, plot_curves
+from rl_reason.infra.preemption import PreemptionGuard
+from rl_reason.pipelines import base_model, pretrain, r1_zero
+from rl_reason.pipelines import grpo_stage as grpo_run
+from rl_reason.pipelines.research import base_cache, bridge, measures, runs
+from rl_reason.rollout import sampling
 from rl_reason.tasks import arithmetic
 from rl_reason.trainer import GRPOConfig
 

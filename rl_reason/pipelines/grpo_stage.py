@@ -26,8 +26,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from rl_reason import verifiers
-from rl_reason.checkpoint import Checkpointer
-from rl_reason.metrics import MetricsConfig, MetricsWriter
+from rl_reason.infra.checkpoint import Checkpointer
+from rl_reason.infra.metrics import MetricsConfig, MetricsWriter
 from rl_reason.trainer import GRPOConfig, GRPOTrainer
 
 log = logging.getLogger(__name__)

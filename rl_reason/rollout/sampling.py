@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models import kv_cache, partitioning
 from models.transformer import Transformer, positions_from_mask, rope_table
-from rl_reason import sharding
+from rl_reason.infra import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,7 +402,7 @@ def sample(
     `mesh` (default: the one the params live on) splits prompts and rows over data x fsdp and
     the KV cache's kv-heads over tensor. With several processes, `prompts` are this process's
     prompts (the same number on each) and the outputs are global arrays; read this process's
-    rows with `rl_reason.sharding.local_rows`.
+    rows with `rl_reason.infra.sharding.local_rows`.
     """
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")

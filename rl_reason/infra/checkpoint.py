@@ -39,7 +39,7 @@ Typical use in a trainer::
     else:
         start, state, meta = resumed
         data_iter.set_state(meta["data"])
-    with PreemptionGuard() as guard:            # rl_reason.preemption
+    with PreemptionGuard() as guard:            # rl_reason.infra.preemption
         for step in range(start, total):
             ...
             stop = guard.should_stop(step + 1)
@@ -68,7 +68,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rl_reason.sharding import opt_state_shardings
+from rl_reason.infra.sharding import opt_state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -464,7 +464,7 @@ class Checkpointer:
                 os.rename(src, dst)
                 log.warning("moved unreadable checkpoint %s to %s", src, dst)
         if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("rl_reason.checkpoint.move_aside")
+            multihost_utils.sync_global_devices("rl_reason.infra.checkpoint.move_aside")
         self._manager.reload()
 
     def _restore_step(self, step: int, abstract_state: Any) -> tuple[int, Any, dict[str, Any]]:

@@ -20,7 +20,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models import partitioning
 from models.transformer import Transformer
-from rl_reason import losses, sharding
+from rl_reason import losses
+from rl_reason.infra import sharding
 
 
 @struct.dataclass

@@ -18,8 +18,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from rl_reason import sharding, train_step
-from rl_reason.tokenizer import Tokenizer
+from rl_reason.core import update as train_step
+from rl_reason.infra import sharding
+from rl_reason.infra.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)

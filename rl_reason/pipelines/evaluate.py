@@ -25,8 +25,11 @@ from typing import Any
 
 import jax
 
-from rl_reason import grpo_run, recipe, sharding, verifiers
-from rl_reason.checkpoint import Checkpointer
+from rl_reason import verifiers
+from rl_reason.infra import sharding
+from rl_reason.infra.checkpoint import Checkpointer
+from rl_reason.pipelines import grpo_stage as grpo_run
+from rl_reason.pipelines import recipe
 from rl_reason.trainer import GRPOConfig, GRPOTrainer
 
 log = logging.getLogger(__name__)

@@ -29,12 +29,16 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from models import lora
-from rl_reason import evaluation, losses, sampling, sharding, train_step
-from rl_reason.grpo_config import GRPOConfig, overlong_penalty  # noqa: F401  (re-exported)
-from rl_reason.progress import Progress
-from rl_reason.rollout import InFlight, Rollout, flight_arrays, flight_from_arrays, vote_answer
-from rl_reason.sampling import SamplingConfig
-from rl_reason.tokenizer import Tokenizer
+from rl_reason import losses
+from rl_reason.core import update as train_step
+from rl_reason.core.config import GRPOConfig, overlong_penalty  # noqa: F401  (re-exported)
+from rl_reason.core.record import InFlight, Rollout, flight_arrays, flight_from_arrays, vote_answer
+from rl_reason.infra import sharding
+from rl_reason.infra.progress import Progress
+from rl_reason.infra.tokenizer import Tokenizer
+from rl_reason.rollout import sampling
+from rl_reason.rollout.sampling import SamplingConfig
+from rl_reason.trainer import eval_metrics as evaluation
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,7 @@ class GRPOTrainer:
       eval_examples: held-out examples for `evaluate`.
       pool: a `rl_reason.verifiers.VerifierPool` (or anything with `submit(items)` returning a
         handle with `result()`).
-      metrics: a `rl_reason.metrics.MetricsWriter` (optional).
+      metrics: a `rl_reason.infra.metrics.MetricsWriter` (optional).
       stop_token_ids: end-of-completion tokens (default: the tokenizer's eos).
       response_stats: optional fn(texts, examples) -> dict of extra eval metrics (means).
       rollout_stats: optional fn(texts, examples) -> dict of means over a sampling round's
@@ -615,7 +619,7 @@ class GRPOTrainer:
     ) -> list[dict]:
         """Run steps `step_count + 1 .. cfg.steps` with metrics, evaluation and checkpoints.
 
-        `preemption` (a `rl_reason.preemption.PreemptionGuard`, entered) is asked after every
+        `preemption` (a `rl_reason.infra.preemption.PreemptionGuard`, entered) is asked after every
         step; when it says stop, the step just finished is checkpointed and the loop returns
         early (`self.preempted` is then True). `extra_meta` goes into every checkpoint's meta.
         """
@@ -742,7 +746,7 @@ class GRPOTrainer:
             if not hasattr(self.train_batches, "set_state"):
                 raise ValueError(
                     "the checkpoint holds a data position but train_batches has no set_state: "
-                    "pass a resumable iterator (rl_reason.data.train_iterator)"
+                    "pass a resumable iterator (rl_reason.infra.data.train_iterator)"
                 )
             self.train_batches.set_state(meta["data"])
         elif step > 0 and hasattr(self.train_batches, "set_state"):

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from rl_reason import sampling
+from rl_reason.rollout import sampling
 from rl_reason.verifiers import answer_extraction
 
 

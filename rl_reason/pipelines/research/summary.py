@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from rl_reason.metrics import read_jsonl, series
-from rl_reason.research import runs
-from rl_reason.research.sweep import Experiment
+from rl_reason.infra.metrics import read_jsonl, series
+from rl_reason.pipelines.research import runs
+from rl_reason.pipelines.research.sweep import Experiment
 
 SMOOTH = 5
 AGGREGATES = ("mean", "median", "first10", "last10")

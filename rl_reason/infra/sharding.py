@@ -199,7 +199,7 @@ def mesh_of(params) -> Mesh:
             break
     raise ValueError(
         "cannot tell which mesh the params live on: create them with "
-        "rl_reason.sharding.create_model (or pass mesh=)"
+        "rl_reason.infra.sharding.create_model (or pass mesh=)"
     )
 
 

@@ -2,7 +2,7 @@
 
 R1-Zero starts from a base model that someone else pretrained. Ours is committed to the
 repository as a Hugging Face directory (`SHIPPED_BASE`) and loaded with the public
-`models.from_pretrained` and `rl_reason.tokenizer.load_tokenizer`, the path a Qwen checkpoint
+`models.from_pretrained` and `rl_reason.infra.tokenizer.load_tokenizer`, the path a Qwen checkpoint
 takes. `python -m experiments.pretrain_base` rebuilds it (`run`); the default experiment with
 `--config.base=scratch` runs the same stage 1 inline (`train_base`).
 
@@ -29,12 +29,14 @@ from flax import nnx
 
 from models import from_pretrained, save_pretrained
 from models import get_config as model_preset
-from rl_reason import plugins, pretrain, sharding, verifiers
-from rl_reason.grpo_run import config_from
-from rl_reason.progress import Progress
+from rl_reason import plugins, verifiers
+from rl_reason.infra import sharding
+from rl_reason.infra.progress import Progress
+from rl_reason.infra.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+from rl_reason.pipelines import pretrain
+from rl_reason.pipelines.grpo_stage import config_from
 from rl_reason.tasks import arithmetic
 from rl_reason.tasks.templates import ANSWER_CLOSE, SPECIAL_TOKENS
-from rl_reason.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from rl_reason.trainer import GRPOConfig, GRPOTrainer
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -304,7 +306,7 @@ Files: `config.json` + `model.safetensors` (float32; `transformers` loads them a
 
 ```python
 from models import from_pretrained
-from rl_reason.tokenizer import load_tokenizer
+from rl_reason.infra.tokenizer import load_tokenizer
 model = from_pretrained("models/bases/arithmetic_chains_tiny")
 tokenizer = load_tokenizer("models/bases/arithmetic_chains_tiny")
 ```
@@ -323,8 +325,8 @@ def run(config) -> dict[str, Any]:
 
     Writes `config.out_dir` (default: the shipped base); returns its `base_info.json`.
     """
-    from rl_reason import r1_zero  # the default experiment's splits
-    from rl_reason.preemption import PreemptionGuard
+    from rl_reason.infra.preemption import PreemptionGuard
+    from rl_reason.pipelines import r1_zero  # the default experiment's splits
 
     plugins.load_from(config)  # before anything checks a registered name
     is_main = jax.process_index() == 0

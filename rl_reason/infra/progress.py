@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from rl_reason.metrics import format_duration
+from rl_reason.infra.metrics import format_duration
 
 
 class Progress:

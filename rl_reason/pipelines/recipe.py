@@ -47,13 +47,15 @@ from jax.experimental import multihost_utils
 
 from models import LoRAConfig, Transformer, add_lora, from_pretrained, merge_lora, save_pretrained
 from models.lora import TARGETS
-from rl_reason import data as data_lib
-from rl_reason import grpo_run, plugins, sharding
-from rl_reason.metrics import MetricsConfig, plot_curves
-from rl_reason.preemption import PreemptionGuard
+from rl_reason import plugins
+from rl_reason.infra import data as data_lib
+from rl_reason.infra import sharding
+from rl_reason.infra.metrics import MetricsConfig, plot_curves
+from rl_reason.infra.preemption import PreemptionGuard
+from rl_reason.infra.tokenizer import TextTokenizer, load_tokenizer
+from rl_reason.pipelines import grpo_stage as grpo_run
+from rl_reason.pipelines.tiny_model import TINY_FAMILIES, build_tiny_model
 from rl_reason.tasks.templates import ANSWER_CLOSE, SPECIAL_TOKENS
-from rl_reason.tiny_model import TINY_FAMILIES, build_tiny_model
-from rl_reason.tokenizer import TextTokenizer, load_tokenizer
 from rl_reason.trainer import GRPOConfig
 
 log = logging.getLogger(__name__)
@@ -299,7 +301,7 @@ def data_source(task, split: str, data_dir: str, manual_dir: str) -> Sequence[An
     # prepared (a shared disk) or build their own copy (local disks), never concurrently.
     if jax.process_index() == 0:
         source = open_split()
-    multihost_utils.sync_global_devices(f"rl_reason.recipe.data:{split}")
+    multihost_utils.sync_global_devices(f"rl_reason.pipelines.recipe.data:{split}")
     return source if jax.process_index() == 0 else open_split()
 
 
@@ -391,7 +393,7 @@ def export_policy(
                     shutil.copy2(Path(source_dir) / name, out_dir / name)
         save_pretrained(model, out_dir, extra_config=extra)
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("rl_reason.recipe.export")
+        multihost_utils.sync_global_devices("rl_reason.pipelines.recipe.export")
     return out_dir
 
 
@@ -420,7 +422,7 @@ def model_path(config, task, model: ModelOptions, prompt: PromptOptions, data: D
         rows += held_out_examples(task, data)
         build_tiny_model(path, model.tiny, _tiny_corpus(task, rows, prompt), seed=config.seed)
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("rl_reason.recipe.tiny_model")
+        multihost_utils.sync_global_devices("rl_reason.pipelines.recipe.tiny_model")
     return path
 
 

@@ -26,12 +26,15 @@ import jax
 import numpy as np
 
 from models import get_config as model_preset
-from rl_reason import base_model, grpo_run, plugins, pretrain, sharding
-from rl_reason import data as data_lib
-from rl_reason.metrics import MetricsConfig, plot_curves
-from rl_reason.preemption import PreemptionGuard
+from rl_reason import plugins
+from rl_reason.infra import data as data_lib
+from rl_reason.infra import sharding
+from rl_reason.infra.metrics import MetricsConfig, plot_curves
+from rl_reason.infra.preemption import PreemptionGuard
+from rl_reason.infra.tokenizer import Tokenizer
+from rl_reason.pipelines import base_model, pretrain
+from rl_reason.pipelines import grpo_stage as grpo_run
 from rl_reason.tasks import arithmetic
-from rl_reason.tokenizer import Tokenizer
 from rl_reason.trainer import GRPOConfig
 
 log = logging.getLogger(__name__)

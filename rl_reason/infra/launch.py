@@ -28,10 +28,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index in 
 
 # config.pipeline -> "module:function" running it (imported lazily: after jax.distributed).
 PIPELINES = {
-    "r1_zero": "rl_reason.r1_zero:run",
-    "pretrain_base": "rl_reason.base_model:run",
-    "recipe": "rl_reason.recipe:run",
-    "research": "rl_reason.research.pipeline:run",
+    "r1_zero": "rl_reason.pipelines.r1_zero:run",
+    "pretrain_base": "rl_reason.pipelines.base_model:run",
+    "recipe": "rl_reason.pipelines.recipe:run",
+    "research": "rl_reason.pipelines.research.pipeline:run",
 }
 
 
@@ -54,7 +54,7 @@ def pipeline(name: str):
 def start() -> tuple[int, int]:
     """Logging, then JAX's runtime from the multi-host flags or the TPU environment; returns
     (process_index, process_count). Call before anything touches the devices."""
-    from rl_reason import sharding
+    from rl_reason.infra import sharding
 
     configure_logging()
     return sharding.initialize_distributed(

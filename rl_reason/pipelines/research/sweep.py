@@ -25,8 +25,8 @@ from typing import Any
 
 import ml_collections
 
-from rl_reason.metrics import format_duration
-from rl_reason.research import hyper, runs
+from rl_reason.infra.metrics import format_duration
+from rl_reason.pipelines.research import hyper, runs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,8 @@ import dataclasses
 
 import numpy as np
 
-from rl_reason import losses, train_step
+from rl_reason import losses
+from rl_reason.core import update as train_step
 
 
 @dataclasses.dataclass(frozen=True)

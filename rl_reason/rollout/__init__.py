@@ -1,0 +1,1 @@
+"""Producing rollouts: the static sampler and the sampling rounds a GRPO step collects."""
