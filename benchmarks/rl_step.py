@@ -56,7 +56,7 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "The smoke config, one step per verif
 _KL = flags.DEFINE_float(
     "kl_coef",
     None,
-    "Override grpo.kl_coef: > 0 adds the reference log-prob pass, which runs on the device "
+    "Override grpo.loss.kl_coef: > 0 adds the reference log-prob pass, which runs on the device "
     "while the verifiers work (the overlap this measures); None keeps the config's.",
 )
 
@@ -167,9 +167,13 @@ def _device_phases(trainer: GRPOTrainer, examples: list[dict], repeats: int) -> 
     # Medians, as for the step times they are compared with (a best-of against a median would
     # book the machine's noise as host overhead).
     best = {k: statistics.median(v) for k, v in phases.items()}
-    uses_logprobs = cfg.kl_coef > 0 or cfg.recompute_old_logprobs
-    passes = (2 if cfg.kl_coef > 0 and cfg.recompute_old_logprobs else 1) if uses_logprobs else 0
-    updates = cfg.inner_iterations * cfg.minibatches
+    uses_logprobs = cfg.loss.kl_coef > 0 or cfg.loss.recompute_old_logprobs
+    passes = (
+        (2 if cfg.loss.kl_coef > 0 and cfg.loss.recompute_old_logprobs else 1)
+        if uses_logprobs
+        else 0
+    )
+    updates = cfg.optim.inner_iterations * cfg.optim.minibatches
     return {
         "median_s": best,
         "runs_s": phases,
@@ -187,7 +191,7 @@ def main(argv):
     del argv
     config = r1_zero_tiny.get_config("smoke" if _SMOKE.value else None)
     if _KL.value is not None:
-        config.grpo.kl_coef = _KL.value
+        config.grpo.loss.kl_coef = _KL.value
     steps = 1 if _SMOKE.value else _STEPS.value
     repeats = 1 if _SMOKE.value else _REPEATS.value
     env = common.environment()
@@ -258,7 +262,7 @@ def main(argv):
         "workers": _WORKERS.value,
         "rows_per_step": config.grpo.prompts_per_step * config.grpo.group_size,
         "max_new_tokens": config.grpo.max_new_tokens,
-        "kl_coef": config.grpo.kl_coef,
+        "kl_coef": config.grpo.loss.kl_coef,
         "off_policy_speedup": (
             real["time_step"] / med["arithmetic_off_policy"]["time_step"]
             if _OFF_POLICY.value

@@ -37,6 +37,7 @@ from flax import nnx
 from benchmarks import common, flops, hf_reference, roofline
 from models import Transformer, get_config
 from rl_reason.core import update as train_step
+from rl_reason.core.config import LossOptions, OptimOptions
 from rl_reason.infra import sharding
 
 _JSON = flags.DEFINE_string("json", None, "Write the results to this JSON file.")
@@ -99,9 +100,9 @@ class _Ours:
         graphdef, params = nnx.split(model)
         mesh = sharding.make_mesh()
         params = jax.device_put(params, sharding.state_shardings(params, mesh))
-        optim = train_step.OptimConfig(learning_rate=LEARNING_RATE, b1=0.9, b2=0.99)
-        loss_cfg = train_step.LossConfig(
-            clip_eps_low=CLIP_EPS, clip_eps_high=CLIP_EPS, chunk_size=chunk_size
+        optim = OptimOptions(learning_rate=LEARNING_RATE, adam_b1=0.9, adam_b2=0.99)
+        loss_cfg = LossOptions(
+            clip_eps_low=CLIP_EPS, clip_eps_high=CLIP_EPS, logprob_chunk_size=chunk_size
         )
         self.fns = train_step.StepFns(
             graphdef, params, train_step.make_optimizer(optim), loss_cfg, mesh

@@ -8,7 +8,7 @@ directory or one of its step directories, or a Hugging Face model directory (e.g
 Prints a markdown table and writes the JSON. Multi-host flags are in rl_reason/infra/launch.py.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from rl_reason.infra import launch
@@ -42,4 +42,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "checkpoint"])
-    app.run(main)
+    launch.run_app(main)

@@ -8,7 +8,7 @@ output (default WORKDIR/export_step_N) holds config.json, safetensors and the to
 and loads with models.from_pretrained or transformers' AutoModelForCausalLM.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from rl_reason.infra import launch
@@ -30,4 +30,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "checkpoint"])
-    app.run(main)
+    launch.run_app(main)

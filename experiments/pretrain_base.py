@@ -2,7 +2,6 @@
 
 import os
 
-from absl import app
 from ml_collections import config_flags
 
 from rl_reason.infra import launch
@@ -21,4 +20,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    launch.run_app(main)

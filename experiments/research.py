@@ -14,6 +14,7 @@ from pathlib import Path
 
 from absl import app, flags
 
+from rl_reason.infra import launch
 from rl_reason.pipelines.research import summary, sweep
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -49,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    launch.run_app(main)

@@ -1,10 +1,10 @@
 """Run any experiment config: python -m experiments.train --config=experiments/configs/NAME.py
 
-Any field can be overridden (`--config.grpo.kl_coef=0.01`); multi-host flags are in
+Any field can be overridden (`--config.grpo.loss.kl_coef=0.01`); multi-host flags are in
 rl_reason/infra/launch.py.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from rl_reason.infra import launch
@@ -21,4 +21,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    launch.run_app(main)

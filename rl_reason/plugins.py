@@ -6,7 +6,8 @@ the names the modules register pass the config's checks; the verifier pools' wor
 import them as well, so a verifier registered by a plugin is found where verification runs:
 
     python -m experiments.train --config=experiments/configs/r1_zero_tiny.py \\
-        --config.plugins="('my_lab.estimators',)" --config.grpo.advantage_estimator=my_estimator
+        --config.plugins="('my_lab.estimators',)" \\
+        --config.grpo.loss.advantage_estimator=my_estimator
 """
 
 from __future__ import annotations

@@ -73,13 +73,44 @@ def test_unknown_task_and_verifier_names_list_the_valid_ones(tokenizer):
 def test_config_section_typo_and_wrong_type():
     with pytest.raises(ValueError, match=r"no field\(s\) \['stepz'\].*'steps'"):
         grpo_run.config_from(GRPOConfig, {"stepz": 3})
-    with pytest.raises(TypeError, match="GRPOConfig.learning_rate must be float.*'1e-3'"):
-        grpo_run.config_from(GRPOConfig, {"learning_rate": "1e-3"})
-    with pytest.raises(TypeError, match="GRPOConfig.dynamic_sampling must be bool"):
-        grpo_run.config_from(GRPOConfig, {"dynamic_sampling": 1})
-    assert grpo_run.config_from(GRPOConfig, {"learning_rate": 1}).learning_rate == 1
-    with pytest.raises(ValueError, match="group_size needs >= 2"):
+    with pytest.raises(TypeError, match=r"GRPOConfig.optim.learning_rate must be float.*'1e-3'"):
+        grpo_run.config_from(GRPOConfig, {"optim": {"learning_rate": "1e-3"}})
+    with pytest.raises(TypeError, match="GRPOConfig.sampling.dynamic_sampling must be bool"):
+        grpo_run.config_from(GRPOConfig, {"sampling": {"dynamic_sampling": 1}})
+    lr = grpo_run.config_from(GRPOConfig, {"optim": {"learning_rate": 1}}).optim.learning_rate
+    assert lr == 1
+    with pytest.raises(ValueError, match=r"group_size=1 must be >= 2 \(advantages are relative"):
         grpo_run.config_from(GRPOConfig, {"group_size": 1})
+
+
+def test_an_old_flat_option_names_its_new_place():
+    with pytest.raises(ValueError, match=r"kl_coef is now loss.kl_coef"):
+        grpo_run.config_from(GRPOConfig, {"kl_coef": 0.1})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            "--config=experiments/configs/r1_zero_tiny.py:smoke",
+            "--config.grpo.learning_rate=0.1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "--config.grpo.learning_rate is now --config.grpo.optim.learning_rate" in proc.stderr
+
+
+def test_every_bad_field_is_named_at_once_with_its_bound():
+    with pytest.raises(ValueError) as err:
+        GRPOConfig(max_new_tokens=0, optim=dict(learning_rate=-1.0), loss=dict(kl_coef=-0.1))
+    message = str(err.value)
+    assert "max_new_tokens=0 must be >= 1 (the response budget)" in message
+    assert "optim.learning_rate=-1.0 must be in (0, 1]" in message
+    assert "loss.kl_coef=-0.1 must be >= 0" in message
+    assert "group_size" not in message  # each field gets its own reason
 
 
 @pytest.mark.parametrize(

@@ -43,11 +43,11 @@ def test_lora_grpo_trains_adapters_only(tmp_path):
         group_size=4,
         max_prompt_len=64,
         max_new_tokens=16,
-        learning_rate=1e-2,
-        kl_coef=0.1,
-        overlong_buffer=12,
         checkpoint_every=1,
         verifier_workers=1,
+        loss=dict(kl_coef=0.1),
+        optim=dict(learning_rate=1e-2),
+        reward=dict(overlong_buffer=12),
     )
     ckpt = Checkpointer(tmp_path / "ckpt", save_every=1)
     with verifiers.VerifierPool(1) as pool:

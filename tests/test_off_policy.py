@@ -49,13 +49,15 @@ def _trainer(setup, *, off_policy, steps, checkpointer=None, dtype="float32", re
         group_size=4,
         max_prompt_len=64,
         max_new_tokens=16,
-        learning_rate=3e-3,
-        kl_coef=0.05,
-        overlong_buffer=12,
         off_policy_steps=off_policy,
-        recompute_old_logprobs=recompute,
         checkpoint_every=1,
         verifier_workers=1,
+        loss=dict(
+            kl_coef=0.05,
+            recompute_old_logprobs=recompute,
+        ),
+        optim=dict(learning_rate=3e-3),
+        reward=dict(overlong_buffer=12),
     )
     return GRPOTrainer(
         cfg,
@@ -107,7 +109,10 @@ def test_pipelined_run_resumes_bit_for_bit(setup, tmp_path):
 
 def test_off_policy_refuses_dynamic_sampling():
     with pytest.raises(ValueError, match="dynamic_sampling"):
-        GRPOConfig(off_policy_steps=1, dynamic_sampling=True)
+        GRPOConfig(
+            off_policy_steps=1,
+            sampling=dict(dynamic_sampling=True),
+        )
     with pytest.raises(ValueError, match="off_policy_steps"):
         GRPOConfig(off_policy_steps=2)
 

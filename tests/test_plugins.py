@@ -58,7 +58,7 @@ def test_a_plugin_estimator_from_the_command_line_drives_the_update(tmp_path):
         "experiments.train",
         "--config=experiments/configs/r1_zero_tiny.py:smoke",
         f"--config.plugins=('{PLUGIN}',)",
-        "--config.grpo.advantage_estimator=plugin_zero",
+        "--config.grpo.loss.advantage_estimator=plugin_zero",
         "--config.grpo.steps=1",
         "--config.data.eval_size=4",
         f"--config.workdir={tmp_path}",

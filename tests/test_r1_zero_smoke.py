@@ -133,18 +133,24 @@ def test_r1_zero_tiny_smoke_with_every_loop_option(tmp_path):
     with config.unlocked():
         config.workdir = str(tmp_path)
         config.grpo.update(
-            dynamic_sampling=True,
-            max_sampling_rounds=3,
-            mask_truncated=True,
-            kl_coef=0.05,
-            recompute_old_logprobs=True,
-            format_reward=0.1,
-            inner_iterations=2,
-            minibatches=2,
-            microbatches=2,
-            advantage_estimator="rloo",
-            aggregation="seq-mean-token-sum-norm",
             checkpoint_every=0,
+            sampling=dict(
+                dynamic_sampling=True,
+                max_sampling_rounds=3,
+            ),
+            loss=dict(
+                mask_truncated=True,
+                kl_coef=0.05,
+                recompute_old_logprobs=True,
+                advantage_estimator="rloo",
+                aggregation="seq-mean-token-sum-norm",
+            ),
+            optim=dict(
+                inner_iterations=2,
+                minibatches=2,
+                microbatches=2,
+            ),
+            reward=dict(format_reward=0.1),
         )
     summary = r1_zero.run(config)
     rows = read_jsonl(tmp_path / "metrics.jsonl")

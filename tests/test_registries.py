@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rl_reason import losses
-from rl_reason.core.config import GRPOConfig
+from rl_reason.core.config import GRPOConfig, LossOptions
 from rl_reason.core.registry import Registry
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -42,7 +42,7 @@ def test_the_readme_example_registers_and_configures():
     assert losses.ADVANTAGE_ESTIMATORS["max_baseline"] is ns["max_baseline"]
     assert losses.POLICY_OBJECTIVES["unclipped"] is ns["unclipped"]
     cfg = ns["cfg"]
-    assert cfg.loss_config().objective == "unclipped"
+    assert cfg.loss.objective == "unclipped"
     # Running the example again (a notebook cell run twice) redefines, without an error.
     _readme_example()
 
@@ -113,12 +113,16 @@ def test_a_registered_kl_estimator_reaches_the_loss():
 
 
 def test_the_config_names_the_valid_choices():
-    with pytest.raises(ValueError, match=r"policy_objective='cispo'; valid: \['ppo_clip'\]"):
-        GRPOConfig(policy_objective="cispo")
+    with pytest.raises(ValueError, match=r"loss.objective='cispo' is not one of \['ppo_clip'\]"):
+        GRPOConfig(
+            loss=dict(objective="cispo"),
+        )
     with pytest.raises(ValueError, match="unknown policy objective 'cispo'; valid: 'ppo_clip'"):
         losses.policy_loss(*_batch(), objective="cispo")
-    with pytest.raises(ValueError, match="advantage_estimator='median'"):
-        GRPOConfig(advantage_estimator="median")
+    with pytest.raises(ValueError, match="loss.advantage_estimator='median' is not one of"):
+        GRPOConfig(
+            loss=dict(advantage_estimator="median"),
+        )
 
 
 def test_registration_errors():
@@ -146,7 +150,6 @@ def test_registration_errors():
 def test_a_registered_objective_reaches_the_jitted_update():
     import optax
 
-    from rl_reason.core import update as train_step
     from tests.test_train_step import _batch as train_batch
     from tests.test_train_step import _fns, _rollout
 
@@ -158,7 +161,7 @@ def test_a_registered_objective_reaches_the_jitted_update():
     batch = train_batch(out)
     metrics = {}
     for name in ("ppo_clip", "twice_ppo_clip"):
-        fns = _fns(graphdef, params, optax.sgd(1.0), train_step.LossConfig(objective=name))
+        fns = _fns(graphdef, params, optax.sgd(1.0), LossOptions(objective=name))
         p = jax.tree.map(jnp.copy, params)
         _, _, metrics[name] = fns.update(p, fns.init_opt_state(p), batch)
     one, two = metrics["ppo_clip"], metrics["twice_ppo_clip"]

@@ -320,7 +320,7 @@ def test_base_cache_round_trip_and_key(tiny_model, tmp_path):
     config = _experiment("supervision").base_config()
     key = base_cache.stage1_key(config)
     rl_only = sweep.apply_overrides(
-        config, {"config.grpo.kl_coef": 0.1, "config.reward.mode": "both"}
+        config, {"config.grpo.loss.kl_coef": 0.1, "config.reward.mode": "both"}
     )
     assert base_cache.stage1_key(rl_only) == key  # RL settings share the base model
     for change in (

@@ -10,6 +10,7 @@ from flax import nnx
 from models import Transformer, get_config
 from rl_reason import losses
 from rl_reason.core import update as train_step
+from rl_reason.core.config import LossOptions, OptimOptions
 from rl_reason.infra import sharding
 from rl_reason.rollout import sampling
 from rl_reason.trainer import GRPOConfig, overlong_penalty
@@ -45,17 +46,23 @@ def _batch(out, g=4, rewards=None):
     )
 
 
-def _fns(graphdef, params, opt, loss_cfg=None, micro=1):
-    loss_cfg = train_step.LossConfig() if loss_cfg is None else loss_cfg
+def _fns(graphdef, params, opt, loss_cfg=None, micro=1, max_len=None):
+    loss_cfg = LossOptions() if loss_cfg is None else loss_cfg
     return train_step.StepFns(
-        graphdef, params, opt, loss_cfg, sharding.mesh_of(params), microbatches=micro
+        graphdef,
+        params,
+        opt,
+        loss_cfg,
+        sharding.mesh_of(params),
+        max_len=max_len,
+        microbatches=micro,
     )
 
 
 def test_trainer_logprobs_equal_sampler_policy_logprobs():
     graphdef, params, out = _rollout()
     b = _batch(out)
-    fns = _fns(graphdef, params, optax.sgd(1.0), train_step.LossConfig(chunk_size=5))
+    fns = _fns(graphdef, params, optax.sgd(1.0), LossOptions(logprob_chunk_size=5))
     logp = fns.logprobs(params, b.prompt_ids, b.prompt_mask, b.tokens, b.mask)
     np.testing.assert_allclose(
         np.asarray(logp * b.mask), np.asarray(out.policy_logprobs * b.mask), atol=1e-5
@@ -69,10 +76,10 @@ def test_microbatched_update_equals_whole_batch(aggregation):
     # Plain SGD with lr 1: the update is minus the accumulated gradient itself (Adam's first
     # step would reduce it to signs and hide accumulation errors).
     opt = optax.sgd(1.0)
-    loss_cfg = train_step.LossConfig(aggregation=aggregation, max_len=16)
+    loss_cfg = LossOptions(aggregation=aggregation)
     results = []
     for micro in (1, 4):
-        fns = _fns(graphdef, params, opt, loss_cfg, micro)
+        fns = _fns(graphdef, params, opt, loss_cfg, micro, max_len=16)
         p = jax.tree.map(jnp.copy, params)
         p, _, metrics = fns.update(p, fns.init_opt_state(p), batch)
         results.append((p, metrics))
@@ -92,7 +99,7 @@ def test_microbatched_update_equals_whole_batch(aggregation):
 def test_nonfinite_update_is_skipped():
     graphdef, params, out = _rollout()
     batch = _batch(out).replace(advantages=jnp.full((8,), jnp.nan))
-    opt = train_step.make_optimizer(train_step.OptimConfig(learning_rate=1e-2))
+    opt = train_step.make_optimizer(OptimOptions(learning_rate=1e-2))
     before = jax.tree.map(np.asarray, params)
     p = jax.tree.map(jnp.copy, params)
     fns = _fns(graphdef, params, opt)
@@ -114,6 +121,12 @@ def test_grpo_config_rejects_bad_values():
     with pytest.raises(ValueError, match="group_size"):
         GRPOConfig(group_size=1)
     with pytest.raises(ValueError, match="aggregation"):
-        GRPOConfig(aggregation="mean")
+        GRPOConfig(
+            loss=dict(aggregation="mean"),
+        )
     with pytest.raises(ValueError, match="split evenly"):
-        GRPOConfig(prompts_per_step=3, group_size=3, microbatches=2)
+        GRPOConfig(
+            prompts_per_step=3,
+            group_size=3,
+            optim=dict(microbatches=2),
+        )

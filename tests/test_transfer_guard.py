@@ -17,6 +17,7 @@ from flax import nnx
 from models import Transformer, get_config
 from rl_reason import losses
 from rl_reason.core import update as train_step
+from rl_reason.core.config import LossOptions
 from rl_reason.infra import sharding
 from rl_reason.rollout import sampling
 
@@ -27,7 +28,7 @@ def test_sample_logprobs_batch_and_update_need_no_implicit_transfer():
     graphdef, params = nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)))
     mesh = sharding.mesh_of(params)
     fns = train_step.StepFns(
-        graphdef, params, optax.adamw(1e-3), train_step.LossConfig(chunk_size=4), mesh
+        graphdef, params, optax.adamw(1e-3), LossOptions(logprob_chunk_size=4), mesh
     )
     params = jax.device_put(params, fns.param_shardings)
     opt_state = fns.init_opt_state(params)

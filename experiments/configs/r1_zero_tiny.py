@@ -4,7 +4,7 @@ Launch:
   python -m experiments.r1_zero_tiny                      # defaults below
   python -m experiments.train --config=experiments/configs/r1_zero_tiny.py
   python -m experiments.train --config=experiments/configs/r1_zero_tiny.py:smoke   # < 1 min
-  ... --config.grpo.kl_coef=0.01 --config.workdir=/tmp/run2                       # ablations
+  ... --config.grpo.loss.kl_coef=0.01 --config.workdir=/tmp/run2                       # ablations
 
 Expected on a 2-core CPU (see README for the measured figures): a tiny base model that rarely
 writes its steps and answers few held-out chains correctly; after GRPO on the outcome reward
@@ -13,7 +13,7 @@ only, it writes its steps before answering and held-out greedy accuracy rises by
 
 import ml_collections
 
-from experiments.configs.common import metrics_section
+from experiments.configs.common import grpo_section, metrics_section
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -76,28 +76,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             seed=0,
         )
     )
-    c.grpo = ml_collections.ConfigDict(
-        dict(
+    c.grpo = grpo_section(
+        **dict(
             steps=30,
             prompts_per_step=16,
             group_size=8,
             max_prompt_len=80,
             max_new_tokens=96,
-            temperature=1.0,
-            learning_rate=2e-4,
-            warmup_steps=5,
-            lr_schedule="constant",
-            max_grad_norm=1.0,
-            inner_iterations=1,
-            minibatches=1,
-            microbatches=1,
             off_policy_steps=0,  # 1: sample step k+1 while step k trains
-            advantage_estimator="grpo",
-            policy_objective="ppo_clip",
-            aggregation="token-mean",
-            kl_coef=0.0,
-            clip_eps_low=0.2,
-            clip_eps_high=0.2,
             eval_every=0,
             eval_samples=4,
             checkpoint_every=15,
@@ -105,6 +91,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             verifier_workers=2,
             verifier_timeout_s=10.0,
             seed=0,
+            sampling=dict(temperature=1.0),
+            loss=dict(
+                advantage_estimator="grpo",
+                objective="ppo_clip",
+                aggregation="token-mean",
+                kl_coef=0.0,
+                clip_eps_low=0.2,
+                clip_eps_high=0.2,
+            ),
+            optim=dict(
+                learning_rate=2e-4,
+                warmup_steps=5,
+                lr_schedule="constant",
+                max_grad_norm=1.0,
+                inner_iterations=1,
+                minibatches=1,
+                microbatches=1,
+            ),
         )
     )
 
@@ -124,10 +128,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             prompts_per_step=4,
             group_size=4,
             max_new_tokens=32,
-            overlong_buffer=16,
             eval_samples=2,
             checkpoint_every=2,
             verifier_workers=1,
+            reward=dict(overlong_buffer=16),
         )
     elif arg:
         raise ValueError(f"unknown config arg {arg!r}; valid: '' or 'smoke'")

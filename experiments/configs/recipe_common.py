@@ -11,7 +11,7 @@ from pathlib import Path
 
 import ml_collections
 
-from experiments.configs.common import metrics_section
+from experiments.configs.common import grpo_section, metrics_section
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
 
@@ -61,7 +61,7 @@ def recipe_config(
     grpo_defaults = dict(
         checkpoint_every=20, checkpoint_keep=2, verifier_workers=8, verifier_timeout_s=10.0
     )
-    c.grpo = ml_collections.ConfigDict({**grpo_defaults, **grpo, "seed": seed})
+    c.grpo = grpo_section(**{**grpo_defaults, **grpo, "seed": seed})
     return c
 
 
@@ -82,13 +82,15 @@ def smoke(c: ml_collections.ConfigDict, *, family: str, data: dict) -> None:
         group_size=4,
         max_prompt_len=160,
         max_new_tokens=16,
-        overlong_buffer=12,
-        minibatches=1,
-        microbatches=1,
-        learning_rate=3e-3,
-        warmup_steps=0,
         eval_every=0,
         eval_samples=2,
         checkpoint_every=1,
         verifier_workers=1,
+        optim=dict(
+            minibatches=1,
+            microbatches=1,
+            learning_rate=3e-3,
+            warmup_steps=0,
+        ),
+        reward=dict(overlong_buffer=12),
     )

@@ -46,39 +46,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             )
         )
         c.measure = ml_collections.ConfigDict(dict(bridge=True))
-        # The other GRPO options the sweeps or the command line may set, at GRPOConfig's
-        # defaults. Listed, not read from GRPOConfig: a new trainer option must not rename
-        # (re-hash) the run directories of a campaign in progress.
-        grpo_defaults = dict(
-            adam_b1=0.9,
-            adam_b2=0.99,
-            dynamic_sampling=False,
-            eval_temperature=1.0,
-            format_reward=0.0,
-            kl_estimator="k3",
-            mask_truncated=False,
-            max_nonfinite_steps=3,
-            max_sampling_rounds=4,
-            off_policy_steps=0,
-            overlong_buffer=0,
-            overlong_penalty=1.0,
-            ratio_level="token",
-            recompute_old_logprobs=False,
-            top_k=0,
-            top_p=1.0,
-            weight_decay=0.0,
-        )
-        for name, value in grpo_defaults.items():
-            if name not in c.grpo:  # the smoke config sets overlong_buffer
-                c.grpo[name] = value
         if c.smoke:
             c.runs_root = "runs/research_smoke"
-            c.grpo.update(steps=2, checkpoint_every=0, overlong_buffer=16, minibatches=2)
+            c.grpo.update(
+                steps=2,
+                checkpoint_every=0,
+                optim=dict(minibatches=2),
+                reward=dict(overlong_buffer=16),
+            )
             c.cold_start.update(steps=2, batch_size=4)
         else:
             # Two optimizer updates per step: the second is off-policy, so the clip range (PPO,
             # DAPO's clip-higher, GSPO's sequence ratio) acts; with one it never would.
-            c.grpo.update(steps=30, eval_samples=1, checkpoint_every=15, minibatches=2)
+            c.grpo.update(
+                steps=30,
+                eval_samples=1,
+                checkpoint_every=15,
+                optim=dict(minibatches=2),
+            )
     c.lock()
     return c
 
@@ -109,24 +94,24 @@ ALGORITHM_ARMS = {
     "GRPO": {},
     # Dr. GRPO: no std division, and a constant normaliser (N x max_len) instead of lengths.
     "Dr. GRPO": {
-        "config.grpo.advantage_estimator": "dr_grpo",
-        "config.grpo.aggregation": "seq-mean-token-sum-norm",
+        "config.grpo.loss.advantage_estimator": "dr_grpo",
+        "config.grpo.loss.aggregation": "seq-mean-token-sum-norm",
     },
     # DAPO: clip-higher, dynamic sampling (drop groups with equal rewards, refill), token-mean.
     "DAPO": {
-        "config.grpo.clip_eps_high": 0.28,
-        "config.grpo.dynamic_sampling": True,
-        "config.grpo.aggregation": "token-mean",
+        "config.grpo.loss.clip_eps_high": 0.28,
+        "config.grpo.sampling.dynamic_sampling": True,
+        "config.grpo.loss.aggregation": "token-mean",
     },
     # GSPO: a sequence-level ratio (length-normalised), per-sequence mean, the paper's clip range.
     "GSPO": {
-        "config.grpo.ratio_level": "sequence",
-        "config.grpo.aggregation": "seq-mean-token-mean",
-        "config.grpo.clip_eps_low": 3e-4,
-        "config.grpo.clip_eps_high": 4e-4,
+        "config.grpo.loss.ratio_level": "sequence",
+        "config.grpo.loss.aggregation": "seq-mean-token-mean",
+        "config.grpo.loss.clip_eps_low": 3e-4,
+        "config.grpo.loss.clip_eps_high": 4e-4,
     },
-    "RLOO": {"config.grpo.advantage_estimator": "rloo"},
-    "KL 0.04": {"config.grpo.kl_coef": 0.04},
+    "RLOO": {"config.grpo.loss.advantage_estimator": "rloo"},
+    "KL 0.04": {"config.grpo.loss.kl_coef": 0.04},
     # Same samples per step (P x G = 128) for every group size.
     "G=4": {"config.grpo.group_size": 4, "config.grpo.prompts_per_step": 32},
     "G=16": {"config.grpo.group_size": 16, "config.grpo.prompts_per_step": 8},

@@ -1,13 +1,89 @@
-"""GRPOConfig: every knob of the GRPO loop, validated; and DAPO's soft overlong penalty."""
+"""The GRPO loop's options: typed, nested (sampling, loss, optim, reward), each field documented
+once, validated as a whole when the config is read; and `config_from`, which builds them from a
+config section.
+
+    GRPOConfig(steps=30, loss=LossOptions(kl_coef=0.01), optim=OptimOptions(learning_rate=2e-4))
+    --config.grpo.loss.kl_coef=0.01 --config.grpo.optim.learning_rate=2e-4      (command line)
+
+The jitted update takes `LossOptions` itself (hashable, static), so a new objective option is a
+field here and its use in the objective: nothing copies options from one class to another.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
-from rl_reason import losses
-from rl_reason.core import update as train_step
+# A learning rate past this is a typo (1e-1 for 1e-4, say): AdamW steps of that size destroy a
+# pretrained policy in one update.
+MAX_LEARNING_RATE = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """How rollouts are sampled. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    # DAPO's dynamic sampling: drop groups whose rewards are all equal (zero advantage) and
+    # sample more prompts, up to max_sampling_rounds rounds per step.
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """The objective (rl_reason.losses): static options of the jitted update."""
+
+    advantage_estimator: str = "grpo"  # a name in losses.ADVANTAGE_ESTIMATORS
+    objective: str = "ppo_clip"  # a name in losses.POLICY_OBJECTIVES
+    aggregation: str = "token-mean"  # a name in losses.AGGREGATIONS
+    ratio_level: str = "token"  # "token" (PPO/GRPO) or "sequence" (GSPO)
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    kl_coef: float = 0.0  # > 0 adds a KL term to the frozen initial policy
+    kl_estimator: str = "k3"  # a name in losses.KL_ESTIMATORS
+    logprob_chunk_size: int | None = None  # completion positions per vocabulary projection
+    # Rows cut off at the token budget enter the loss with mask 0 (DAPO's overlong filtering).
+    mask_truncated: bool = False
+    # Score the sampled tokens again with the trainer's forward pass and use those as the old
+    # log-probs (the sampler's own are used otherwise; logged as logprob_gap_sampler_trainer).
+    recompute_old_logprobs: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimOptions:
+    """AdamW with warmup and a constant or cosine schedule, global-norm clipping, and how each
+    step's samples are cut into updates."""
+
+    learning_rate: float = 1e-6
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # or "cosine" (to 10% of the peak)
+    weight_decay: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.99
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    inner_iterations: int = 1  # mu: passes over each step's samples
+    minibatches: int = 1  # optimizer updates per pass
+    microbatches: int = 1  # gradient accumulation inside one update (exact)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardOptions:
+    """What is added to the verifier's outcome reward."""
+
+    overlong_buffer: int = 0  # DAPO's soft overlong penalty over the last `buffer` tokens
+    overlong_penalty: float = 1.0
+    format_reward: float = 0.0  # weight of the `format` verifier's reward
+
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,126 +94,268 @@ class GRPOConfig:
     prompts_per_step: int = 16  # P
     group_size: int = 8  # G
     max_prompt_len: int = 128  # prompts are left-padded to this (fixed shapes, no recompiles)
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    # Optimisation.
-    learning_rate: float = 1e-6
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"
-    weight_decay: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.99
-    max_grad_norm: float | None = 1.0
-    inner_iterations: int = 1  # mu: passes over each step's samples
-    minibatches: int = 1  # optimizer updates per pass
-    microbatches: int = 1  # gradient accumulation inside one update
-    # Objective (rl_reason.losses).
-    advantage_estimator: str = "grpo"  # a name in losses.ADVANTAGE_ESTIMATORS
-    policy_objective: str = "ppo_clip"  # a name in losses.POLICY_OBJECTIVES
-    aggregation: str = "token-mean"
-    ratio_level: str = "token"
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    logprob_chunk_size: int | None = None
-    recompute_old_logprobs: bool = False
+    max_new_tokens: int = 128  # the response budget
+    sampling: SamplingOptions = dataclasses.field(default_factory=SamplingOptions)
+    loss: LossOptions = dataclasses.field(default_factory=LossOptions)
+    optim: OptimOptions = dataclasses.field(default_factory=OptimOptions)
+    reward: RewardOptions = dataclasses.field(default_factory=RewardOptions)
     # 1: sample step k+1's rollouts with the weights before step k's update, while step k
     # trains and step k+1's completions are verified (one-step-off-policy; the ratio is taken
     # against the sampler's log-probs). 0: on-policy.
     off_policy_steps: int = 0
-    # DAPO options.
-    dynamic_sampling: bool = False
-    max_sampling_rounds: int = 4
-    overlong_buffer: int = 0  # soft overlong penalty over the last `overlong_buffer` tokens
-    overlong_penalty: float = 1.0
-    mask_truncated: bool = False
-    format_reward: float = 0.0  # weight of the `format` verifier added to the reward
-    # Robustness.
-    max_nonfinite_steps: int = 3
-    # Evaluation and checkpoints.
+    max_nonfinite_steps: int = 3  # stop after this many steps in a row with skipped updates
     eval_every: int = 0  # 0: only before and after training
     eval_samples: int = 4  # k for mean@k / maj@k / pass@k
     eval_temperature: float = 1.0
-    checkpoint_every: int = 0
+    checkpoint_every: int = 0  # 0: no checkpoints (and no resume)
     checkpoint_keep: int = 2
     verifier_workers: int = 2
     verifier_timeout_s: float = 10.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        checks = {
-            "steps": self.steps >= 0,
-            "prompts_per_step": self.prompts_per_step >= 1,
-            "group_size": self.group_size >= 2,
-            "max_new_tokens": self.max_new_tokens >= 1,
-            "inner_iterations": self.inner_iterations >= 1,
-            "minibatches": self.minibatches >= 1,
-            "microbatches": self.microbatches >= 1,
-            "max_sampling_rounds": self.max_sampling_rounds >= 1,
-            "overlong_buffer": 0 <= self.overlong_buffer < self.max_new_tokens,
-            "eval_samples": self.eval_samples >= 1,
-            "off_policy_steps": self.off_policy_steps in (0, 1),
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            listed = ", ".join(f"{b}={getattr(self, b)!r}" for b in bad)
+        # Sections may be given as dicts (GRPOConfig(loss=dict(kl_coef=0.01))), as in configs.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            factory = f.default_factory
+            if factory is not dataclasses.MISSING and not isinstance(value, type(factory())):
+                section = config_from(type(factory()), value, path=f.name)
+                object.__setattr__(self, f.name, section)
+        problems = _problems(self)
+        if problems:
             raise ValueError(
-                f"GRPOConfig: invalid {listed} (group_size needs >= 2: "
-                "advantages are relative to the group)"
+                "GRPOConfig: " + "; ".join(problems) + " (set them with --config.grpo.<field>)"
             )
-        if self.off_policy_steps and self.dynamic_sampling:
-            raise ValueError(
-                "GRPOConfig: off_policy_steps=1 cannot be combined with dynamic_sampling (a "
-                "refill round would have to wait for the update it should overlap)"
-            )
-        rows = self.prompts_per_step * self.group_size
-        if rows % (self.minibatches * self.microbatches):
-            raise ValueError(
-                f"GRPOConfig: P*G = {rows} rows must split evenly into minibatches "
-                f"({self.minibatches}) x microbatches ({self.microbatches})"
-            )
-        for name, value, valid in (
-            ("advantage_estimator", self.advantage_estimator, losses.ADVANTAGE_ESTIMATORS),
-            ("policy_objective", self.policy_objective, losses.POLICY_OBJECTIVES),
-            ("aggregation", self.aggregation, losses.AGGREGATIONS),
-            ("ratio_level", self.ratio_level, losses.RATIO_LEVELS),
-            ("kl_estimator", self.kl_estimator, losses.KL_ESTIMATORS),
-        ):
-            if value not in valid:
-                raise ValueError(f"GRPOConfig.{name}={value!r}; valid: {list(valid)}")
 
     @property
     def rows(self) -> int:
         return self.prompts_per_step * self.group_size
 
-    def loss_config(self) -> train_step.LossConfig:
-        return train_step.LossConfig(
-            clip_eps_low=self.clip_eps_low,
-            clip_eps_high=self.clip_eps_high,
-            ratio_level=self.ratio_level,
-            aggregation=self.aggregation,
-            max_len=self.max_new_tokens,
-            kl_coef=self.kl_coef,
-            kl_estimator=self.kl_estimator,
-            chunk_size=self.logprob_chunk_size,
-            objective=self.policy_objective,
-        )
+    @property
+    def total_updates(self) -> int:
+        """Optimizer updates over the run (the schedule's length)."""
+        return max(self.steps * self.optim.inner_iterations * self.optim.minibatches, 1)
 
-    def optim_config(self) -> train_step.OptimConfig:
-        updates = self.steps * self.inner_iterations * self.minibatches
-        return train_step.OptimConfig(
-            learning_rate=self.learning_rate,
-            warmup_steps=self.warmup_steps,
-            total_steps=max(updates, 1),
-            schedule=self.lr_schedule,
-            weight_decay=self.weight_decay,
-            b1=self.adam_b1,
-            b2=self.adam_b2,
-            max_grad_norm=self.max_grad_norm,
+
+def _registries() -> dict[str, Any]:
+    # Imported here: the objective's registries load jax, the options themselves do not.
+    from rl_reason import losses
+
+    return {
+        "loss.advantage_estimator": losses.ADVANTAGE_ESTIMATORS,
+        "loss.objective": losses.POLICY_OBJECTIVES,
+        "loss.aggregation": losses.AGGREGATIONS,
+        "loss.ratio_level": losses.RATIO_LEVELS,
+        "loss.kl_estimator": losses.KL_ESTIMATORS,
+        "optim.lr_schedule": LR_SCHEDULES,
+    }
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# field -> (test, the bound it states, why the bound exists)
+_Rule = tuple[Callable[[Any, GRPOConfig], bool], str, str]
+_RULES: dict[str, _Rule] = {
+    "steps": (lambda v, c: v >= 0, ">= 0", "the number of GRPO steps"),
+    "prompts_per_step": (lambda v, c: v >= 1, ">= 1", "each step needs a prompt"),
+    "group_size": (lambda v, c: v >= 2, ">= 2", "advantages are relative to the group"),
+    "max_prompt_len": (lambda v, c: v >= 1, ">= 1", "the prompt width"),
+    "max_new_tokens": (lambda v, c: v >= 1, ">= 1", "the response budget"),
+    "off_policy_steps": (lambda v, c: v in (0, 1), "0 or 1", "only one-step-off-policy exists"),
+    "max_nonfinite_steps": (lambda v, c: v >= 1, ">= 1", "the divergence guard's patience"),
+    "eval_every": (lambda v, c: v >= 0, ">= 0", "0 evaluates only before and after"),
+    "eval_samples": (lambda v, c: v >= 1, ">= 1", "k of mean@k needs a sample"),
+    "eval_temperature": (lambda v, c: _finite(v) and v >= 0, ">= 0", "0 is greedy"),
+    "checkpoint_every": (lambda v, c: v >= 0, ">= 0", "0 writes no checkpoints"),
+    "checkpoint_keep": (lambda v, c: v >= 1, ">= 1", "resume needs a checkpoint"),
+    "verifier_workers": (lambda v, c: v >= 1, ">= 1", "verifiers run in worker processes"),
+    "verifier_timeout_s": (lambda v, c: _finite(v) and v > 0, "> 0", "a verifier call's limit"),
+    "sampling.temperature": (lambda v, c: _finite(v) and v >= 0, ">= 0", "0 is greedy"),
+    "sampling.top_k": (lambda v, c: v >= 0, ">= 0", "0 turns top-k off"),
+    "sampling.top_p": (lambda v, c: _finite(v) and 0 < v <= 1, "in (0, 1]", "1 turns it off"),
+    "sampling.max_sampling_rounds": (lambda v, c: v >= 1, ">= 1", "a step samples once"),
+    "loss.clip_eps_low": (lambda v, c: _finite(v) and 0 <= v < 1, "in [0, 1)", "1 - eps > 0"),
+    "loss.clip_eps_high": (lambda v, c: _finite(v) and v >= 0, ">= 0", "the ratio's upper bound"),
+    "loss.kl_coef": (lambda v, c: _finite(v) and v >= 0, ">= 0", "a penalty, not a reward"),
+    "loss.logprob_chunk_size": (lambda v, c: v is None or v >= 1, "None or >= 1", "positions"),
+    "optim.learning_rate": (
+        lambda v, c: _finite(v) and 0 < v <= MAX_LEARNING_RATE,
+        f"in (0, {MAX_LEARNING_RATE:g}]",
+        "a negative rate climbs the loss and a huge one destroys the policy",
+    ),
+    "optim.warmup_steps": (lambda v, c: v >= 0, ">= 0", "updates of linear warmup"),
+    "optim.weight_decay": (lambda v, c: _finite(v) and v >= 0, ">= 0", "decay, not growth"),
+    "optim.adam_b1": (lambda v, c: _finite(v) and 0 <= v < 1, "in [0, 1)", "a moving average"),
+    "optim.adam_b2": (lambda v, c: _finite(v) and 0 <= v < 1, "in [0, 1)", "a moving average"),
+    "optim.max_grad_norm": (
+        lambda v, c: v is None or (_finite(v) and v > 0),
+        "None or > 0",
+        "the clipping norm",
+    ),
+    "optim.inner_iterations": (lambda v, c: v >= 1, ">= 1", "passes over the samples"),
+    "optim.minibatches": (lambda v, c: v >= 1, ">= 1", "updates per pass"),
+    "optim.microbatches": (lambda v, c: v >= 1, ">= 1", "accumulation steps per update"),
+    "reward.overlong_buffer": (
+        lambda v, c: 0 <= v < c.max_new_tokens,
+        "in [0, max_new_tokens)",
+        "the penalty ramps over the budget's last tokens",
+    ),
+    "reward.overlong_penalty": (lambda v, c: _finite(v) and v >= 0, ">= 0", "a penalty"),
+    "reward.format_reward": (lambda v, c: _finite(v), "finite", "a reward weight"),
+}
+
+
+def _get(cfg: GRPOConfig, path: str) -> Any:
+    value: Any = cfg
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _problems(cfg: GRPOConfig) -> list[str]:
+    """Every broken rule of `cfg`, each naming its field, its bound and the reason."""
+    problems = []
+    for path, (ok, bound, why) in _RULES.items():
+        value = _get(cfg, path)
+        try:
+            good = bool(ok(value, cfg))
+        except TypeError:
+            good = False
+        if not good:
+            problems.append(f"{path}={value!r} must be {bound} ({why})")
+    for path, valid in _registries().items():
+        value = _get(cfg, path)
+        if value not in valid:
+            problems.append(f"{path}={value!r} is not one of {list(valid)}")
+    if cfg.off_policy_steps and cfg.sampling.dynamic_sampling:
+        problems.append(
+            "off_policy_steps=1 cannot be combined with sampling.dynamic_sampling (a refill "
+            "round would have to wait for the update it should overlap)"
         )
+    split = cfg.optim.minibatches * cfg.optim.microbatches
+    if split >= 1 and cfg.rows % split:
+        problems.append(
+            f"P*G = {cfg.rows} rows must split evenly into optim.minibatches "
+            f"({cfg.optim.minibatches}) x optim.microbatches ({cfg.optim.microbatches})"
+        )
+    return problems
+
+
+# Flat names of the options before they were nested, and where they live now.
+MOVED = {
+    **{f: f"sampling.{f}" for f in ("temperature", "top_k", "top_p")},
+    **{f: f"sampling.{f}" for f in ("dynamic_sampling", "max_sampling_rounds")},
+    "policy_objective": "loss.objective",
+    **{
+        f: f"loss.{f}"
+        for f in (
+            "advantage_estimator",
+            "aggregation",
+            "ratio_level",
+            "clip_eps_low",
+            "clip_eps_high",
+            "kl_coef",
+            "kl_estimator",
+            "logprob_chunk_size",
+            "mask_truncated",
+            "recompute_old_logprobs",
+        )
+    },
+    **{
+        f: f"optim.{f}"
+        for f in (
+            "learning_rate",
+            "warmup_steps",
+            "lr_schedule",
+            "weight_decay",
+            "adam_b1",
+            "adam_b2",
+            "max_grad_norm",
+            "inner_iterations",
+            "minibatches",
+            "microbatches",
+        )
+    },
+    **{f: f"reward.{f}" for f in ("overlong_buffer", "overlong_penalty", "format_reward")},
+}
+
+
+def moved_name(section: str, flat: str) -> str | None:
+    """The new dotted name of an old flat GRPO option: grpo.kl_coef -> grpo.loss.kl_coef."""
+    if section == "grpo" and flat in MOVED:
+        return f"grpo.{MOVED[flat]}"
+    return None
+
+
+def defaults(cls) -> dict[str, Any]:
+    """Every field of an options dataclass at its default, nested sections as dicts; a field
+    whose default is None as (None, its type), so a config can still give it a value."""
+    hints = typing.get_type_hints(cls)
+    tree: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:
+            tree[f.name] = defaults(type(f.default_factory()))
+        elif f.default is None:
+            types = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+            tree[f.name] = (None, types[0] if types else object)
+        else:
+            tree[f.name] = f.default
+    return tree
+
+
+def check_names(cls, values: Mapping[str, Any], path: str) -> None:
+    """Every key of `values` (nested) names a field of `cls`; an old flat name says its new one."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        hints = [f"{u} is now {MOVED[u]}" for u in unknown if cls is GRPOConfig and u in MOVED]
+        raise ValueError(
+            f"{path} has no field(s) {unknown}"
+            + (f" ({'; '.join(hints)})" if hints else "")
+            + f"; valid: {sorted(fields)}"
+        )
+    for name, value in values.items():
+        factory = fields[name].default_factory
+        if factory is not dataclasses.MISSING and isinstance(value, Mapping):
+            check_names(type(factory()), value, f"{path}.{name}")
+
+
+def config_from(cls, section: Mapping[str, Any] | Any, *, path: str | None = None) -> Any:
+    """A frozen dataclass from a config section: unknown fields and wrong types are errors.
+
+    ml_collections checks types of command-line overrides against the config file's values;
+    this checks the config file's values against the dataclass, so a typo'd or mistyped field
+    stops the run before anything is built, naming the field. Fields whose default is itself
+    an options dataclass are read from a nested section the same way.
+    """
+    path = path or cls.__name__
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = dict(section)
+    check_names(cls, values, path)
+    for name, value in values.items():
+        field = fields[name]
+        if field.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(
+            sub := field.default_factory()
+        ):
+            if not isinstance(value, type(sub)):
+                values[name] = config_from(type(sub), value, path=f"{path}.{name}")
+            continue
+        default = field.default
+        if default is dataclasses.MISSING or default is None or value is None:
+            continue
+        ok = isinstance(value, type(default)) or (
+            isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)
+        )
+        if isinstance(default, int) and isinstance(value, bool) != isinstance(default, bool):
+            ok = False
+        if not ok:
+            raise TypeError(
+                f"{path}.{name} must be {type(default).__name__} (like its default "
+                f"{default!r}), got {type(value).__name__} {value!r}"
+            )
+    return cls(**values)
 
 
 def overlong_penalty(

@@ -9,7 +9,7 @@ update looks names up in, so adding a variant is one decorated function (and its
     def median_baseline(r_PG, w_PG, n_P1, eps):
         ...
 
-    GRPOConfig(advantage_estimator="median_baseline")   # validated against the registry
+    GRPOConfig(loss=dict(advantage_estimator="median_baseline"))   # validated against the registry
 
 Registration happens when the defining module is imported, so import it before building the
 config (a config file can import it at its top).

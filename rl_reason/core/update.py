@@ -8,7 +8,6 @@ logits never exist at once.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -21,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from models import partitioning
 from models.transformer import Transformer
 from rl_reason import losses
+from rl_reason.core.config import LossOptions, OptimOptions
 from rl_reason.infra import sharding
 
 
@@ -37,65 +37,39 @@ class Batch:
     advantages: jax.Array  # [B] float32
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """Static options of `losses.policy_loss` (hashable: part of the compiled step)."""
-
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
-    ratio_level: str = "token"
-    aggregation: str = "token-mean"
-    max_len: int | None = None
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    chunk_size: int | None = None
-    objective: str = "ppo_clip"  # a name in losses.POLICY_OBJECTIVES
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    learning_rate: float = 1e-5
-    warmup_steps: int = 0
-    total_steps: int = 1
-    schedule: str = "constant"  # or "cosine" (to 10% of the peak)
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.99
-    max_grad_norm: float | None = 1.0
-
-    def learning_rate_fn(self) -> optax.Schedule:
-        warmup = max(self.warmup_steps, 0)
-        if self.schedule == "constant":
-            after = optax.constant_schedule(self.learning_rate)
-        elif self.schedule == "cosine":
-            after = optax.cosine_decay_schedule(
-                self.learning_rate, max(self.total_steps - warmup, 1), alpha=0.1
-            )
-        else:
-            raise ValueError(f"unknown lr schedule {self.schedule!r}; valid: constant, cosine")
-        if warmup == 0:
-            return after
-        ramp = optax.linear_schedule(
-            self.learning_rate / max(warmup, 1), self.learning_rate, warmup
+def learning_rate_fn(opts: OptimOptions, total_steps: int) -> optax.Schedule:
+    """Linear warmup over `warmup_steps` updates, then constant or cosine (to 10% of the peak)
+    over the rest of `total_steps`."""
+    warmup = max(opts.warmup_steps, 0)
+    if opts.lr_schedule == "constant":
+        after = optax.constant_schedule(opts.learning_rate)
+    elif opts.lr_schedule == "cosine":
+        after = optax.cosine_decay_schedule(
+            opts.learning_rate, max(total_steps - warmup, 1), alpha=0.1
         )
-        return optax.join_schedules([ramp, after], [warmup])
+    else:
+        raise ValueError(f"unknown lr schedule {opts.lr_schedule!r}; valid: constant, cosine")
+    if warmup == 0:
+        return after
+    ramp = optax.linear_schedule(opts.learning_rate / max(warmup, 1), opts.learning_rate, warmup)
+    return optax.join_schedules([ramp, after], [warmup])
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+def make_optimizer(opts: OptimOptions, total_steps: int = 1) -> optax.GradientTransformation:
     """AdamW with warmup + constant/cosine schedule and global-norm clipping.
 
     Weight decay skips vectors (norm scales, biases): decaying them only fights the init.
     """
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
     chain = []
-    if cfg.max_grad_norm is not None:
-        chain.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+    if opts.max_grad_norm is not None:
+        chain.append(optax.clip_by_global_norm(opts.max_grad_norm))
     chain.append(
         optax.adamw(
-            cfg.learning_rate_fn(),
-            b1=cfg.b1,
-            b2=cfg.b2,
-            weight_decay=cfg.weight_decay,
+            learning_rate_fn(opts, total_steps),
+            b1=opts.adam_b1,
+            b2=opts.adam_b2,
+            weight_decay=opts.weight_decay,
             mask=decay_mask,
         )
     )
@@ -134,7 +108,7 @@ def completion_logprobs(
     )
 
 
-def _loss_and_metrics(params, frozen, graphdef, mb: Batch, normalizer, cfg: LossConfig):
+def _loss_and_metrics(params, frozen, graphdef, mb: Batch, normalizer, cfg: LossOptions, max_len):
     model = nnx.merge(graphdef, params, *frozen)
     logp, ent = completion_logprobs(
         model,
@@ -142,7 +116,7 @@ def _loss_and_metrics(params, frozen, graphdef, mb: Batch, normalizer, cfg: Loss
         mb.prompt_mask,
         mb.tokens,
         mb.mask,
-        chunk_size=cfg.chunk_size,
+        chunk_size=cfg.logprob_chunk_size,
         with_entropy=True,
     )
     loss, metrics = losses.policy_loss(
@@ -154,7 +128,7 @@ def _loss_and_metrics(params, frozen, graphdef, mb: Batch, normalizer, cfg: Loss
         clip_eps_high=cfg.clip_eps_high,
         ratio_level=cfg.ratio_level,
         aggregation=cfg.aggregation,
-        max_len=cfg.max_len,
+        max_len=max_len,
         ref_logp=mb.ref_logp if cfg.kl_coef > 0 else None,
         kl_coef=cfg.kl_coef,
         kl_estimator=cfg.kl_estimator,
@@ -186,7 +160,8 @@ def _split_microbatches(batch: Batch, microbatches: int, mesh: Mesh) -> Batch:
 def _update_impl(
     graphdef,
     optimizer: optax.GradientTransformation,
-    cfg: LossConfig,
+    cfg: LossOptions,
+    max_len: int | None,
     microbatches: int,
     mesh: Mesh,
     params,
@@ -203,11 +178,11 @@ def _update_impl(
     equals the one computed on the whole minibatch at once. A non-finite loss or gradient leaves
     params and optimizer state untouched (reported as `finite` = 0).
     """
-    normalizer = losses.loss_normalizer(batch.mask, cfg.aggregation, cfg.max_len)
+    normalizer = losses.loss_normalizer(batch.mask, cfg.aggregation, max_len)
     grad_fn = jax.value_and_grad(_loss_and_metrics, has_aux=True)
 
     def micro(grad_sum, mb):
-        (loss, metrics), grads = grad_fn(params, frozen, graphdef, mb, normalizer, cfg)
+        (loss, metrics), grads = grad_fn(params, frozen, graphdef, mb, normalizer, cfg, max_len)
         return jax.tree.map(jnp.add, grad_sum, grads), (loss, metrics)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -296,11 +271,11 @@ class StepFns:
         graphdef,
         params,
         optimizer: optax.GradientTransformation,
-        loss_cfg: LossConfig,
+        loss: LossOptions,
         mesh: Mesh,
         *,
+        max_len: int | None = None,
         microbatches: int = 1,
-        mask_truncated: bool = False,
         frozen: tuple = (),
     ):
         if microbatches < 1:
@@ -317,7 +292,7 @@ class StepFns:
         )
         batch = Batch(*([rows(2)] * 6), advantages=rows(1))
         self._rows, self._repl, self._batch = rows, repl, batch
-        self._mask_truncated = mask_truncated
+        self._mask_truncated = loss.mask_truncated
         self._batch_fns: dict[tuple, Callable] = {}
         self._take = jax.jit(
             lambda b, idx: jax.tree.map(lambda x: x[idx], b),
@@ -326,13 +301,13 @@ class StepFns:
         )
         self._init = jax.jit(optimizer.init, out_shardings=self.opt_shardings)
         self._update = jax.jit(
-            functools.partial(_update_impl, graphdef, optimizer, loss_cfg, microbatches, mesh),
+            functools.partial(_update_impl, graphdef, optimizer, loss, max_len, microbatches, mesh),
             in_shardings=(self.param_shardings, self.opt_shardings, batch, frozen_sh),
             out_shardings=(self.param_shardings, self.opt_shardings, repl),
             donate_argnums=(0, 1),
         )
         self._logprobs = jax.jit(
-            functools.partial(_logprobs_impl, graphdef, loss_cfg.chunk_size),
+            functools.partial(_logprobs_impl, graphdef, loss.logprob_chunk_size),
             in_shardings=(self.param_shardings, rows(2), rows(2), rows(2), rows(2), frozen_sh),
             out_shardings=rows(2),
         )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 
 from absl import flags
 
@@ -60,6 +61,24 @@ def start() -> tuple[int, int]:
     return sharding.initialize_distributed(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
     )
+
+
+def run_app(main) -> None:
+    """absl's app.run, after a check of the command line's config overrides: an option that
+    moved (--config.grpo.kl_coef, now --config.grpo.loss.kl_coef) would otherwise end in a bare
+    AttributeError from inside flag parsing."""
+    from absl import app
+
+    from rl_reason.core.config import moved_name
+
+    for arg in sys.argv[1:]:
+        name = arg.split("=", 1)[0].lstrip("-")
+        parts = name.split(".")
+        if len(parts) == 3 and parts[0] == "config":
+            new = moved_name(parts[1], parts[2])
+            if new is not None:
+                raise SystemExit(f"--{name} is now --config.{new} (the options are nested)")
+    app.run(main)
 
 
 def main(config):

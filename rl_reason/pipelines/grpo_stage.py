@@ -15,7 +15,6 @@ evaluation and anything in `carry` come back from the checkpoint's meta.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -26,40 +25,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from rl_reason import verifiers
+from rl_reason.core.config import config_from  # noqa: F401  (the pipelines' import path)
 from rl_reason.infra.checkpoint import Checkpointer
 from rl_reason.infra.metrics import MetricsConfig, MetricsWriter
 from rl_reason.trainer import GRPOConfig, GRPOTrainer
 
 log = logging.getLogger(__name__)
-
-
-def config_from(cls, section) -> Any:
-    """A frozen dataclass from a config section: unknown fields and wrong types are errors.
-
-    ml_collections checks types of command-line overrides against the config file's values;
-    this checks the config file's values against the dataclass, so a typo'd or mistyped field
-    stops the run before anything is built, naming the field.
-    """
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = dict(section)
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(f"{cls.__name__} has no field(s) {unknown}; valid: {sorted(fields)}")
-    for name, value in values.items():
-        default = fields[name].default
-        if default is dataclasses.MISSING or default is None or value is None:
-            continue
-        ok = isinstance(value, type(default)) or (
-            isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)
-        )
-        if isinstance(default, int) and isinstance(value, bool) != isinstance(default, bool):
-            ok = False
-        if not ok:
-            raise TypeError(
-                f"{cls.__name__}.{name} must be {type(default).__name__} (like its default "
-                f"{default!r}), got {type(value).__name__} {value!r}"
-            )
-    return cls(**values)
 
 
 def make_checkpointer(workdir: str | Path, cfg: GRPOConfig) -> Checkpointer | None:

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from rl_reason.core import update as train_step
+from rl_reason.core.config import OptimOptions
 from rl_reason.infra import sharding
 from rl_reason.infra.tokenizer import Tokenizer
 
@@ -118,17 +119,16 @@ def pretrain(
         )
     docs = tokenizer.encode_batch(list(texts), add_bos=True, add_eos=True)
     packed = pack_documents(docs, cfg.seq_len, tokenizer.pad_id)
-    optim = train_step.OptimConfig(
+    optim = OptimOptions(
         learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_steps,
-        total_steps=cfg.steps,
-        schedule="cosine",
+        lr_schedule="cosine",
         weight_decay=cfg.weight_decay,
-        b1=0.9,
-        b2=0.98,
+        adam_b1=0.9,
+        adam_b2=0.98,
         max_grad_norm=cfg.max_grad_norm,
     )
-    optimizer = train_step.make_optimizer(optim)
+    optimizer = train_step.make_optimizer(optim, total_steps=cfg.steps)
     param_sh = sharding.state_shardings(params, mesh)
     opt_sh = sharding.opt_state_shardings(optimizer, params, param_sh)
     rows = sharding.batch_sharding(mesh, 2)

@@ -119,9 +119,9 @@ class GRPOTrainer:
         # Embedding rows past the tokenizer's vocabulary (checkpoints pad them, e.g. Qwen2.5's
         # 151,936 rows for 151,665 tokens) are never sampled: no token decodes from them.
         self.sampling = SamplingConfig(
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
+            temperature=cfg.sampling.temperature,
+            top_k=cfg.sampling.top_k,
+            top_p=cfg.sampling.top_p,
             stop_token_ids=stops,
             vocab_size=tokenizer.vocab_size,
         )
@@ -138,18 +138,16 @@ class GRPOTrainer:
         )
         self.processes = jax.process_count()
         self._check_batch_split()
-        self.optim_cfg = cfg.optim_config()
-        self.optimizer = train_step.make_optimizer(self.optim_cfg)
-        self.lr_fn = self.optim_cfg.learning_rate_fn()
-        self.loss_cfg = cfg.loss_config()
+        self.optimizer = train_step.make_optimizer(cfg.optim, cfg.total_updates)
+        self.lr_fn = train_step.learning_rate_fn(cfg.optim, cfg.total_updates)
         self.fns = train_step.StepFns(
             graphdef,
             params,
             self.optimizer,
-            self.loss_cfg,
+            cfg.loss,
             self.mesh,
-            microbatches=cfg.microbatches,
-            mask_truncated=cfg.mask_truncated,
+            max_len=cfg.max_new_tokens,
+            microbatches=cfg.optim.microbatches,
             frozen=self.frozen,
         )
         # The trainer owns (and donates) these arrays from here on.
@@ -157,7 +155,7 @@ class GRPOTrainer:
         self.opt_state = self.fns.init_opt_state(self.params)
         # The frozen reference policy: a copy of the initial weights (only with a KL term).
         self.ref_params = None
-        if cfg.kl_coef > 0:
+        if cfg.loss.kl_coef > 0:
             # LoRA: the base model is the reference (zero adapters over the same frozen arrays);
             # otherwise a copy of the initial weights.
             copy = lora.lora_off if self.frozen else lambda p: jax.tree.map(jnp.copy, p)
@@ -188,8 +186,8 @@ class GRPOTrainer:
         problems = []
         if cfg.prompts_per_step % shards:
             problems.append(f"prompts_per_step ({cfg.prompts_per_step})")
-        if (cfg.rows // cfg.minibatches) % shards:
-            problems.append(f"rows per minibatch ({cfg.rows // cfg.minibatches})")
+        if (cfg.rows // cfg.optim.minibatches) % shards:
+            problems.append(f"rows per minibatch ({cfg.rows // cfg.optim.minibatches})")
         if cfg.prompts_per_step % self.processes:
             problems.append(f"prompts_per_step over {self.processes} processes")
         if problems:
@@ -246,7 +244,7 @@ class GRPOTrainer:
             (ex.get("verifier", self.task.verifier_name), text, ex)
             for text, ex in zip(texts, per_row, strict=True)
         ]
-        if self.cfg.format_reward:
+        if self.cfg.reward.format_reward:
             items += [("format", text, ex) for text, ex in zip(texts, per_row, strict=True)]
         return self.pool.submit(items)
 
@@ -254,8 +252,8 @@ class GRPOTrainer:
         results = handle.result()
         rewards = np.asarray([r.reward for r in results[:n]], np.float32)
         correct = np.asarray([r.correct for r in results[:n]], bool)
-        if self.cfg.format_reward:
-            rewards += self.cfg.format_reward * np.asarray(
+        if self.cfg.reward.format_reward:
+            rewards += self.cfg.reward.format_reward * np.asarray(
                 [r.reward for r in results[n:]], np.float32
             )
         return rewards, correct
@@ -278,7 +276,10 @@ class GRPOTrainer:
         rewards, correct = self._collect(f.handle, len(f.texts))
         t1 = time.perf_counter()
         rewards += overlong_penalty(
-            f.lengths, self.cfg.max_new_tokens, self.cfg.overlong_buffer, self.cfg.overlong_penalty
+            f.lengths,
+            self.cfg.max_new_tokens,
+            self.cfg.reward.overlong_buffer,
+            self.cfg.reward.overlong_penalty,
         )
         if self.rollout_stats is not None:
             self._round_stats.append(self._gathered_stats(f.texts, f.examples))
@@ -316,7 +317,9 @@ class GRPOTrainer:
         """Reference (and recomputed old) log-probs, dispatched asynchronously."""
         args = (out.prompt_ids, out.prompt_mask, out.tokens, out.mask)
         ref = self.fns.logprobs(self.ref_params, *args) if self.ref_params else None
-        old = self.fns.logprobs(self.params, *args) if self.cfg.recompute_old_logprobs else None
+        old = (
+            self.fns.logprobs(self.params, *args) if self.cfg.loss.recompute_old_logprobs else None
+        )
         return ref, old
 
     def _next_examples(self) -> list[dict]:
@@ -375,12 +378,12 @@ class GRPOTrainer:
             rounds += 1
             groups = ro.rewards.reshape(cfg.prompts_per_step, cfg.group_size)
             informative = groups.max(axis=1) > groups.min(axis=1)
-            if not cfg.dynamic_sampling:
+            if not cfg.sampling.dynamic_sampling:
                 return [(ro, dev, np.ones(cfg.prompts_per_step, bool))], rounds
             kept.append((ro, dev, informative))
             dropped.append((ro, dev, ~informative))
             n_kept += int(informative.sum())
-            if n_kept >= cfg.prompts_per_step or rounds >= cfg.max_sampling_rounds:
+            if n_kept >= cfg.prompts_per_step or rounds >= cfg.sampling.max_sampling_rounds:
                 break
         # Fill to exactly P groups: informative first, then (if rounds ran out) the others,
         # whose advantages are 0 anyway.
@@ -412,12 +415,12 @@ class GRPOTrainer:
         rows_B = np.concatenate(rows).astype(np.int32)
         identity = len(parts) == 1 and np.array_equal(rows_B, np.arange(cfg.rows))
         advantages = losses.compute_advantages(
-            jnp.asarray(hosts["rewards"]), g, estimator=cfg.advantage_estimator
+            jnp.asarray(hosts["rewards"]), g, estimator=cfg.loss.advantage_estimator
         )
         batch = self.fns.make_batch(
             rollouts, None if identity else rows_B, np.asarray(advantages, np.float32)
         )
-        if cfg.recompute_old_logprobs:
+        if cfg.loss.recompute_old_logprobs:
             # The same tokens under the same weights, scored by the sampler (decode with a KV
             # cache) and by the trainer (full forward): their gap is numerical, and grows in bf16.
             gaps = [
@@ -429,16 +432,16 @@ class GRPOTrainer:
 
     def _train_on(self, batch: train_step.Batch) -> dict[str, float]:
         cfg = self.cfg
-        rows_per_mb = cfg.rows // cfg.minibatches
+        rows_per_mb = cfg.rows // cfg.optim.minibatches
         collected = []
-        for epoch in range(cfg.inner_iterations):
+        for epoch in range(cfg.optim.inner_iterations):
             # One minibatch is the whole batch: its gradient does not depend on row order, so
             # only several minibatches need (re)shuffled rows.
             perm = None
-            if cfg.minibatches > 1:
+            if cfg.optim.minibatches > 1:
                 rng = np.random.default_rng([cfg.seed, self.step_count, epoch])
                 perm = np.arange(cfg.rows) if epoch == 0 else rng.permutation(cfg.rows)
-            for m in range(cfg.minibatches):
+            for m in range(cfg.optim.minibatches):
                 mb = batch
                 if perm is not None:
                     idx = perm[m * rows_per_mb : (m + 1) * rows_per_mb].astype(np.int32)
@@ -704,7 +707,7 @@ class GRPOTrainer:
             prompt_mask=rows((p, self.cfg.max_prompt_len), jnp.bool_),
         )
         ref = rows((b, n), f32) if self.ref_params is not None else None
-        old = rows((b, n), f32) if self.cfg.recompute_old_logprobs else None
+        old = rows((b, n), f32) if self.cfg.loss.recompute_old_logprobs else None
         return flight_arrays(out, ref, old)
 
     def meta(self, extra: Mapping[str, Any] | None = None) -> dict:

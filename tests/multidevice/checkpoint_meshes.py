@@ -21,11 +21,12 @@ from jax.sharding import PartitionSpec as P
 from models import Transformer
 from models.config import get_config
 from rl_reason.core import update as train_step
+from rl_reason.core.config import OptimOptions
 from rl_reason.infra.checkpoint import Checkpointer, abstract_on, abstract_opt_state
 from rl_reason.infra.sharding import MeshConfig, create_model, make_mesh, state_shardings
 
 CFG = get_config("tiny", vocab_size=64, embed_dim=32, mlp_dim=64, num_layers=1, head_dim=8)
-TX = train_step.make_optimizer(train_step.OptimConfig(learning_rate=1e-2))
+TX = train_step.make_optimizer(OptimOptions(learning_rate=1e-2))
 RESTORES = [
     (MeshConfig(8, 1, 1), [MeshConfig(1, 4, 2), MeshConfig(2, 2, 2)]),
     (MeshConfig(1, 4, 2), [MeshConfig(2, 2, 2), MeshConfig(8, 1, 1)]),

@@ -62,13 +62,15 @@ def main() -> None:
         group_size=G,
         max_prompt_len=64,
         max_new_tokens=16,
-        learning_rate=1e-3,
-        kl_coef=0.05,
-        minibatches=2,
-        microbatches=2,
-        overlong_buffer=12,
         eval_samples=2,
         verifier_workers=1,
+        loss=dict(kl_coef=0.05),
+        optim=dict(
+            learning_rate=1e-3,
+            minibatches=2,
+            microbatches=2,
+        ),
+        reward=dict(overlong_buffer=12),
     )
     n, h = jax.process_count(), jax.process_index()
     local = P // n

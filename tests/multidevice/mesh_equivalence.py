@@ -20,6 +20,7 @@ import optax
 from models import get_config
 from rl_reason import losses
 from rl_reason.core import update as train_step
+from rl_reason.core.config import LossOptions
 from rl_reason.infra import sharding
 from rl_reason.rollout import sampling
 
@@ -76,7 +77,7 @@ def run(name: str, shape: tuple[int, int, int], out_dir: str) -> None:
     # must be sharded like the params.
     optimizer = optax.sgd(0.5, momentum=0.9)
     fns = train_step.StepFns(
-        graphdef, params, optimizer, train_step.LossConfig(kl_coef=0.0), mesh, microbatches=2
+        graphdef, params, optimizer, LossOptions(kl_coef=0.0), mesh, microbatches=2
     )
     rollout = (out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.truncated)
     batch = fns.make_batch([(*rollout, out.policy_logprobs, None)], None, advantages)
