@@ -110,7 +110,7 @@ def _device_phases(trainer: GRPOTrainer, examples: list[dict], repeats: int) -> 
     """Seconds of each device call of one step, alone and blocking (median of `repeats`)."""
     cfg = trainer.cfg
     state = (trainer.graphdef, trainer.params, *trainer.frozen)
-    prompts = trainer._encode_prompts(examples)
+    prompts = trainer.rounds.encode_prompts(examples)
 
     key = jax.random.key(0)
 
@@ -122,9 +122,9 @@ def _device_phases(trainer: GRPOTrainer, examples: list[dict], repeats: int) -> 
                 key,
                 group_size=cfg.group_size,
                 max_new_tokens=cfg.max_new_tokens,
-                config=trainer.sampling,
-                pad_id=trainer.tokenizer.pad_id,
-                buffer_len=trainer.buffer_len,
+                config=trainer.rounds.sampling,
+                pad_id=trainer.rounds.tokenizer.pad_id,
+                buffer_len=trainer.rounds.buffer_len,
                 prompt_width=cfg.max_prompt_len,
                 mesh=trainer.mesh,
             )

@@ -1,4 +1,16 @@
-"""What one sampling round carries through a GRPO step, on the host and on the device."""
+"""The one rollout record: a sampling round of P prompts x G samples, from the sampler to the
+update.
+
+`RolloutArrays` is its device part, a pytree the jitted functions take as it is: the prompts
+(once per group), the completions, which tokens enter the loss, the sampler's and the policy's
+log-probs, and the reference / recomputed old log-probs once the trainer has them. `Rollout`
+is the host part around it: the examples, the decoded texts, the verifier's rewards and
+correctness, which groups go into the update, and the verification timings. Dynamic sampling,
+one-step-off-policy pipelining, multi-process gathering and checkpointing of a round in flight
+all operate on this record; the batch is built from a list of them.
+
+Row i of a round belongs to group (prompt) i // G.
+"""
 
 from __future__ import annotations
 
@@ -6,55 +18,95 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
+from flax import struct
 
-from rl_reason.rollout import sampling
-from rl_reason.verifiers import answer_extraction
+
+@struct.dataclass
+class RolloutArrays:
+    """A round's device arrays: B = P * G rows, completion width N, prompt width Tp."""
+
+    prompt_ids: jax.Array  # [P, Tp] int32, left-padded
+    prompt_mask: jax.Array  # [P, Tp] bool
+    tokens: jax.Array  # [B, N] int32, pad after the end of each completion
+    mask: jax.Array  # [B, N] bool: completion tokens (the stop token included)
+    # [B, N] bool: the tokens the objective scores. The policy's own tokens; tokens it did not
+    # write (a tool's output in a multi-turn rollout) are 0.
+    loss_mask: jax.Array
+    sample_logprobs: jax.Array  # [B, N] float32: under the sampling distribution
+    policy_logprobs: jax.Array  # [B, N] float32: under the plain policy, scored while sampling
+    lengths: jax.Array  # [B] int32
+    truncated: jax.Array  # [B] bool: budget reached without a stop token
+    ref_logprobs: jax.Array | None = None  # [B, N] under the reference policy (KL term)
+    old_logprobs: jax.Array | None = None  # [B, N] rescored by the trainer's forward pass
+
+    @classmethod
+    def from_sample(cls, out, *, ref_logprobs=None, old_logprobs=None) -> RolloutArrays:
+        """The record of a sampler's output (`rollout.sampling.SampleOutput`); no copies."""
+        fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+        fields.setdefault("loss_mask", fields["mask"])
+        return cls(**fields, ref_logprobs=ref_logprobs, old_logprobs=old_logprobs)
+
+    @property
+    def ratio_logprobs(self) -> jax.Array:
+        """The old log-probs of the importance ratio: the trainer's rescoring if made, else the
+        sampler's own."""
+        return self.policy_logprobs if self.old_logprobs is None else self.old_logprobs
+
+    def to_checkpoint(self) -> dict[str, jax.Array]:
+        """A flat dict of the arrays (absent ones left out): a round in flight, checkpointed.
+        A loss mask that is the completion mask itself (no tool tokens) is not stored twice."""
+        items = ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+        arrays = {name: x for name, x in items if x is not None}
+        if self.loss_mask is self.mask:
+            del arrays["loss_mask"]
+        return arrays
+
+    @classmethod
+    def from_checkpoint(cls, arrays: Mapping[str, Any]) -> RolloutArrays:
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in arrays.items() if k in names}
+        fields.setdefault("loss_mask", fields["mask"])
+        return cls(**fields)
 
 
 @dataclasses.dataclass
 class Rollout:
-    """One sampling round on the host: P prompts x G samples, with rewards."""
+    """A sampling round on the host, filled in as it goes: dispatched (arrays), sent to the
+    verifiers (texts, pending), verified (rewards ... truncated), selected (for the update)."""
 
-    examples: list[dict]
-    out: Any  # sampling.SampleOutput (device arrays)
-    texts: list[str]
-    rewards: np.ndarray  # [B]
-    correct: np.ndarray  # [B] bool
-    lengths: np.ndarray  # [B]
-    truncated: np.ndarray  # [B]
-    verify_seconds: float
-    verify_wait_seconds: float
-
-
-@dataclasses.dataclass
-class InFlight:
-    """A sampling round dispatched to the device and, once submitted, to the verifiers."""
-
-    examples: list[dict]
-    out: Any  # sampling.SampleOutput
-    logprobs: tuple  # (ref, recomputed old): device arrays or None
-    texts: list[str] | None = None
+    examples: list[dict]  # this process's examples, one per group
+    arrays: RolloutArrays
+    group_size: int
+    texts: list[str] | None = None  # this process's completions
+    # [B] over every process's rows (the global batch), once verified.
+    rewards: np.ndarray | None = None
+    correct: np.ndarray | None = None
     lengths: np.ndarray | None = None
     truncated: np.ndarray | None = None
-    handle: Any = None
+    # [P] groups that enter the update (dynamic sampling drops groups with equal rewards).
+    selected: np.ndarray | None = None
+    verify_seconds: float = 0.0  # from submission to the last reward
+    verify_wait_seconds: float = 0.0  # of which the host waited for
+    pending: Any = None  # the verifier pool's handle while the round is being verified
     submitted_at: float = 0.0
 
+    @property
+    def groups(self) -> int:
+        return self.arrays.prompt_ids.shape[0]
 
-def flight_arrays(out, ref, old) -> dict:
-    """An in-flight round as a flat dict of arrays for the checkpoint (absent ones left out)."""
-    arrays = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
-    arrays.update({k: v for k, v in (("ref", ref), ("old", old)) if v is not None})
-    return arrays
+    @property
+    def group_index(self) -> np.ndarray:
+        """[B] the group (prompt) of each row."""
+        return np.repeat(np.arange(self.groups), self.group_size)
 
+    @property
+    def selected_rows(self) -> np.ndarray:
+        """[B] bool: the rows of the selected groups."""
+        selected = np.ones(self.groups, bool) if self.selected is None else self.selected
+        return np.repeat(selected, self.group_size)
 
-def flight_from_arrays(arrays: Mapping[str, Any]) -> tuple:
-    fields = {f.name for f in dataclasses.fields(sampling.SampleOutput)}
-    out = sampling.SampleOutput(**{k: v for k, v in arrays.items() if k in fields})
-    return out, arrays.get("ref"), arrays.get("old")
-
-
-def vote_answer(text: str) -> str | None:
-    """The answer maj@k votes on: the verifiers' anchored extraction, None unless unique."""
-    answers = answer_extraction.final_answers(text).answers
-    return answers[0] if len(answers) == 1 else None
+    def example_per_row(self, rows: int) -> list[dict]:
+        """This process's example of each of its `rows` completions."""
+        return [self.examples[i // self.group_size] for i in range(rows)]

@@ -8,6 +8,7 @@ logits never exist at once.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -218,23 +219,23 @@ def _logprobs_impl(
 
 
 def _batch_impl(mask_truncated: bool, rollouts, rows_B, advantages_B) -> Batch:
-    """Training rows from sampling rounds: rollouts are (prompt_ids_PT, prompt_mask_PT, tokens,
-    mask, truncated, old_logp, ref_logp | None) each; rows_B picks rows of their concatenation
-    (None: all, in order)."""
+    """Training rows from sampling rounds (`RolloutArrays` each); rows_B picks rows of their
+    concatenation (None: all, in order)."""
     parts = []
-    for prompt_ids, prompt_mask, tokens, mask, truncated, old, ref in rollouts:
-        g = tokens.shape[0] // prompt_ids.shape[0]
-        mask = mask.astype(jnp.float32)
+    for r in rollouts:
+        g = r.tokens.shape[0] // r.prompt_ids.shape[0]
+        mask = r.loss_mask.astype(jnp.float32)
         if mask_truncated:
-            mask = mask * (~truncated)[:, None]
+            mask = mask * (~r.truncated)[:, None]
+        ref = jnp.zeros(r.tokens.shape, jnp.float32) if r.ref_logprobs is None else r.ref_logprobs
         parts.append(
             (
-                jnp.repeat(prompt_ids, g, axis=0),
-                jnp.repeat(prompt_mask, g, axis=0),
-                tokens,
+                jnp.repeat(r.prompt_ids, g, axis=0),
+                jnp.repeat(r.prompt_mask, g, axis=0),
+                r.tokens,
                 mask,
-                old,
-                jnp.zeros(tokens.shape, jnp.float32) if ref is None else ref,
+                r.ratio_logprobs,
+                ref,
             )
         )
     fields = [jnp.concatenate(column, axis=0) for column in zip(*parts, strict=True)]
@@ -325,16 +326,16 @@ class StepFns:
         return self._logprobs(params, prompt_ids_PT, prompt_mask_PT, tokens, mask, self.frozen)
 
     def make_batch(self, rollouts, rows_B, advantages_B) -> Batch:
-        """Batch from rollouts (tuples as in `_batch_impl`); `rows_B` numpy or None."""
-        rollouts = tuple(tuple(r) for r in rollouts)
-        key = (len(rollouts), tuple(r[-1] is None for r in rollouts), rows_B is None)
+        """Batch from rounds (`RolloutArrays` each, see `_batch_impl`); `rows_B` numpy or None."""
+        rollouts = tuple(rollouts)
+        present = lambda r: tuple(getattr(r, f.name) is not None for f in dataclasses.fields(r))
+        key = (tuple(present(r) for r in rollouts), rows_B is None)
         if key not in self._batch_fns:
-            r2, r1 = self._rows(2), self._rows(1)
-            one = lambda r: (r2, r2, r2, r2, r1, r2, None if r[-1] is None else r2)
+            shard = lambda x: None if x is None else self._rows(x.ndim)
             self._batch_fns[key] = jax.jit(
                 functools.partial(_batch_impl, self._mask_truncated),
                 in_shardings=(
-                    tuple(one(r) for r in rollouts),
+                    tuple(jax.tree.map(shard, r) for r in rollouts),
                     None if rows_B is None else self._repl,
                     self._repl,
                 ),

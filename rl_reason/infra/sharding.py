@@ -217,3 +217,21 @@ def create_model(cfg: ModelConfig, mesh: Mesh, seed: int = 0):
         return nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))[1]
 
     return graphdef, jax.jit(init, out_shardings=shardings)()
+
+
+def check_batch_split(prompts: int, rows_per_minibatch: int, mesh: Mesh, processes: int) -> None:
+    """The step's prompts and each minibatch's rows split evenly over the batch shards (and the
+    prompts over the processes), or an error naming what to change."""
+    shards, problems = batch_shards(mesh), []
+    if prompts % shards:
+        problems.append(f"prompts_per_step ({prompts})")
+    if rows_per_minibatch % shards:
+        problems.append(f"rows per minibatch ({rows_per_minibatch})")
+    if prompts % processes:
+        problems.append(f"prompts_per_step over {processes} processes")
+    if problems:
+        raise ValueError(
+            f"{' and '.join(problems)} must split evenly over the {shards} batch shards "
+            f"(data x fsdp) of mesh {dict(mesh.shape)}: change prompts_per_step, "
+            "group_size or optim.minibatches, or the mesh"
+        )

@@ -1,0 +1,245 @@
+"""Sampling rounds: prompts in, verified `Rollout` records out.
+
+A round is dispatched (the sampler and, queued behind it, the reference / rescored log-probs:
+JAX dispatch is asynchronous), sent to the verifier pool (decoding waits for the sampler), and
+received (rewards gathered over processes). The three are separate calls so that the trainer
+can overlap them: verification with the reference pass, or (one-step-off-policy) the next
+round's sampling and verification with this step's update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import jax
+import numpy as np
+
+from rl_reason.core.config import GRPOConfig, overlong_penalty
+from rl_reason.core.record import Rollout, RolloutArrays
+from rl_reason.infra import sharding
+from rl_reason.rollout import sampling
+from rl_reason.rollout.sampling import SamplingConfig
+
+
+class Task(Protocol):
+    """What sampling needs from a task (see rl_reason/tasks/).
+
+    A task may also set ``prompt_add_bos = False`` when its prompts carry their own start (a
+    chat template writes the bos it wants, or none); prompts are encoded with bos otherwise.
+    """
+
+    verifier_name: str
+
+    def prompt(self, example: dict) -> str: ...
+
+
+def check_verifier(name: str) -> None:
+    # The pool would only fail inside a worker, after a whole sampling round.
+    from rl_reason import verifiers
+
+    if name not in verifiers.names():
+        raise ValueError(
+            f"unknown verifier {name!r}; valid: {verifiers.names()} (register a new one "
+            "with rl_reason.verifiers.register in a module the pool imports)"
+        )
+
+
+class Rounds:
+    """Samples, decodes and verifies rounds of one run's shape (P prompts x G samples).
+
+    `logprobs(params, prompt_ids, prompt_mask, tokens, mask)` scores completions for the
+    reference and the rescored old log-probs (`core.update.StepFns.logprobs`); not needed when
+    only evaluating. `rollout_stats(texts, examples)` -> dict of means over a round's
+    completions, gathered over processes into `stats` (one dict per round since `stats` was
+    last cleared).
+    """
+
+    def __init__(
+        self,
+        cfg: GRPOConfig,
+        *,
+        tokenizer,
+        task: Task,
+        pool,
+        mesh,
+        stop_token_ids: Sequence[int],
+        logprobs: Callable | None = None,
+        rollout_stats: Callable[[list[str], list[dict]], dict] | None = None,
+    ):
+        self.cfg, self.tokenizer, self.task, self.pool, self.mesh = cfg, tokenizer, task, pool, mesh
+        self.logprobs, self.rollout_stats = logprobs, rollout_stats
+        self.stats: list[dict[str, float]] = []
+        # Embedding rows past the tokenizer's vocabulary (checkpoints pad them, e.g. Qwen2.5's
+        # 151,936 rows for 151,665 tokens) are never sampled: no token decodes from them.
+        s = cfg.sampling
+        self.sampling = SamplingConfig(
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            stop_token_ids=tuple(stop_token_ids),
+            vocab_size=tokenizer.vocab_size,
+        )
+        # The budget is fixed for the run, so its width needs no power-of-two bucket: every row of
+        # the training batch is Tp + buffer_len wide, and spare width costs compute.
+        self.buffer_len = -(-cfg.max_new_tokens // 8) * 8
+        check_verifier(task.verifier_name)
+
+    # -- the parts every round is made of ------------------------------------------------------
+
+    def encode_prompts(self, examples: Sequence[dict]) -> list[list[int]]:
+        add_bos = getattr(self.task, "prompt_add_bos", True)
+        texts = [self.task.prompt(ex) for ex in examples]
+        ids = self.tokenizer.encode_batch(texts, add_bos=add_bos)
+        too_long = [len(x) for x in ids if len(x) > self.cfg.max_prompt_len]
+        if too_long:
+            raise ValueError(
+                f"a prompt has {max(too_long)} tokens > max_prompt_len "
+                f"{self.cfg.max_prompt_len}: raise max_prompt_len"
+            )
+        return ids
+
+    def generate(self, policy: tuple, examples, key, *, group_size: int, config: SamplingConfig):
+        """Sample with `policy` = (graphdef, params, *frozen)."""
+        return sampling.sample(
+            policy,
+            self.encode_prompts(examples),
+            key,
+            group_size=group_size,
+            max_new_tokens=self.cfg.max_new_tokens,
+            config=config,
+            pad_id=self.tokenizer.pad_id,
+            buffer_len=self.buffer_len,
+            prompt_width=self.cfg.max_prompt_len,
+            mesh=self.mesh,
+        )
+
+    def decode(self, out) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """This process's completions as text, with their lengths and truncation flags."""
+        tokens, lengths = sharding.local_rows(out.tokens), sharding.local_rows(out.lengths)
+        texts = self.tokenizer.decode_batch(
+            [row[:n] for row, n in zip(tokens, lengths, strict=True)]
+        )
+        return texts, lengths, sharding.local_rows(out.truncated)
+
+    def submit(self, texts: list[str], examples_per_row: list[dict]):
+        items = [
+            (ex.get("verifier", self.task.verifier_name), text, ex)
+            for text, ex in zip(texts, examples_per_row, strict=True)
+        ]
+        if self.cfg.reward.format_reward:
+            items += [("format", t, ex) for t, ex in zip(texts, examples_per_row, strict=True)]
+        return self.pool.submit(items)
+
+    def outcomes(self, handle, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rewards and correctness of the first `n` submitted items (waits for the pool)."""
+        results = handle.result()
+        rewards = np.asarray([r.reward for r in results[:n]], np.float32)
+        correct = np.asarray([r.correct for r in results[:n]], bool)
+        if self.cfg.reward.format_reward:
+            rewards += self.cfg.reward.format_reward * np.asarray(
+                [r.reward for r in results[n:]], np.float32
+            )
+        return rewards, correct
+
+    # -- a training round: dispatch, send, receive --------------------------------------------
+
+    def dispatch(self, policy: tuple, ref_params, examples: list[dict], key) -> Rollout:
+        """Sample on the device and queue the reference / rescored old log-probs after it;
+        returns at once (JAX dispatch is asynchronous)."""
+        cfg = self.cfg
+        out = self.generate(policy, examples, key, group_size=cfg.group_size, config=self.sampling)
+        args = (out.prompt_ids, out.prompt_mask, out.tokens, out.mask)
+        ref = self.logprobs(ref_params, *args) if ref_params is not None else None
+        old = self.logprobs(policy[1], *args) if cfg.loss.recompute_old_logprobs else None
+        arrays = RolloutArrays.from_sample(out, ref_logprobs=ref, old_logprobs=old)
+        return Rollout(examples, arrays, cfg.group_size)
+
+    def send(self, r: Rollout) -> None:
+        """Decode this process's completions (waits for the sampler) and submit them."""
+        r.texts, local_lengths, local_truncated = self.decode(r.arrays)
+        r.lengths, r.truncated = local_lengths, local_truncated
+        r.submitted_at = time.perf_counter()
+        r.pending = self.submit(r.texts, r.example_per_row(len(r.texts)))
+
+    def receive(self, r: Rollout) -> Rollout:
+        """Rewards of a sent round, gathered over processes (waits for the verifiers)."""
+        t_wait = time.perf_counter()
+        rewards, correct = self.outcomes(r.pending, len(r.texts))
+        t1 = time.perf_counter()
+        rewards += overlong_penalty(
+            r.lengths,
+            self.cfg.max_new_tokens,
+            self.cfg.reward.overlong_buffer,
+            self.cfg.reward.overlong_penalty,
+        )
+        if self.rollout_stats is not None:
+            self.stats.append(self._gathered_stats(r))
+        r.rewards, r.correct, r.lengths, r.truncated = (
+            sharding.all_rows(x) for x in (rewards, correct, r.lengths, r.truncated)
+        )
+        r.pending = None
+        r.verify_seconds, r.verify_wait_seconds = t1 - r.submitted_at, t1 - t_wait
+        return r
+
+    def _gathered_stats(self, r: Rollout) -> dict[str, float]:
+        stats = self.rollout_stats(r.texts, r.example_per_row(len(r.texts)))
+        names = sorted(stats)
+        # Every process computes the same names on its own rows; the mean of equal-sized parts.
+        values = sharding.all_rows(np.asarray([[stats[n] for n in names]], np.float64))
+        return {n: float(values[:, i].mean()) for i, n in enumerate(names)}
+
+    def run(self, policy: tuple, ref_params, examples: list[dict], key) -> Rollout:
+        """Dispatch, send and receive one round: the device computes the reference (and
+        rescored old) log-probs while the pool verifies."""
+        r = self.dispatch(policy, ref_params, examples, key)
+        self.send(r)
+        return self.receive(r)
+
+    def for_step(
+        self, policy: tuple, ref_params, next_examples: Callable[[], list[dict]], key
+    ) -> tuple[list[Rollout], int]:
+        """A step's verified rounds and how many were sampled: one, or with dynamic sampling
+        up to max_sampling_rounds, keeping only groups with reward variance where it can."""
+        opts, verified, informative = self.cfg.sampling, [], 0
+        while True:
+            key, sub = jax.random.split(key)
+            r = self.run(policy, ref_params, next_examples(), sub)
+            if not opts.dynamic_sampling:
+                return [r], 1
+            verified.append(r)
+            informative += count_informative(r)
+            if informative >= self.cfg.prompts_per_step:
+                break
+            if len(verified) >= opts.max_sampling_rounds:
+                break
+        return select_informative(verified, self.cfg.prompts_per_step), len(verified)
+
+
+def select_informative(rounds: list[Rollout], prompts: int) -> list[Rollout]:
+    """DAPO's dynamic sampling: exactly `prompts` groups over the rounds, those with reward
+    variance first, then (if the rounds ran out) the others, whose advantages are 0 anyway.
+
+    Returns the records whose `selected` groups enter the update, in batch order: a round that
+    gives both kinds appears twice (two records over the same arrays, each with its groups).
+    """
+    informative = [count_informative(r, as_mask=True) for r in rounds]
+    need, chosen = prompts, []
+    for wanted in (True, False):
+        for r, mask in zip(rounds, informative, strict=True):
+            take = np.flatnonzero(mask == wanted)[:need]
+            if len(take):
+                need -= len(take)
+                pick = np.zeros(r.groups, bool)
+                pick[take] = True
+                chosen.append(dataclasses.replace(r, selected=pick))
+    return chosen
+
+
+def count_informative(r: Rollout, *, as_mask: bool = False):
+    """Groups of a verified round whose rewards are not all equal (or their [P] mask)."""
+    groups = r.rewards.reshape(r.groups, r.group_size)
+    mask = groups.max(axis=1) > groups.min(axis=1)
+    return mask if as_mask else int(mask.sum())
