@@ -87,3 +87,42 @@ def test_no_import_cycle_between_subpackages():
 
     cycles = sorted(p for p in subpackages if reaches(p, p, {p}))
     assert not cycles, {p: sorted(graph.get(p, ())) for p in cycles}
+
+
+# Lower layers first; a module imports (at module level) only its own layer or those before it.
+LAYERS = (
+    ("verifiers",),
+    ("tasks",),
+    ("infra", "plugins"),
+    ("core", "losses"),
+    ("rollout",),
+    ("trainer",),
+    ("pipelines",),
+)
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    import ast
+
+    rank = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
+    package = ROOT / "rl_reason"
+    units = {p.name.removesuffix(".py") for p in package.iterdir() if p.name != "__init__.py"}
+    units = {u for u in units if not u.startswith(("_", "."))}
+    assert units <= set(rank), f"place {sorted(units - set(rank))} in LAYERS"
+    upward = []
+    for path in package.rglob("*.py"):
+        unit = path.relative_to(package).parts[0].removesuffix(".py")
+        if unit not in rank:
+            continue
+        for node in ast.parse(path.read_text()).body:
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "rl_reason" and len(parts) > 1 and parts[1] in rank:
+                    if rank[parts[1]] > rank[unit]:
+                        upward.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not upward, sorted(set(upward))
