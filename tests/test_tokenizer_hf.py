@@ -11,13 +11,9 @@ import pytest
 
 tokenizers = pytest.importorskip("tokenizers")
 
-from rl_reason.infra.tokenizer import (  # noqa: E402
-    HFTokenizer,
-    Tokenizer,
-    load_tokenizer,
-    render_chat_template,
-    train_sentencepiece,
-)
+from rl_reason.infra.chat_template import render_chat_template  # noqa: E402
+from rl_reason.infra.hf_tokenizer import HFTokenizer  # noqa: E402
+from rl_reason.infra.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece  # noqa: E402
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -1,4 +1,5 @@
-"""Tokenizers: SentencePiece models and Hugging Face `tokenizer.json` files behind one interface
+"""Tokenizers: SentencePiece models and Hugging Face `tokenizer.json` files (hf_tokenizer.py)
+behind one interface
 (encode/decode, bos/eos/pad ids, a vocabulary check against the model's embedding, chat
 templates), plus training small SentencePiece models in memory.
 
@@ -17,19 +18,18 @@ training (with ``byte_fallback=True``, for any text).
 
 from __future__ import annotations
 
-import functools
 import io
-import json
 import logging
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import sentencepiece as spm
+
+from rl_reason.infra.chat_template import render_chat_template
 
 _log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class Tokenizer:
         Ids outside ``[0, vocab_size)`` raise ValueError: they come from padded embedding rows
         that the sampler should have masked, and decoding them as anything would hide that bug.
         """
-        ids = _as_int_list(ids)
+        ids = as_int_list(ids)
         eos = self._sp.eos_id()
         if stop_at_eos and eos >= 0 and eos in ids:
             ids = ids[: ids.index(eos)]
@@ -251,312 +251,31 @@ class Tokenizer:
             )
 
 
-class HFTokenizer:
-    """A Hugging Face fast tokenizer (`tokenizer.json`, run by the `tokenizers` library) with the
-    same interface as `Tokenizer`.
-
-    Ids equal transformers' ``tokenizer(text, add_special_tokens=False)``; special tokens written
-    in the text (e.g. ``<|im_end|>``) are encoded as themselves, as transformers does. bos/eos/pad
-    come from tokenizer_config.json (or special_tokens_map.json); ``add_bos`` prepends bos when the
-    tokenizer defines one (Qwen's define none: their models are trained without it) instead of
-    running the file's post-processor, so that the same call works for every family. `pad_id`
-    falls back to `eos_id`. Decoding is the `tokenizers` decoder's text: no
-    ``clean_up_tokenization_spaces`` (transformers 5 skips it for BPE tokenizers too).
-    """
-
-    def __init__(
-        self,
-        tokenizer: Any,
-        *,
-        bos_token: str | None = None,
-        eos_token: str | None = None,
-        pad_token: str | None = None,
-        unk_token: str | None = None,
-        chat_template: str | None = None,
-        source: str = "<memory>",
-    ):
-        self._tok = tokenizer
-        self._source = source
-        self.chat_template = chat_template
-        vocab = tokenizer.get_vocab(with_added_tokens=True)
-        self._vocab_size = max(vocab.values()) + 1
-        self._special_ids = {
-            t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special
-        }
-        self._tokens = {"bos": bos_token, "eos": eos_token, "pad": pad_token, "unk": unk_token}
-        self._ids: dict[str, int | None] = {}
-        for name, token in self._tokens.items():
-            i = None if token is None else tokenizer.token_to_id(token)
-            if token is not None and i is None:
-                raise ValueError(f"{source}: {name}_token {token!r} is not in the vocabulary")
-            self._ids[name] = i
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> HFTokenizer:
-        """Loads ``tokenizer.json`` (a file, or a directory holding it) and, beside it,
-        tokenizer_config.json / special_tokens_map.json / chat_template.jinja if present."""
-        from tokenizers import Tokenizer as RustTokenizer
-
-        path = Path(path)
-        file = path / "tokenizer.json" if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"No tokenizer.json at {path}")
-        try:
-            tokenizer = RustTokenizer.from_file(str(file))
-        except Exception as e:  # the Rust side raises its own exception type
-            raise ValueError(f"{file} is not a tokenizers JSON file: {e}") from None
-        config = _tokenizer_config(file.parent)
-        return cls(
-            tokenizer,
-            **{f"{k}_token": _token_content(config.get(f"{k}_token")) for k in _SPECIAL},
-            chat_template=config.get("chat_template"),
-            source=str(file),
-        )
-
-    def __repr__(self) -> str:
-        return f"HFTokenizer({self._source!r}, vocab_size={self._vocab_size})"
-
-    @property
-    def source(self) -> str:
-        return self._source
-
-    @property
-    def vocab_size(self) -> int:
-        """One past the largest id (added tokens included); every id emitted is below it."""
-        return self._vocab_size
-
-    @property
-    def bos_id(self) -> int:
-        return self._required("bos")
-
-    @property
-    def eos_id(self) -> int:
-        return self._required("eos")
-
-    @property
-    def pad_id(self) -> int:
-        """The pad token's id, or `eos_id` if the tokenizer has no pad token."""
-        pad = self._ids["pad"]
-        return pad if pad is not None else self.eos_id
-
-    @property
-    def unk_id(self) -> int | None:
-        return self._ids["unk"]
-
-    @property
-    def special_ids(self) -> dict[str, int]:
-        """Added special tokens (e.g. ``<|im_start|>``) and their ids."""
-        return dict(self._special_ids)
-
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"encode takes one str, got {type(text).__name__}; see encode_batch")
-        return self._wrap(self._tok.encode(text, add_special_tokens=False).ids, add_bos, add_eos)
-
-    def encode_batch(
-        self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False
-    ) -> list[list[int]]:
-        if isinstance(texts, str):
-            raise TypeError("encode_batch takes a sequence of str; for one text use encode")
-        texts = list(texts)
-        for text in texts:
-            if not isinstance(text, str):
-                raise TypeError(f"encode_batch: expected str items, got {type(text).__name__}")
-        encodings = self._tok.encode_batch(texts, add_special_tokens=False)
-        return [self._wrap(e.ids, add_bos, add_eos) for e in encodings]
-
-    def decode(self, ids: IdSequence, *, stop_at_eos: bool = True) -> str:
-        """Text of `ids`; pad ids are skipped and, with `stop_at_eos`, the first eos ends it.
-
-        Ids outside ``[0, vocab_size)`` raise ValueError (see `Tokenizer.decode`).
-        """
-        return self._tok.decode(self._strip(ids, stop_at_eos), skip_special_tokens=False)
-
-    def decode_batch(
-        self, batch: Sequence[IdSequence] | np.ndarray, *, stop_at_eos: bool = True
-    ) -> list[str]:
-        rows = [self._strip(row, stop_at_eos) for row in batch]
-        return self._tok.decode_batch(rows, skip_special_tokens=False)
-
-    def piece_to_id(self, piece: str) -> int:
-        """Id of the token `piece`; KeyError if the vocabulary has no such token."""
-        i = self._tok.token_to_id(piece)
-        if i is None:
-            raise KeyError(f"{piece!r} is not a token of {self._source}")
-        return i
-
-    def id_to_piece(self, i: int) -> str:
-        self._check_ids([int(i)])
-        piece = self._tok.id_to_token(int(i))
-        if piece is None:
-            raise ValueError(f"id {i} is unused in {self._source}")
-        return piece
-
-    def assert_fits(self, embedding_rows: int) -> None:
-        """Same as ``check_vocab(self, embedding_rows)``."""
-        check_vocab(self, embedding_rows)
-
-    def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs
-    ) -> str:
-        """`messages` rendered with this tokenizer's chat template (see `render_chat_template`)."""
-        special = {f"{k}_token": t for k, t in self._tokens.items() if t is not None}
-        return render_chat_template(
-            self.chat_template,
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            special_tokens=special,
-            source=self._source,
-            **kwargs,
-        )
-
-    def _required(self, name: str) -> int:
-        i = self._ids[name]
-        if i is None:
-            raise ValueError(
-                f"{self._source} defines no {name}_token (tokenizer_config.json); set one there"
-            )
-        return i
-
-    def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
-        bos = self._ids["bos"]
-        prefix = [bos] if add_bos and bos is not None else []
-        return prefix + list(ids) + ([self.eos_id] if add_eos else [])
-
-    def _strip(self, ids: IdSequence, stop_at_eos: bool) -> list[int]:
-        ids = _as_int_list(ids)
-        eos = self._ids["eos"]
-        if stop_at_eos and eos is not None and eos in ids:
-            ids = ids[: ids.index(eos)]
-        pad = self._ids["pad"] if self._ids["pad"] is not None else eos
-        if pad is not None:
-            ids = [i for i in ids if i != pad]
-        self._check_ids(ids)
-        return ids
-
-    def _check_ids(self, ids: list[int]) -> None:
-        bad = [i for i in ids if not 0 <= i < self._vocab_size]
-        if bad:
-            raise ValueError(
-                f"ids {bad[:5]} are outside the vocabulary [0, {self._vocab_size}) of "
-                f"{self._source}; mask logits of padded embedding rows when sampling"
-            )
-
-
-_SPECIAL = ("bos", "eos", "pad", "unk")
-
-
-def _token_content(token: Any) -> str | None:
-    # tokenizer_config.json writes a special token as a string or as an AddedToken dict.
-    if isinstance(token, Mapping):
-        return token.get("content")
-    return token
-
-
-def _tokenizer_config(directory: Path) -> dict[str, Any]:
-    """tokenizer_config.json merged over special_tokens_map.json, chat_template.jinja winning."""
-    config: dict[str, Any] = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        file = directory / name
-        if file.is_file():
-            try:
-                config.update(json.loads(file.read_text()))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file} is not valid JSON: {e}") from None
-    template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
-        named = {t["name"]: t["template"] for t in template}
-        config["chat_template"] = named.get("default")
-    if (directory / "chat_template.jinja").is_file():
-        config["chat_template"] = (directory / "chat_template.jinja").read_text()
-    return config
-
-
 def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
     """The tokenizer at `path`: a model directory, a tokenizer.json, or a SentencePiece .model.
 
     A directory with tokenizer.json gives an `HFTokenizer`; otherwise its tokenizer.model gives
     a SentencePiece `Tokenizer` (with the chat template of tokenizer_config.json, if any).
     """
+    from rl_reason.infra.hf_tokenizer import HFTokenizer, tokenizer_config
+
     path = Path(path)
     if path.is_file():
         if path.suffix == ".json":
             return HFTokenizer.load(path)
         tokenizer = Tokenizer.load(path)
-        tokenizer.chat_template = _tokenizer_config(path.parent).get("chat_template")
+        tokenizer.chat_template = tokenizer_config(path.parent).get("chat_template")
         return tokenizer
     if (path / "tokenizer.json").is_file():
         return HFTokenizer.load(path)
     if (path / "tokenizer.model").is_file():
         tokenizer = Tokenizer.load(path)
-        tokenizer.chat_template = _tokenizer_config(path).get("chat_template")
+        tokenizer.chat_template = tokenizer_config(path).get("chat_template")
         return tokenizer
     raise FileNotFoundError(
         f"No tokenizer at {path}: expected a directory with tokenizer.json or tokenizer.model, "
         "or the path of such a file"
     )
-
-
-def render_chat_template(
-    template: str | None,
-    messages: Sequence[Mapping[str, Any]],
-    *,
-    add_generation_prompt: bool = True,
-    special_tokens: Mapping[str, str] | None = None,
-    source: str = "<memory>",
-    **kwargs: Any,
-) -> str:
-    """A Jinja chat template rendered as transformers' ``apply_chat_template(tokenize=False)``.
-
-    Same sandboxed environment (trim_blocks, lstrip_blocks, loop controls, `raise_exception`,
-    `strftime_now`, a `tojson` that keeps non-ASCII), with ``messages``,
-    ``add_generation_prompt``, the special tokens (``bos_token``, ``eos_token``, ...) and
-    `kwargs` (e.g. ``enable_thinking=False``) in scope; message keys whose value is None are
-    dropped. The text may already contain the bos token: encode it with ``add_bos=False``.
-    """
-    if template is None:
-        raise ValueError(
-            f"{source} has no chat template (tokenizer_config.json 'chat_template' or "
-            "chat_template.jinja); use a plain prompt template instead"
-        )
-    if not messages:
-        raise ValueError("apply_chat_template needs at least one message")
-    chat = []
-    for m in messages:
-        if not isinstance(m, Mapping):
-            raise TypeError(f"chat messages must be dicts with 'role' and 'content', got {m!r}")
-        chat.append({k: v for k, v in m.items() if v is not None})
-    return _compile_template(template).render(
-        messages=chat,
-        add_generation_prompt=add_generation_prompt,
-        **{"tools": None, "documents": None, **dict(special_tokens or {}), **kwargs},
-    )
-
-
-@functools.cache
-def _compile_template(template: str):
-    try:
-        import jinja2
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise ImportError("chat templates need jinja2: pip install 'jinja2>=3.1'") from None
-
-    def raise_exception(message: str):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template)
 
 
 def check_vocab(tokenizer: TextTokenizer, model_vocab_size: int) -> None:
@@ -703,7 +422,7 @@ def train_sentencepiece(
     return tokenizer
 
 
-def _as_int_list(ids: IdSequence) -> list[int]:
+def as_int_list(ids: IdSequence) -> list[int]:
     array = np.asarray(ids)
     if array.ndim != 1:
         raise ValueError(f"expected a 1-D sequence of ids, got shape {array.shape}")
