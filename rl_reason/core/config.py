@@ -103,7 +103,12 @@ class GRPOConfig:
     # trains and step k+1's completions are verified (one-step-off-policy; the ratio is taken
     # against the sampler's log-probs). 0: on-policy.
     off_policy_steps: int = 0
-    max_nonfinite_steps: int = 3  # stop after this many steps in a row with skipped updates
+    # The divergence guard (trainer/health.py): a step is unhealthy when an update had a
+    # non-finite loss or gradient (skipped) or the policy's entropy moved by more than
+    # max_entropy_change nats from the last healthy step's (0: not watched); this many unhealthy
+    # steps in a row stop the run, leaving a healthy checkpoint as the newest.
+    max_nonfinite_steps: int = 3
+    max_entropy_change: float = 2.0
     eval_every: int = 0  # 0: only before and after training
     eval_samples: int = 4  # k for mean@k / maj@k / pass@k
     eval_temperature: float = 1.0
@@ -165,6 +170,7 @@ _RULES: dict[str, _Rule] = {
     "max_new_tokens": (lambda v, c: v >= 1, ">= 1", "the response budget"),
     "off_policy_steps": (lambda v, c: v in (0, 1), "0 or 1", "only one-step-off-policy exists"),
     "max_nonfinite_steps": (lambda v, c: v >= 1, ">= 1", "the divergence guard's patience"),
+    "max_entropy_change": (lambda v, c: _finite(v) and v >= 0, ">= 0", "0 turns the watch off"),
     "eval_every": (lambda v, c: v >= 0, ">= 0", "0 evaluates only before and after"),
     "eval_samples": (lambda v, c: v >= 1, ">= 1", "k of mean@k needs a sample"),
     "eval_temperature": (lambda v, c: _finite(v) and v >= 0, ">= 0", "0 is greedy"),

@@ -77,6 +77,7 @@ META = "meta"
 # Key of the StandardSave custom metadata that records which leaves were typed PRNG keys.
 _KEY_IMPLS = "prng_key_impls"
 UNREADABLE_SUFFIX = ".unreadable"
+DIVERGED_SUFFIX = ".diverged"  # written inside a failing streak of a diverging run
 
 
 class CheckpointMismatchError(ValueError):
@@ -454,15 +455,25 @@ class Checkpointer:
     def _step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def _move_aside(self, steps: Sequence[int]) -> None:
+    def discard_from(self, first_step: int, suffix: str = DIVERGED_SUFFIX) -> list[int]:
+        """Move every checkpoint of step >= `first_step` aside to ``<step><suffix>`` (kept for
+        inspection, no longer resumed from); returns their steps."""
+        self.wait()
+        self._manager.reload()
+        steps = sorted(s for s in self._manager.all_steps() if s >= first_step)
+        if steps:
+            self._move_aside(steps, suffix)
+        return steps
+
+    def _move_aside(self, steps: Sequence[int], suffix: str = UNREADABLE_SUFFIX) -> None:
         if jax.process_index() == 0:
             for step in steps:
                 src = self._step_dir(step)
-                dst = src + UNREADABLE_SUFFIX
+                dst = src + suffix
                 if os.path.exists(dst):
                     dst = f"{dst}.{time.strftime('%Y%m%dT%H%M%S')}.{os.getpid()}"
                 os.rename(src, dst)
-                log.warning("moved unreadable checkpoint %s to %s", src, dst)
+                log.warning("moved checkpoint %s aside to %s", src, dst)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("rl_reason.infra.checkpoint.move_aside")
         self._manager.reload()

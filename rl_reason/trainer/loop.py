@@ -36,6 +36,7 @@ from rl_reason.infra import sharding
 from rl_reason.rollout.rounds import Rounds, Task
 from rl_reason.trainer import state as state_lib
 from rl_reason.trainer.evaluator import Evaluator
+from rl_reason.trainer.health import Health, stop_diverged
 from rl_reason.trainer.step_metrics import step_metrics
 
 
@@ -115,7 +116,7 @@ class GRPOTrainer:
         self.step_count = self.updates = 0
         self.in_flight: Rollout | None = None  # off_policy_steps=1: next step's round
         self.data_before_in_flight: dict | None = None
-        self.nonfinite_in_a_row = self.nonfinite_total = 0
+        self.health = Health(cfg.max_nonfinite_steps, cfg.max_entropy_change)
 
     @property
     def policy(self) -> tuple:
@@ -147,7 +148,7 @@ class GRPOTrainer:
         self.step_count += 1
         counters = {
             "learning_rate": float(self.lr_fn(max(self.updates - 1, 0))),
-            "nonfinite_updates": float(self.nonfinite_total),
+            "nonfinite_updates": float(self.health.nonfinite_total),
             "sampling_rounds": float(rounds),
         }
         times = {"t0": t0, "sampled": t_sampled, "trained": t_trained}
@@ -226,20 +227,13 @@ class GRPOTrainer:
                 # time and avoids the CPU collective stalls seen with unblocked sharded loops.
                 collected.append(jax.device_get(metrics))
                 self.updates += 1
-        finite = [m["finite"] for m in collected]
-        if all(finite):
-            self.nonfinite_in_a_row = 0
-        else:
-            self.nonfinite_total += int(sum(1 for f in finite if not f))
-            self.nonfinite_in_a_row += 1
-            if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                raise FloatingPointError(
-                    f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or "
-                    "gradient (updates were skipped). Lower the learning rate, check the data, "
-                    "or set dtype=float32."
-                )
-        keys = collected[-1].keys()
-        return {k: float(np.mean([m[k] for m in collected])) for k in keys}
+        means = {k: float(np.mean([m[k] for m in collected])) for k in collected[-1]}
+        why = self.health.observe(
+            self.step_count + 1, [m["finite"] for m in collected], means["entropy"]
+        )
+        if self.health.should_stop:
+            stop_diverged(self.health, why, self.checkpointer)
+        return means
 
     # -- the loop -------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from rl_reason.core import update
 from rl_reason.core.record import Rollout, RolloutArrays
 from rl_reason.infra import sharding
 from rl_reason.rollout.rounds import check_verifier
+from rl_reason.trainer import health
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,7 @@ def meta(t, extra: Mapping[str, Any] | None = None) -> dict:
         "trainer": {
             "step": t.step_count,
             "updates": t.updates,
-            "nonfinite_in_a_row": t.nonfinite_in_a_row,
-            "nonfinite_total": t.nonfinite_total,
+            **t.health.to_meta(),
         },
         "config": dataclasses.asdict(t.cfg),
         **dict(extra or {}),
@@ -142,10 +142,18 @@ def resume(t) -> dict | None:
     """
     if t.checkpointer is None:
         return None
-    resumed = t.checkpointer.restore_latest(abstract_state(t))
-    if resumed is None:
-        return None
-    step, tree, saved = resumed
+    while True:
+        resumed = t.checkpointer.restore_latest(abstract_state(t))
+        if resumed is None:
+            return None
+        step, tree, saved = resumed
+        # Written inside a failing streak (the run died before its guard stopped it): resume
+        # from before the streak instead.
+        first_bad = health.untrusted_from(saved)
+        if first_bad is None:
+            break
+        moved = t.checkpointer.discard_from(first_bad)
+        log.warning("checkpoints %s were written while the run diverged; moved aside", moved)
     counters = saved["trainer"]
     if int(tree["step"]) != step or counters["step"] != step:
         raise ValueError(
@@ -173,8 +181,7 @@ def resume(t) -> dict | None:
         t.in_flight = Rollout(t.next_examples(), arrays, t.cfg.group_size)
         t.rounds.send(t.in_flight)
     t.updates = counters["updates"]
-    t.nonfinite_in_a_row = counters["nonfinite_in_a_row"]
-    t.nonfinite_total = counters["nonfinite_total"]
+    t.health.load_meta(counters)
     log.warning("resumed from checkpoint step %d", step)
     return saved
 
