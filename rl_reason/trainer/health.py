@@ -5,7 +5,8 @@ skipped), or when the policy's entropy on its own samples moved by more than
 `max_entropy_change` nats from the last healthy step's: a finite update that blew the policy up
 shows first in the next step's samples (an absurd learning rate turns a trained policy uniform,
 entropy ln V, or collapses a fresh one onto a single token, entropy 0, in one update), and the
-entropy stays far from the healthy one while the streak lasts. `max_nonfinite_steps` unhealthy steps in a row stop the run.
+entropy stays far from the healthy one while the streak lasts. `max_nonfinite_steps` unhealthy
+steps in a row stop the run.
 
 Checkpoints follow the same rule. The weights saved at step s are trusted once step s + 1 was
 healthy, so when the guard stops a run it moves aside every checkpoint from the step before the
