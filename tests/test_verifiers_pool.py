@@ -138,8 +138,8 @@ def test_handles_are_independent_and_ordered(pool):
     assert pool.map([]) == []
 
 
-def test_timeout_scores_zero_kills_the_worker_and_the_pool_keeps_serving(pool):
-    before = set(pool.worker_pids())
+def test_timeout_scores_zero_kills_the_worker_and_the_pool_keeps_serving(pool, caplog):
+    before, replaced = set(pool.worker_pids()), pool.replaced
     start = time.monotonic()
     handle = pool.submit([("test_sleep", "60", {}), ("test_sleep", "0", {}), ("test_pid", "", {})])
     results = handle.result()
@@ -149,6 +149,10 @@ def test_timeout_scores_zero_kills_the_worker_and_the_pool_keeps_serving(pool):
     killed = before - set(pool.worker_pids())
     assert len(killed) == 1 and wait_until_dead(killed) == []
     assert pool.map([("test_sleep", "0", {})])[0].correct
+    # The replacement is counted (the trainer logs it as verifier_workers_replaced) and logged.
+    assert pool.replaced == replaced + 1
+    (pid,) = killed
+    assert f"verifier worker (pid {pid}) replaced: an item ran past timeout_s" in caplog.text
 
 
 def test_killed_worker_takes_its_sandbox_with_it(pool):

@@ -151,6 +151,9 @@ class GRPOTrainer:
             "nonfinite_updates": float(self.health.nonfinite_total),
             "sampling_rounds": float(rounds),
         }
+        replaced = getattr(self.rounds.pool, "replaced", None)  # any pool with submit() works
+        if replaced is not None:
+            counters["verifier_workers_replaced"] = float(replaced)
         times = {"t0": t0, "sampled": t_sampled, "trained": t_trained}
         return step_metrics(
             self.cfg, parts, host, train_metrics, counters, times, self.rounds.stats

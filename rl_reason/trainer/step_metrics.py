@@ -49,6 +49,7 @@ def step_metrics(
         "learning_rate": counters["learning_rate"],
         "nonfinite_updates": counters["nonfinite_updates"],
         "sampling_rounds": counters["sampling_rounds"],
+        **{k: v for k, v in counters.items() if k == "verifier_workers_replaced"},
         "time_sample_verify": sample_time,
         "time_verify": verify,
         "time_verify_hidden": max(verify - verify_wait, 0.0),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import collections
 import dataclasses
+import logging
 import os
 import pickle
 import signal
@@ -44,6 +45,8 @@ from typing import Any
 from rl_reason.verifiers.result import VerifyResult, reject
 
 Item = tuple[str, str, Mapping[str, Any]]
+log = logging.getLogger(__name__)
+
 WORKER_START_TIMEOUT_S = 120.0
 # Items a worker holds at once while there is a backlog (the running one and the next).
 PIPELINE_DEPTH = 2
@@ -277,6 +280,9 @@ class VerifierPool:
         self._workers: list[_Worker] = []
         self._spawner: _Zygote | _Spawner | None = None
         self._failed_starts = 0
+        # Workers killed and replaced (timeouts, deaths; not the routine recycling), logged and
+        # reported in the training metrics as verifier_workers_replaced.
+        self.replaced = 0
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         # Processes are created by this long-lived thread: PR_SET_PDEATHSIG fires when the
@@ -439,7 +445,7 @@ class VerifierPool:
             for slot, worker in enumerate(self._workers):
                 if worker.tasks and now >= worker.head_started + self.timeout_s:
                     handle, index, _ = worker.tasks.popleft()
-                    self._replace(slot)
+                    self._replace(slot, f"an item ran past timeout_s={self.timeout_s:g}")
                     handle._set(index, reject("timeout"))
 
     def _fill(self, slot: int) -> None:
@@ -466,9 +472,11 @@ class VerifierPool:
                 return
             self._dispatch(slot, handle, index, item, message)
 
-    def _replace(self, slot: int) -> None:
+    def _replace(self, slot: int, reason: str) -> None:
         """Kills a worker and puts the items queued behind its running one back in front."""
         worker = self._workers[slot]
+        self.replaced += 1
+        log.warning("verifier worker (pid %d) replaced: %s", worker.pid, reason)
         worker.kill()
         self._pending.extendleft(reversed(worker.tasks))
         worker.tasks.clear()
@@ -494,7 +502,7 @@ class VerifierPool:
             worker.conn.send_bytes(message)
         except OSError:  # the worker died: retry its items and this one on a replacement
             self._pending.appendleft((handle, index, item))
-            self._replace(slot)
+            self._replace(slot, "it died (its pipe closed while an item was sent)")
             return
         if not worker.tasks:
             worker.head_started = time.monotonic()
@@ -506,7 +514,7 @@ class VerifierPool:
         try:
             seq, ok, payload = worker.conn.recv()
         except (EOFError, OSError):
-            self._replace(slot)
+            self._replace(slot, "it died while verifying an item")
             handle._set(index, reject("worker died"))
             return self._workers[slot]
         if seq != index:
