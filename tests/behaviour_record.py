@@ -82,19 +82,26 @@ def record() -> dict:
     return out
 
 
-def compare(got: dict, want: dict) -> list[str]:
-    diffs = []
+def compare(got: dict, want: dict) -> tuple[list[str], list[str]]:
+    """(differences, metrics only the new record has). A metric added since BEFORE is not a
+    difference in what was computed; a changed or missing value is."""
+    diffs, added = [], set()
     for run in sorted(set(got) | set(want)):
         a, b = got.get(run), want.get(run)
         if a is None or b is None:
             diffs.append(f"{run}: only in {'the record' if b is None else 'BEFORE'}")
             continue
-        if a["metrics"] != b["metrics"]:
-            diffs.append(f"{run}: per-step metrics differ")
+        if len(a["metrics"]) != len(b["metrics"]):
+            diffs.append(f"{run}: {len(a['metrics'])} steps, BEFORE has {len(b['metrics'])}")
+        for step, (new, old) in enumerate(zip(a["metrics"], b["metrics"], strict=False), 1):
+            added |= set(new) - set(old)
+            changed = sorted(k for k in old if new.get(k, "missing") != old[k])
+            if changed:
+                diffs.append(f"{run}: step {step} metrics differ: {changed}")
         for key in sorted(set(a["arrays"]) | set(b["arrays"])):
             if a["arrays"].get(key) != b["arrays"].get(key):
                 diffs.append(f"{run}: {key} differs")
-    return diffs
+    return diffs, sorted(added)
 
 
 def main() -> None:
@@ -110,8 +117,10 @@ def main() -> None:
         + ", ".join(f"{k} ({len(v['metrics'])} steps)" for k, v in rec.items())
     )
     if args.compare:
-        diffs = compare(rec, json.loads(Path(args.compare).read_text()))
+        diffs, added = compare(rec, json.loads(Path(args.compare).read_text()))
         print("\n".join(diffs) if diffs else "identical: every metric and every array")
+        if added:
+            print(f"metrics new since BEFORE (not compared): {added}")
         sys.exit(1 if diffs else 0)
 
 
