@@ -6,6 +6,7 @@ verifiers below, which sleep, crash or report on the worker process, exist there
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -205,10 +206,21 @@ def test_adversarial_items_return_in_time_and_the_pool_keeps_serving(pool, item)
 
 
 def test_a_crashing_worker_scores_zero_and_is_replaced(pool):
+    replaced = pool.replaced
     results = pool.map([("test_crash", "", {}), ("test_sleep", "0", {})])
     assert results[0] == VerifyResult(0.0, False, "worker died")
     assert results[1].correct
     assert len(pool.worker_pids()) == 2
+    assert pool.replaced == replaced + 2  # the item was tried on a second worker, which died too
+
+
+def test_a_worker_killed_from_outside_loses_no_item(pool):
+    handle = pool.submit([("test_sleep", "1", {})] + [("test_pid", "", {})] * 4)
+    time.sleep(0.3)  # the first item is running on one of the workers
+    for pid in pool.worker_pids():
+        os.kill(pid, signal.SIGKILL)
+    results = handle.result()
+    assert all(r.correct for r in results), results
 
 
 def test_verifier_errors_raise_after_the_batch_completes(pool):

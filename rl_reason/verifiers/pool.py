@@ -12,8 +12,9 @@ So the pool is safe to create after JAX has started its threads, and workers nev
 A dispatcher thread here hands items to the workers (the running one and, while there is a
 backlog, the next) and tracks each running item's deadline: an item that runs past ``timeout_s``
 gets reward 0 with reason "timeout", and its worker is killed (its sandboxes die with it) and
-replaced; the item queued behind it goes to another worker. A worker that dies scores its item
-0 ("worker died"). Workers are retired after ``recycle_every`` items, bounding what caches and
+replaced; the item queued behind it goes to another worker. A worker that dies while verifying
+an item is replaced and the item tried once more on the new worker (a worker killed from outside
+loses nothing); an item whose second worker dies too scores 0 ("worker died"). Workers are retired after ``recycle_every`` items, bounding what caches and
 leaks accumulate.
 ``close()`` (or leaving the ``with`` block, or interpreter exit) kills every process the pool
 started; they also die on their own if this process dies.
@@ -283,6 +284,7 @@ class VerifierPool:
         # Workers killed and replaced (timeouts, deaths; not the routine recycling), logged and
         # reported in the training metrics as verifier_workers_replaced.
         self.replaced = 0
+        self._retried: set[tuple[int, int]] = set()  # items whose first worker died
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         # Processes are created by this long-lived thread: PR_SET_PDEATHSIG fires when the
@@ -509,18 +511,24 @@ class VerifierPool:
         worker.tasks.append((handle, index, item))
 
     def _collect(self, worker: _Worker) -> _Worker:
-        handle, index, _ = worker.tasks.popleft()
+        handle, index, item = worker.tasks.popleft()
         slot = self._workers.index(worker)
         try:
             seq, ok, payload = worker.conn.recv()
         except (EOFError, OSError):
             self._replace(slot, "it died while verifying an item")
-            handle._set(index, reject("worker died"))
+            if (id(handle), index) in self._retried:
+                self._retried.discard((id(handle), index))
+                handle._set(index, reject("worker died"))
+            else:
+                self._retried.add((id(handle), index))
+                self._pending.appendleft((handle, index, item))
             return self._workers[slot]
         if seq != index:
             raise RuntimeError(f"verifier pool: worker answered item {seq}, expected {index}")
         # The worker starts its next queued item as soon as it has sent this answer.
         worker.head_started = time.monotonic()
+        self._retried.discard((id(handle), index))
         if ok:
             handle._set(index, payload)
         else:
