@@ -243,6 +243,16 @@ class MetricsWriter:
     def jsonl_path(self) -> Path:
         return self.workdir / JSONL_NAME
 
+    def rewind(self, step: int) -> None:
+        """Forget the rows after `step`: the run goes on from there (a resume that fell back
+        from an unreadable newest checkpoint restores an older step than the one it opened with).
+        """
+        if self._file is None:
+            return
+        self._file.close()
+        self._drop_rows_after(int(step))
+        self._file = open(self.jsonl_path, "a", encoding="utf-8")
+
     def _drop_rows_after(self, step: int) -> None:
         path = self.jsonl_path
         if not path.exists():

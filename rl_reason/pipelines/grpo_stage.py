@@ -121,6 +121,8 @@ def run_grpo(
             **dict(trainer_kwargs or {}),
         )
         meta = trainer.resume() if resuming else None
+        if meta is not None:
+            writer.rewind(trainer.step_count)  # the step restored, not the newest one on disk
         if meta is None:
             carry = dict(carry or {})
             # Kept on the host to measure how far RL moves the weights.

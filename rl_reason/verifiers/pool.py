@@ -14,8 +14,8 @@ backlog, the next) and tracks each running item's deadline: an item that runs pa
 gets reward 0 with reason "timeout", and its worker is killed (its sandboxes die with it) and
 replaced; the item queued behind it goes to another worker. A worker that dies while verifying
 an item is replaced and the item tried once more on the new worker (a worker killed from outside
-loses nothing); an item whose second worker dies too scores 0 ("worker died"). Workers are retired after ``recycle_every`` items, bounding what caches and
-leaks accumulate.
+loses nothing); an item whose second worker dies too scores 0 ("worker died"). Workers are
+retired after ``recycle_every`` items, bounding what caches and leaks accumulate.
 ``close()`` (or leaving the ``with`` block, or interpreter exit) kills every process the pool
 started; they also die on their own if this process dies.
 
