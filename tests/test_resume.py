@@ -134,3 +134,106 @@ def test_sigterm_saves_and_a_restart_continues(straight, tmp_path):
     out = _finish(_start(tmp_path))
     assert f"resumed at step {saved}/{STEPS}" in out
     _assert_same_run(tmp_path, straight)
+
+
+# -- every fault in one run ---------------------------------------------------------------------
+
+
+def _descendants(pid: int) -> dict[int, int]:
+    """pid -> parent pid of every process below `pid`."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    below, frontier = {}, {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier and p not in below}
+        below.update({p: parents[p] for p in frontier})
+    return below
+
+
+def _verifier_workers(pid: int) -> list[int]:
+    """The pool's workers under the run `pid`: children of its zygote."""
+    below = _descendants(pid)
+    zygotes = {
+        p
+        for p in below
+        if b"rl_reason.verifiers.worker" in _cmdline(p) and below[p] not in below  # noqa: SIM118
+    }
+    return [p for p, parent in below.items() if parent in zygotes]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return b""
+
+
+def _steps_written(workdir) -> list[int]:
+    jsonl = workdir / "metrics.jsonl"
+    return [r["step"] for r in read_jsonl(jsonl)] if jsonl.exists() else []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A workdir on its own 64 MiB tmpfs, so that a test can fill it for real (needs root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True
+    )
+    if proc.returncode:
+        yield None  # no mount privilege: the full-disk fault is left out
+        return
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_every_fault_in_one_run_leaves_it_identical_to_the_straight_run(
+    straight, tmp_path, small_disk
+):
+    workdir = (small_disk or tmp_path) / "run"
+    rng = random.Random()
+    # 1. SIGKILL at a random step, once its checkpoint exists.
+    proc = _start(workdir)
+    first = rng.randint(2, 3)  # two checkpoints: the corrupted newest has one before it
+    _wait_for(lambda: (workdir / "checkpoints" / str(first)).is_dir(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    # 2. The newest checkpoint is corrupted: the next run falls back to the one before it
+    # and metrics.jsonl is cut back to the step it restored.
+    newest = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    for f in (workdir / "checkpoints" / str(newest) / "state" / "d").iterdir():
+        f.write_bytes(f.read_bytes()[:7])
+    # 3. A verifier worker is killed while the run trains; then SIGKILL at a later step.
+    proc = _start(workdir)
+    _wait_for(lambda: _verifier_workers(proc.pid) and newest + 1 in _steps_written(workdir), proc)
+    workers = _verifier_workers(proc.pid)
+    os.kill(workers[0], signal.SIGKILL)
+    _wait_for(lambda: newest + 2 in _steps_written(workdir), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (workdir / "summary.json").exists()  # it died mid-run
+    # 4. The disk fills up: the next save fails, the run stops with an error naming the
+    # problem, and nothing written before it is lost.
+    if small_disk is not None:
+        ballast = small_disk / "ballast"
+        free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+        with open(ballast, "wb") as f:
+            f.write(b"\0" * max(free - 64 * 1024, 0))
+        proc = _start(workdir)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode != 0, out[-3000:]
+        assert "No space left on device" in out or "ENOSPC" in out, out[-3000:]
+        ballast.unlink()
+    # 5. A clean run finishes it.
+    out = _finish(_start(workdir))
+    assert "resumed at step" in out
+    _assert_same_run(workdir, straight)
