@@ -156,12 +156,12 @@ def _registries() -> dict[str, Any]:
     }
 
 
-def _finite(x) -> bool:
+def finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # field -> (test, the bound it states, why the bound exists)
-_Rule = tuple[Callable[[Any, GRPOConfig], bool], str, str]
+_Rule = tuple[Callable[[Any, Any], bool], str, str]
 _RULES: dict[str, _Rule] = {
     "steps": (lambda v, c: v >= 0, ">= 0", "the number of GRPO steps"),
     "prompts_per_step": (lambda v, c: v >= 1, ">= 1", "each step needs a prompt"),
@@ -170,33 +170,34 @@ _RULES: dict[str, _Rule] = {
     "max_new_tokens": (lambda v, c: v >= 1, ">= 1", "the response budget"),
     "off_policy_steps": (lambda v, c: v in (0, 1), "0 or 1", "only one-step-off-policy exists"),
     "max_nonfinite_steps": (lambda v, c: v >= 1, ">= 1", "the divergence guard's patience"),
-    "max_entropy_change": (lambda v, c: _finite(v) and v >= 0, ">= 0", "0 turns the watch off"),
+    "max_entropy_change": (lambda v, c: finite(v) and v >= 0, ">= 0", "0 turns the watch off"),
     "eval_every": (lambda v, c: v >= 0, ">= 0", "0 evaluates only before and after"),
     "eval_samples": (lambda v, c: v >= 1, ">= 1", "k of mean@k needs a sample"),
-    "eval_temperature": (lambda v, c: _finite(v) and v >= 0, ">= 0", "0 is greedy"),
+    "eval_temperature": (lambda v, c: finite(v) and v >= 0, ">= 0", "0 is greedy"),
     "checkpoint_every": (lambda v, c: v >= 0, ">= 0", "0 writes no checkpoints"),
     "checkpoint_keep": (lambda v, c: v >= 1, ">= 1", "resume needs a checkpoint"),
     "verifier_workers": (lambda v, c: v >= 1, ">= 1", "verifiers run in worker processes"),
-    "verifier_timeout_s": (lambda v, c: _finite(v) and v > 0, "> 0", "a verifier call's limit"),
-    "sampling.temperature": (lambda v, c: _finite(v) and v >= 0, ">= 0", "0 is greedy"),
+    "verifier_timeout_s": (lambda v, c: finite(v) and v > 0, "> 0", "a verifier call's limit"),
+    "seed": (lambda v, c: v >= 0, ">= 0", "numpy seeds are non-negative"),
+    "sampling.temperature": (lambda v, c: finite(v) and v >= 0, ">= 0", "0 is greedy"),
     "sampling.top_k": (lambda v, c: v >= 0, ">= 0", "0 turns top-k off"),
-    "sampling.top_p": (lambda v, c: _finite(v) and 0 < v <= 1, "in (0, 1]", "1 turns it off"),
+    "sampling.top_p": (lambda v, c: finite(v) and 0 < v <= 1, "in (0, 1]", "1 turns it off"),
     "sampling.max_sampling_rounds": (lambda v, c: v >= 1, ">= 1", "a step samples once"),
-    "loss.clip_eps_low": (lambda v, c: _finite(v) and 0 <= v < 1, "in [0, 1)", "1 - eps > 0"),
-    "loss.clip_eps_high": (lambda v, c: _finite(v) and v >= 0, ">= 0", "the ratio's upper bound"),
-    "loss.kl_coef": (lambda v, c: _finite(v) and v >= 0, ">= 0", "a penalty, not a reward"),
+    "loss.clip_eps_low": (lambda v, c: finite(v) and 0 <= v < 1, "in [0, 1)", "1 - eps > 0"),
+    "loss.clip_eps_high": (lambda v, c: finite(v) and v >= 0, ">= 0", "the ratio's upper bound"),
+    "loss.kl_coef": (lambda v, c: finite(v) and v >= 0, ">= 0", "a penalty, not a reward"),
     "loss.logprob_chunk_size": (lambda v, c: v is None or v >= 1, "None or >= 1", "positions"),
     "optim.learning_rate": (
-        lambda v, c: _finite(v) and 0 < v <= MAX_LEARNING_RATE,
+        lambda v, c: finite(v) and 0 < v <= MAX_LEARNING_RATE,
         f"in (0, {MAX_LEARNING_RATE:g}]",
         "a negative rate climbs the loss and a huge one destroys the policy",
     ),
     "optim.warmup_steps": (lambda v, c: v >= 0, ">= 0", "updates of linear warmup"),
-    "optim.weight_decay": (lambda v, c: _finite(v) and v >= 0, ">= 0", "decay, not growth"),
-    "optim.adam_b1": (lambda v, c: _finite(v) and 0 <= v < 1, "in [0, 1)", "a moving average"),
-    "optim.adam_b2": (lambda v, c: _finite(v) and 0 <= v < 1, "in [0, 1)", "a moving average"),
+    "optim.weight_decay": (lambda v, c: finite(v) and v >= 0, ">= 0", "decay, not growth"),
+    "optim.adam_b1": (lambda v, c: finite(v) and 0 <= v < 1, "in [0, 1)", "a moving average"),
+    "optim.adam_b2": (lambda v, c: finite(v) and 0 <= v < 1, "in [0, 1)", "a moving average"),
     "optim.max_grad_norm": (
-        lambda v, c: v is None or (_finite(v) and v > 0),
+        lambda v, c: v is None or (finite(v) and v > 0),
         "None or > 0",
         "the clipping norm",
     ),
@@ -208,29 +209,36 @@ _RULES: dict[str, _Rule] = {
         "in [0, max_new_tokens)",
         "the penalty ramps over the budget's last tokens",
     ),
-    "reward.overlong_penalty": (lambda v, c: _finite(v) and v >= 0, ">= 0", "a penalty"),
-    "reward.format_reward": (lambda v, c: _finite(v), "finite", "a reward weight"),
+    "reward.overlong_penalty": (lambda v, c: finite(v) and v >= 0, ">= 0", "a penalty"),
+    "reward.format_reward": (lambda v, c: finite(v), "finite", "a reward weight"),
 }
 
 
-def _get(cfg: GRPOConfig, path: str) -> Any:
-    value: Any = cfg
+def _get(obj: Any, path: str) -> Any:
+    value: Any = obj
     for part in path.split("."):
         value = getattr(value, part)
     return value
 
 
-def _problems(cfg: GRPOConfig) -> list[str]:
-    """Every broken rule of `cfg`, each naming its field, its bound and the reason."""
+def broken_rules(obj: Any, rules: Mapping[str, _Rule]) -> list[str]:
+    """Every rule `obj` breaks, each naming its field (a dotted path), its bound and the reason;
+    a rule is (test(value, obj), the bound it states, why the bound exists)."""
     problems = []
-    for path, (ok, bound, why) in _RULES.items():
-        value = _get(cfg, path)
+    for path, (ok, bound, why) in rules.items():
+        value = _get(obj, path)
         try:
-            good = bool(ok(value, cfg))
+            good = bool(ok(value, obj))
         except TypeError:
             good = False
         if not good:
             problems.append(f"{path}={value!r} must be {bound} ({why})")
+    return problems
+
+
+def _problems(cfg: GRPOConfig) -> list[str]:
+    """Every broken rule of `cfg`, each naming its field, its bound and the reason."""
+    problems = broken_rules(cfg, _RULES)
     for path, valid in _registries().items():
         value = _get(cfg, path)
         if value not in valid:

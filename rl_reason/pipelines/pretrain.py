@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from rl_reason.core import update as train_step
-from rl_reason.core.config import OptimOptions
+from rl_reason.core.config import MAX_LEARNING_RATE, OptimOptions, broken_rules, finite
 from rl_reason.infra import sharding
 from rl_reason.infra.tokenizer import Tokenizer
 
@@ -34,6 +34,27 @@ class PretrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = broken_rules(self, _PRETRAIN_RULES)
+        if problems:
+            raise ValueError("PretrainConfig: " + "; ".join(problems))
+
+
+_PRETRAIN_RULES = {
+    "steps": (lambda v, c: v >= 0, ">= 0", "0 skips pretraining"),
+    "batch_size": (lambda v, c: v >= 1, ">= 1", "rows per update"),
+    "seq_len": (lambda v, c: v >= 2, ">= 2", "next-token targets need two tokens"),
+    "learning_rate": (
+        lambda v, c: finite(v) and 0 < v <= MAX_LEARNING_RATE,
+        f"in (0, {MAX_LEARNING_RATE:g}]",
+        "a negative rate climbs the loss and a huge one diverges",
+    ),
+    "warmup_steps": (lambda v, c: v >= 0, ">= 0", "updates of linear warmup"),
+    "weight_decay": (lambda v, c: finite(v) and v >= 0, ">= 0", "decay, not growth"),
+    "max_grad_norm": (lambda v, c: finite(v) and v > 0, "> 0", "the clipping norm"),
+    "seed": (lambda v, c: v >= 0, ">= 0", "numpy seeds are non-negative"),
+}
 
 
 @dataclasses.dataclass
