@@ -12,6 +12,7 @@ Per-step metrics (everything but wall-clock timings) and the final params must b
 bit for bit, and every step must appear exactly once in metrics.jsonl.
 """
 
+import json
 import os
 import random
 import signal
@@ -95,8 +96,11 @@ def _assert_same_run(resumed, straight):
     assert a.keys() == b.keys() and any("opt_state" in k for k in a)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    # The after-RL evaluation of the final policy agrees as well.
-    assert (resumed / "summary.json").read_text().count("accuracy") > 0
+    # The after-RL evaluation of the final policy agrees as well, and how far RL moved the
+    # weights is measured from the run's initial weights (kept beside the checkpoints).
+    got, want = (json.loads((w / "summary.json").read_text()) for w in (resumed, straight))
+    assert got["after"] == want["after"]
+    assert got["rl_param_change_l2"] == want["rl_param_change_l2"] > 0
 
 
 def test_straight_run_moves_and_crosses_an_epoch(straight):

@@ -62,6 +62,29 @@ def _l2_distance(a, b) -> float:
     return float(np.sqrt(sum(np.sum((np.float64(x) - y) ** 2) for x, y in pairs)))
 
 
+INITIAL_PARAMS = "initial_params.npz"
+
+
+def _save_initial(workdir: str | Path, params) -> None:
+    if jax.process_index() != 0:
+        return
+    path = Path(workdir) / INITIAL_PARAMS
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, *[np.asarray(x) for x in jax.tree.leaves(params)])
+    tmp.replace(path)  # atomic: a run killed here leaves no half-written file
+
+
+def _load_initial(workdir: str | Path, like) -> list[np.ndarray] | None:
+    path = Path(workdir) / INITIAL_PARAMS
+    if not path.exists():
+        return None
+    with np.load(path) as f:
+        leaves = [f[f"arr_{i}"] for i in range(len(f.files))]
+    if len(leaves) != len(jax.tree.leaves(like)):
+        raise ValueError(f"{path} holds another model's weights: use a fresh workdir")
+    return leaves
+
+
 def run_grpo(
     cfg: GRPOConfig,
     *,
@@ -125,11 +148,15 @@ def run_grpo(
             writer.rewind(trainer.step_count)  # the step restored, not the newest one on disk
         if meta is None:
             carry = dict(carry or {})
-            # Kept on the host to measure how far RL moves the weights.
+            # Kept on the host (and beside the checkpoints) to measure how far RL moves the
+            # weights, also when the run is resumed.
             initial = multihost_utils.process_allgather(trainer.params, tiled=True)
+            if checkpointer is not None:
+                _save_initial(workdir, initial)
             before = trainer.evaluate(echo=echo)
         else:
-            carry, before, initial = meta["carry"], meta["before"], None
+            carry, before = meta["carry"], meta["before"]
+            initial = _load_initial(workdir, trainer.params)
             echo(f"[grpo] resumed at step {trainer.step_count}/{cfg.steps}")
         echo("[grpo] before RL: " + fmt(before))
         trainer.train(preemption=guard, extra_meta={"before": before, "carry": carry})
@@ -148,7 +175,7 @@ def run_grpo(
         else:
             result["after"] = trainer.evaluate(echo=echo)
             echo("[grpo] after RL:  " + fmt(result["after"]))
-            if initial is not None:  # unknown to a resumed run, which skipped the start
+            if initial is not None:  # None: a run resumed from before the file was kept
                 final = multihost_utils.process_allgather(trainer.params, tiled=True)
                 result["rl_param_change_l2"] = _l2_distance(final, initial)
         if checkpointer is not None:
