@@ -31,8 +31,6 @@ config sections are checked by `recipe_options.py`; the modules named are in thi
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,14 +39,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rl_reason import plugins
 from rl_reason.infra import data as data_lib
-from rl_reason.infra import sharding
-from rl_reason.infra.metrics import MetricsConfig, plot_curves
-from rl_reason.infra.preemption import PreemptionGuard
 from rl_reason.infra.tokenizer import load_tokenizer
 from rl_reason.pipelines import grpo_stage as grpo_run
 from rl_reason.pipelines.chat_task import prompting, stop_token_ids
+from rl_reason.pipelines.context import RunContext
 from rl_reason.pipelines.model_path import model_path
 from rl_reason.pipelines.policy import Policy, export_policy, load_policy
 from rl_reason.pipelines.recipe_data import held_out_examples, make_task, train_source
@@ -103,10 +98,6 @@ def _has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
 
 
-def _echo(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def run(config) -> dict[str, Any]:
     """The recipe's GRPO stage and export; returns the summary written to workdir/summary.json.
 
@@ -114,18 +105,11 @@ def run(config) -> dict[str, Any]:
     (the base weights are read from the checkpoint path again). SIGTERM saves at the next step
     boundary and returns early (summary["preempted"] is then True; nothing is exported).
     """
-    plugins.load_from(config)  # before anything checks a registered name
-    t_start = time.perf_counter()
-    workdir = Path(config.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
-    echo = _echo if is_main else (lambda msg: None)
+    ctx = RunContext.start(config)
     _, _, data, _ = sections(config)
-    metrics_cfg = grpo_run.config_from(MetricsConfig, config.metrics)
-    mesh = sharding.make_mesh(grpo_run.config_from(sharding.MeshConfig, config.mesh))
-    s = setup(config, mesh)
+    s = setup(config, ctx.mesh)
     cfg = s.grpo
-    checkpointer = grpo_run.make_checkpointer(workdir, cfg)
+    ctx.make_checkpointer(cfg)
     eval_set = held_out_examples(s.dataset_task, data)
     train_batches = data_lib.train_iterator(
         train_source(s.dataset_task, data),
@@ -135,28 +119,21 @@ def run(config) -> dict[str, Any]:
     )
     n_total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(s.policy.model())))
     n_trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.policy.params))
-    echo(
+    ctx.echo(
         f"[recipe] {s.path}: {n_total / 1e6:.1f}M params ({n_trained / 1e6:.2f}M trained), "
         f"task {s.dataset_task.name}: {train_batches.num_examples} train / {len(eval_set)} "
-        f"held-out examples, stop ids {list(s.stop_token_ids)}, mesh {dict(mesh.shape)}"
+        f"held-out examples, stop ids {list(s.stop_token_ids)}, mesh {dict(ctx.mesh.shape)}"
     )
-    with PreemptionGuard() as guard:
-        result = grpo_run.run_grpo(
+    with ctx.preemptible():
+        result = ctx.run_grpo(
             cfg,
-            metrics_cfg=metrics_cfg,
-            run_config=config.to_dict(),
-            workdir=workdir,
             graphdef=s.policy.graphdef,
             params=s.policy.params,
             tokenizer=s.tokenizer,
             task=s.task,
             train_batches=train_batches,
             eval_examples=eval_set,
-            mesh=mesh,
-            checkpointer=checkpointer,
-            guard=guard,
             stop_token_ids=s.stop_token_ids,
-            echo=echo,
             trainer_kwargs=s.policy.trainer_kwargs,
         )
     if result["preempted"]:
@@ -166,7 +143,7 @@ def run(config) -> dict[str, Any]:
         trainer.graphdef,
         trainer.params,
         trainer.frozen[0] if trainer.frozen else None,
-        workdir / EXPORT_DIR,
+        ctx.workdir / EXPORT_DIR,
         source_dir=s.path,
     )
     summary = {
@@ -175,7 +152,7 @@ def run(config) -> dict[str, Any]:
         "after": result["after"],
         "rl_steps": cfg.steps,
         "resumed": result["resumed"],
-        "wall_seconds": time.perf_counter() - t_start,
+        "wall_seconds": ctx.elapsed(),
         "model_path": str(s.path),
         "num_params": n_total,
         "num_trained_params": n_trained,
@@ -186,16 +163,13 @@ def run(config) -> dict[str, Any]:
         "rl_param_change_l2": result["rl_param_change_l2"],
         "export": str(export),
     }
-    if is_main:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-        plot_curves(
-            workdir / "metrics.jsonl",
-            workdir / "curves.png",
-            CURVES,
-            title=f"GRPO on {s.dataset_task.name} from {s.path.name}",
-        )
-        echo(results_table({"before RL": result["before"], "after RL": result["after"]}))
-        echo(f"wrote {workdir}/summary.json, metrics.jsonl, tb/, curves.png, {EXPORT_DIR}/")
+    ctx.write_summary(
+        summary,
+        curves=CURVES,
+        title=f"GRPO on {s.dataset_task.name} from {s.path.name}",
+        table=results_table({"before RL": result["before"], "after RL": result["after"]}),
+    )
+    ctx.echo(f"wrote {ctx.workdir}/summary.json, metrics.jsonl, tb/, curves.png, {EXPORT_DIR}/")
     return summary
 
 
