@@ -20,7 +20,7 @@ from experiments.configs import math_qwen2_5_math_1_5b
 from models.safetensors_io import open_checkpoint
 from rl_reason.infra.checkpoint import Checkpointer
 from rl_reason.pipelines import evaluate as evaluate_run
-from rl_reason.pipelines import recipe
+from rl_reason.pipelines import model_path, recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "experiments/configs/math_qwen2_5_math_1_5b.py:smoke"
@@ -111,7 +111,7 @@ def test_export_of_a_checkpoint_is_the_runs_final_policy(math_run):
     assert sorted(ours) == sorted(final)
     for name in ours:
         np.testing.assert_array_equal(np.asarray(ours[name]), np.asarray(final[name]), name)
-    source = workdir / recipe.TINY_DIR / "tokenizer.json"
+    source = workdir / model_path.TINY_DIR / "tokenizer.json"
     assert (out / "tokenizer.json").read_bytes() == source.read_bytes()
 
 

@@ -1,4 +1,5 @@
-"""The published recipes (rl_reason/pipelines/recipe.py, experiments/configs/*_qwen2_5_*.py).
+"""The published recipes (rl_reason/pipelines/recipe.py and the modules it is built from,
+experiments/configs/*_qwen2_5_*.py).
 
 Fast: prompts, bos handling and stop tokens against chat templates with and without a bos,
 config sections that refuse bad values, and the tiny models of every family loading as they
@@ -30,8 +31,15 @@ from rl_reason import verifiers
 from rl_reason.infra import launch, sharding
 from rl_reason.infra.metrics import read_jsonl
 from rl_reason.infra.tokenizer import TextTokenizer, load_tokenizer, train_sentencepiece
+from rl_reason.pipelines import (
+    chat_task,
+    model_path,
+    recipe,
+    recipe_data,
+    recipe_options,
+    tiny_model,
+)
 from rl_reason.pipelines import evaluate as evaluate_run
-from rl_reason.pipelines import recipe, tiny_model
 from rl_reason.trainer import GRPOTrainer
 
 TINY_TEXTS = [
@@ -113,24 +121,24 @@ def _bos_tokenizer(directory, *, template_has_bos: bool):
 @pytest.mark.parametrize("template_has_bos", [True, False])
 def test_chat_prompts_are_encoded_as_the_template_wrote_them(tmp_path, template_has_bos):
     tokenizer = _bos_tokenizer(tmp_path / "tok", template_has_bos=template_has_bos)
-    task = recipe.make_task(gsm8k_qwen2_5_0_5b.get_config())
-    options = recipe.PromptOptions(format="chat", system="Be brief.", suffix=" Reason.")
-    encoder, chat_task = recipe.prompting(tokenizer, task, options)
-    text = chat_task.prompt({"question": "What is 3 + 4?"})
+    task = recipe_data.make_task(gsm8k_qwen2_5_0_5b.get_config())
+    options = recipe_options.PromptOptions(format="chat", system="Be brief.", suffix=" Reason.")
+    encoder, chatted = chat_task.prompting(tokenizer, task, options)
+    text = chatted.prompt({"question": "What is 3 + 4?"})
     bos = "<s>" if template_has_bos else ""
     assert text == f"{bos}[system] Be brief.<|eot|>[user] What is 3 + 4? Reason.<|eot|>[assistant] "
     # The template decides: one bos if it wrote one, else none. The chat task tells the
     # trainer to add none (its own prompt encoding, called on a stand-in for the trainer).
-    assert encoder is tokenizer and chat_task.prompt_add_bos is False
+    assert encoder is tokenizer and chatted.prompt_add_bos is False
     stand_in = types.SimpleNamespace(
-        tokenizer=encoder, task=chat_task, cfg=types.SimpleNamespace(max_prompt_len=512)
+        tokenizer=encoder, task=chatted, cfg=types.SimpleNamespace(max_prompt_len=512)
     )
     (ids,) = GRPOTrainer._encode_prompts(stand_in, [{"question": "What is 3 + 4?"}])
     assert ids == tokenizer.encode(text)
     assert ids.count(tokenizer.bos_id) == int(template_has_bos)
     assert (ids[0] == tokenizer.bos_id) == template_has_bos
     # The plain format keeps the trainer's bos (for base models that were trained with one).
-    encoder, plain_task = recipe.prompting(tokenizer, task, recipe.PromptOptions())
+    encoder, plain_task = chat_task.prompting(tokenizer, task, recipe_options.PromptOptions())
     assert plain_task is task and encoder is tokenizer
     plain = types.SimpleNamespace(tokenizer=encoder, task=plain_task, cfg=stand_in.cfg)
     (ids,) = GRPOTrainer._encode_prompts(plain, [{"question": "What is 3 + 4?"}])
@@ -138,8 +146,8 @@ def test_chat_prompts_are_encoded_as_the_template_wrote_them(tmp_path, template_
     # Stop tokens: eos and the template's end of turn (chat); eos alone when </answer> is not
     # one token (r1_zero).
     eot = tokenizer.piece_to_id("<|eot|>")
-    assert recipe.stop_token_ids(tokenizer, "chat") == (tokenizer.eos_id, eot)
-    assert recipe.stop_token_ids(tokenizer, "r1_zero") == (tokenizer.eos_id,)
+    assert chat_task.stop_token_ids(tokenizer, "chat") == (tokenizer.eos_id, eot)
+    assert chat_task.stop_token_ids(tokenizer, "r1_zero") == (tokenizer.eos_id,)
 
 
 def test_both_tokenizer_kinds_have_every_member_of_the_protocol(tiny_dir, tmp_path):
@@ -156,14 +164,14 @@ def test_tiny_tokenizer_chatml_stops_and_padded_rows(tiny_dir):
     tokenizer = load_tokenizer(tiny_dir)
     eos, im_end = tokenizer.piece_to_id("<|endoftext|>"), tokenizer.piece_to_id("<|im_end|>")
     assert tokenizer.eos_id == eos and tokenizer.chat_template
-    assert recipe.chat_end_token(tokenizer) == im_end
-    assert recipe.stop_token_ids(tokenizer, "chat") == (eos, im_end)
-    assert recipe.stop_token_ids(tokenizer, "r1_zero") == (eos,)
+    assert chat_task.chat_end_token(tokenizer) == im_end
+    assert chat_task.stop_token_ids(tokenizer, "chat") == (eos, im_end)
+    assert chat_task.stop_token_ids(tokenizer, "r1_zero") == (eos,)
     assert tokenizer.vocab_size == tiny_model.TINY_VOCAB
     cfg = json.loads((tiny_dir / "config.json").read_text())
     assert cfg["vocab_size"] == tiny_model.TINY_EMBEDDING_ROWS > tokenizer.vocab_size
     assert cfg["model_type"] == "qwen2" and cfg["tie_word_embeddings"] is True
-    chat = recipe.ChatTask(recipe.make_task(gsm8k_qwen2_5_0_5b.get_config()), tokenizer)
+    chat = chat_task.ChatTask(recipe_data.make_task(gsm8k_qwen2_5_0_5b.get_config()), tokenizer)
     assert chat.prompt({"question": "2 + 2?"}) == (
         "<|im_start|>user\n2 + 2?<|im_end|>\n<|im_start|>assistant\n"
     )
@@ -172,8 +180,8 @@ def test_tiny_tokenizer_chatml_stops_and_padded_rows(tiny_dir):
 def test_qwen_boxed_prompt_of_the_gsm8k_recipe(tiny_dir):
     """The SimpleRL-Zoo prompt, rendered by a ChatML template, is Qwen2.5-Math's qwen-boxed."""
     config = gsm8k_qwen2_5_0_5b.get_config()
-    _, prompt, _, _ = recipe.sections(config)
-    _, task = recipe.prompting(load_tokenizer(tiny_dir), recipe.make_task(config), prompt)
+    _, prompt, _, _ = recipe_options.sections(config)
+    _, task = chat_task.prompting(load_tokenizer(tiny_dir), recipe_data.make_task(config), prompt)
     assert task.prompt({"question": "Q?"}) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\nQ?\nPlease reason step by step, and put your final answer within "
@@ -187,21 +195,21 @@ def test_recipe_configs_are_complete_and_checked():
         for arg in (None, "smoke"):
             config = module.get_config(arg)
             assert config.pipeline == "recipe"
-            recipe.sections(config)  # every section maps onto its dataclass
-            recipe.make_task(config)
+            recipe_options.sections(config)  # every section maps onto its dataclass
+            recipe_data.make_task(config)
     with pytest.raises(ValueError, match="exactly one of path"):
-        recipe.ModelOptions(path="/ckpt/x", tiny="qwen2")
+        recipe_options.ModelOptions(path="/ckpt/x", tiny="qwen2")
     with pytest.raises(ValueError, match="exactly one of path"):
-        recipe.ModelOptions()
+        recipe_options.ModelOptions()
     with pytest.raises(ValueError, match="tiny='mamba' is not one of"):
-        recipe.ModelOptions(tiny="mamba")
+        recipe_options.ModelOptions(tiny="mamba")
     with pytest.raises(ValueError, match="chat format only"):
-        recipe.PromptOptions(format="r1_zero", system="x")
+        recipe_options.PromptOptions(format="r1_zero", system="x")
     with pytest.raises(ValueError, match="needs its own eval_data_dir"):
-        recipe.DataOptions(manual_dir="/a", eval_manual_dir="/b")
+        recipe_options.DataOptions(manual_dir="/a", eval_manual_dir="/b")
     with pytest.raises(ValueError, match="rank must be >= 0"):
-        recipe.LoraOptions(rank=-1).lora_config()
-    data = recipe.DataOptions(data_dir="{workdir}/tfds").in_workdir("/runs/x")
+        recipe_options.LoraOptions(rank=-1).lora_config()
+    data = recipe_options.DataOptions(data_dir="{workdir}/tfds").in_workdir("/runs/x")
     assert data.data_dir == "/runs/x/tfds" and data.eval_dir == "/runs/x/tfds"
     config = gsm8k_qwen2_5_0_5b.get_config()
     with config.unlocked():
@@ -263,7 +271,7 @@ def _check_run(workdir, summary, config):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in export.iterdir()
     }
-    assert from_pretrained(export).cfg == from_pretrained(workdir / recipe.TINY_DIR).cfg
+    assert from_pretrained(export).cfg == from_pretrained(workdir / model_path.TINY_DIR).cfg
     return rows
 
 
@@ -279,7 +287,7 @@ def test_countdown_smoke(countdown_run):
     config, workdir, summary = countdown_run
     _check_run(workdir, summary, config)
     # Plain R1-Zero prompts; "</answer>" is several tokens in this tokenizer: eos only.
-    assert summary["stop_token_ids"] == [load_tokenizer(workdir / recipe.TINY_DIR).eos_id]
+    assert summary["stop_token_ids"] == [load_tokenizer(workdir / model_path.TINY_DIR).eos_id]
     assert summary["task"] == "countdown" and summary["eval_size"] == 8
     assert summary["num_trained_params"] == summary["num_params"]  # full fine-tuning
 
@@ -312,7 +320,7 @@ def test_countdown_resumes_after_step_1_to_the_same_step_2(countdown_run, tmp_pa
 def test_gsm8k_smoke(tmp_path):
     summary = recipe.run(_smoke(gsm8k_qwen2_5_0_5b, tmp_path))
     _check_run(tmp_path, summary, None)
-    tokenizer = load_tokenizer(tmp_path / recipe.TINY_DIR)
+    tokenizer = load_tokenizer(tmp_path / model_path.TINY_DIR)
     ends = [tokenizer.eos_id, tokenizer.piece_to_id("<|im_end|>")]
     assert summary["stop_token_ids"] == ends and summary["eval_size"] == 2
 
@@ -346,7 +354,7 @@ def test_lora_run_trains_adapters_only_and_exports_the_adapted_policy(lora_run):
         assert np.abs(np.asarray(t.get_value())).max() > 0
     # The export is the base bit for bit where no adapter is (embedding, norms, biases) and
     # differs where the adapters were folded in.
-    base_dir, export_dir = workdir / recipe.TINY_DIR, workdir / recipe.EXPORT_DIR
+    base_dir, export_dir = workdir / model_path.TINY_DIR, workdir / recipe.EXPORT_DIR
     base, exported = open_checkpoint(base_dir), open_checkpoint(export_dir)
     assert sorted(base) == sorted(exported)
     for name in base:

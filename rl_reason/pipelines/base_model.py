@@ -29,11 +29,12 @@ from flax import nnx
 
 from models import from_pretrained, save_pretrained
 from models import get_config as model_preset
-from rl_reason import plugins, verifiers
+from rl_reason import verifiers
 from rl_reason.infra import sharding
 from rl_reason.infra.progress import Progress
 from rl_reason.infra.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from rl_reason.pipelines import pretrain
+from rl_reason.pipelines.context import RunContext
 from rl_reason.pipelines.grpo_stage import config_from
 from rl_reason.tasks import arithmetic
 from rl_reason.tasks.templates import ANSWER_CLOSE, SPECIAL_TOKENS
@@ -316,25 +317,19 @@ tokenizer = load_tokenizer("models/bases/arithmetic_chains_tiny")
 # ----------------------------------------------------------------------------- the pipeline
 
 
-def _echo(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def run(config) -> dict[str, Any]:
     """`python -m experiments.pretrain_base`: stage 1, the held-out evaluation, the directory.
 
     Writes `config.out_dir` (default: the shipped base); returns its `base_info.json`.
     """
-    from rl_reason.infra.preemption import PreemptionGuard
     from rl_reason.pipelines import r1_zero  # the default experiment's splits
 
-    plugins.load_from(config)  # before anything checks a registered name
-    is_main = jax.process_index() == 0
-    echo = _echo if is_main else (lambda msg: None)
-    mesh = sharding.make_mesh(config_from(sharding.MeshConfig, config.mesh))
+    # No workdir: config.workdir is the default experiment's, and nothing is written there.
+    ctx = RunContext.start(config, workdir=None)
+    echo, mesh = ctx.echo, ctx.mesh
     grpo_cfg = config_from(GRPOConfig, config.grpo)
     data = r1_zero.build_data(config)
-    with PreemptionGuard() as guard, tempfile.TemporaryDirectory() as tmp:
+    with ctx.preemptible() as guard, tempfile.TemporaryDirectory() as tmp:
         base = train_base(config, data["corpus"], mesh, tmp, echo, guard.should_stop)
         if base is None:
             echo("[stage 1] interrupted: nothing saved, a rerun starts again")
@@ -360,7 +355,7 @@ def run(config) -> dict[str, Any]:
                 "accuracy_by_ops": accuracy_by_ops(ev),
             },
         }
-        if is_main:
+        if ctx.is_main:
             out = save_base(config.out_dir, graphdef, params, tokenizer, info)
             echo(
                 f"[base] held-out greedy: {info['eval']['correct']}/{n} correct, mean "

@@ -29,7 +29,7 @@ from rl_reason import verifiers
 from rl_reason.infra import sharding
 from rl_reason.infra.checkpoint import Checkpointer
 from rl_reason.pipelines import grpo_stage as grpo_run
-from rl_reason.pipelines import recipe
+from rl_reason.pipelines import policy, recipe, recipe_data, recipe_options
 from rl_reason.trainer import GRPOConfig, GRPOTrainer
 
 log = logging.getLogger(__name__)
@@ -170,14 +170,14 @@ def evaluate(
         raise ValueError(f"samples must be >= 1 (k for mean@k / pass@k / maj@k), got {samples}")
     if num_examples is not None and num_examples < 0:
         raise ValueError(f"num_examples must be >= 0 (0 = the whole split), got {num_examples}")
-    _, _, data, _ = recipe.sections(config)
+    _, _, data, _ = recipe_options.sections(config)
     source = resolve(config, checkpoint)
     mesh = sharding.make_mesh(grpo_run.config_from(sharding.MeshConfig, config.mesh))
     cfg = grpo_run.config_from(GRPOConfig, config.grpo)
     split = split or data.eval_split
     with verifiers.VerifierPool(cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s) as pool:
         trainer, s, meta = restore(config, source, mesh, pool)
-        examples = recipe.held_out_examples(s.dataset_task, data, split=split, n=num_examples)
+        examples = recipe_data.held_out_examples(s.dataset_task, data, split=split, n=num_examples)
         metrics = trainer.evaluate(examples, samples=samples)
     result = {
         "checkpoint": str(source.path) if source.is_hf else f"{source.path}/{source.step}",
@@ -218,7 +218,7 @@ def export(config, checkpoint: str, out: str | Path | None = None) -> Path:
     with verifiers.VerifierPool(1, timeout_s=cfg.verifier_timeout_s) as pool:
         trainer, s, _ = restore(config, source, mesh, pool)
     out = Path(out) if out else Path(config.workdir) / f"export_step_{source.step}"
-    return recipe.export_policy(
+    return policy.export_policy(
         trainer.graphdef,
         trainer.params,
         trainer.frozen[0] if trainer.frozen else None,

@@ -15,10 +15,8 @@ their steps.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +24,18 @@ import jax
 import numpy as np
 
 from models import get_config as model_preset
-from rl_reason import plugins
 from rl_reason.infra import data as data_lib
 from rl_reason.infra import sharding
-from rl_reason.infra.metrics import MetricsConfig, plot_curves
-from rl_reason.infra.preemption import PreemptionGuard
 from rl_reason.infra.tokenizer import Tokenizer
 from rl_reason.pipelines import base_model, pretrain
 from rl_reason.pipelines import grpo_stage as grpo_run
+from rl_reason.pipelines.context import RunContext
 from rl_reason.tasks import arithmetic
 from rl_reason.trainer import GRPOConfig
 
 log = logging.getLogger(__name__)
 
 CURVES = ("accuracy", "reward_mean", "response_length_mean", "eval_accuracy")
-
-
-def _echo(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def build_data(config, *, with_corpus: bool = True) -> dict[str, Any]:
@@ -79,37 +71,29 @@ def run(config) -> dict[str, Any]:
     stage 2 continues from the newest readable step, repeating and skipping nothing. SIGTERM
     saves at the next step boundary and returns early (summary["preempted"] is then True).
     """
-    plugins.load_from(config)  # before anything checks a registered name
-    t_start = time.perf_counter()
-    workdir = Path(config.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
-    echo = _echo if is_main else (lambda msg: None)
+    ctx = RunContext.start(config)
     grpo_cfg = grpo_run.config_from(GRPOConfig, config.grpo)
-    metrics_cfg = grpo_run.config_from(MetricsConfig, config.metrics)
     grpo_run.config_from(pretrain.PretrainConfig, config.pretrain)  # a bad field fails now
-    mesh_cfg = grpo_run.config_from(sharding.MeshConfig, config.mesh)
-    checkpointer = grpo_run.make_checkpointer(workdir, grpo_cfg)
-    resuming = grpo_run.is_resuming(checkpointer)
+    checkpointer = ctx.make_checkpointer(grpo_cfg)
+    echo, mesh = ctx.echo, ctx.mesh
 
     base_dir = base_model.resolve_base(config.base)
     data = build_data(config, with_corpus=base_dir is None)
     task = data["task"]
-    mesh = sharding.make_mesh(mesh_cfg)
 
-    with PreemptionGuard() as guard:
+    with ctx.preemptible() as guard:
         stage1: dict[str, Any] = {"base": config.base}
         if base_dir is not None:
             tokenizer, graphdef, params, info = base_model.load_base(base_dir, mesh, config)
             echo(f"[stage 1] base model {base_dir} (vocab {tokenizer.vocab_size})")
             stage1["base_eval"] = info.get("eval")
-        elif resuming:
+        elif ctx.resuming:
             echo(f"[stage 1] skipped: resuming stage 2 from {checkpointer.directory}")
-            tokenizer = Tokenizer.load(workdir / "tokenizer.model")
+            tokenizer = Tokenizer.load(ctx.workdir / "tokenizer.model")
             graphdef, params = _skeleton(config, tokenizer, mesh)
         else:
             # Every process trains the same tokenizer (deterministic); process 0 keeps the file.
-            tok_dir = workdir if is_main else Path(tempfile.mkdtemp())
+            tok_dir = ctx.workdir if ctx.is_main else Path(tempfile.mkdtemp())
             base = base_model.train_base(
                 config, data["corpus"], mesh, tok_dir, echo, guard.should_stop
             )
@@ -118,14 +102,11 @@ def run(config) -> dict[str, Any]:
                 return {"preempted": True, "stage": 1}
             tokenizer, graphdef, params, facts = base
             stage1.update(facts)
-            stage1["pretrain_seconds"] = time.perf_counter() - t_start
+            stage1["pretrain_seconds"] = ctx.elapsed()
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
-        result = grpo_run.run_grpo(
+        result = ctx.run_grpo(
             grpo_cfg,
-            metrics_cfg=metrics_cfg,
-            run_config=config.to_dict(),
-            workdir=workdir,
             graphdef=graphdef,
             params=params,
             tokenizer=tokenizer,
@@ -134,13 +115,9 @@ def run(config) -> dict[str, Any]:
                 data["rl_pool"], global_batch_size=grpo_cfg.prompts_per_step, seed=config.seed
             ),
             eval_examples=data["eval_set"],
-            mesh=mesh,
-            checkpointer=checkpointer,
-            guard=guard,
             stop_token_ids=base_model.stop_token_ids(tokenizer),
             response_stats=base_model.response_stats,
             carry={"stage1": stage1},
-            echo=echo,
         )
     if result["preempted"]:
         return {"preempted": True, "stage": 2, "step": result["step"]}
@@ -155,21 +132,18 @@ def run(config) -> dict[str, Any]:
         "rl_steps": grpo_cfg.steps,
         "resumed": result["resumed"],
         **result["carry"]["stage1"],
-        "wall_seconds": time.perf_counter() - t_start,
+        "wall_seconds": ctx.elapsed(),
         "num_params": n_params,
         "eval_size": len(data["eval_set"]),
         "rl_param_change_l2": result["rl_param_change_l2"],
     }
-    if is_main:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-        plot_curves(
-            workdir / "metrics.jsonl",
-            workdir / "curves.png",
-            CURVES,
-            title="R1-Zero in miniature: GRPO on arithmetic chains",
-        )
-        echo(_table(summary))
-        echo(f"wrote {workdir}/summary.json, metrics.jsonl, tb/, curves.png")
+    ctx.write_summary(
+        summary,
+        curves=CURVES,
+        title="R1-Zero in miniature: GRPO on arithmetic chains",
+        table=_table(summary),
+    )
+    echo(f"wrote {ctx.workdir}/summary.json, metrics.jsonl, tb/, curves.png")
     return summary
 
 

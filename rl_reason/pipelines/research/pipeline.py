@@ -22,20 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from rl_reason import plugins
 from rl_reason.infra import data as data_lib
-from rl_reason.infra import sharding
-from rl_reason.infra.metrics import MetricsConfig, plot_curves
-from rl_reason.infra.preemption import PreemptionGuard
 from rl_reason.pipelines import base_model, pretrain, r1_zero
 from rl_reason.pipelines import grpo_stage as grpo_run
+from rl_reason.pipelines.context import RunContext
 from rl_reason.pipelines.research import base_cache, bridge, measures, runs
 from rl_reason.rollout import sampling
 from rl_reason.tasks import arithmetic
@@ -99,10 +95,6 @@ class ColdStartConfig:
         return pretrain.PretrainConfig(
             **{k: v for k, v in dataclasses.asdict(self).items() if k in fields}
         )
-
-
-def _echo(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def build_data(config) -> dict[str, Any]:
@@ -172,25 +164,22 @@ def with_ratios(ev: Mapping[str, float]) -> dict[str, float]:
 
 def run(config) -> dict[str, Any]:
     """One arm; returns the summary written to `workdir/summary.json`."""
-    plugins.load_from(config)  # before anything checks a registered name
-    t_start = time.perf_counter()
-    if jax.process_count() > 1:
-        raise ValueError("the research pipeline runs in one process (tiny models, one host)")
-    workdir = runs.workdir_for(config)
-    workdir.mkdir(parents=True, exist_ok=True)
-    echo = _echo
+    ctx = RunContext.start(
+        config,
+        workdir=runs.workdir_for,
+        one_process="the research pipeline runs in one process (tiny models, one host)",
+    )
+    workdir, echo, mesh = ctx.workdir, ctx.echo, ctx.mesh
     grpo_cfg = grpo_run.config_from(GRPOConfig, config.grpo)
-    metrics_cfg = grpo_run.config_from(MetricsConfig, config.metrics)
     reward_cfg = grpo_run.config_from(RewardConfig, config.reward)
     cold_cfg = grpo_run.config_from(ColdStartConfig, config.cold_start)
-    mesh = sharding.make_mesh(grpo_run.config_from(sharding.MeshConfig, config.mesh))
-    checkpointer = grpo_run.make_checkpointer(workdir, grpo_cfg)
-    resuming = grpo_run.is_resuming(checkpointer)
+    ctx.make_checkpointer(grpo_cfg)
+    resuming = ctx.resuming
     (workdir / "config.json").write_text(json.dumps(runs.run_settings(config), indent=2))
     echo(f"[research] {workdir} | reward {reward_cfg.mode} | cold start {cold_cfg.examples}")
 
     data = build_data(config)
-    with PreemptionGuard() as guard:
+    with ctx.preemptible() as guard:
         base_dir = base_model.resolve_base(config.base)
         if base_dir is not None:
             tokenizer, graphdef, params, info = base_model.load_base(base_dir, mesh, config)
@@ -233,11 +222,8 @@ def run(config) -> dict[str, Any]:
         def count_tokens(text: str) -> int:
             return len(tokenizer.encode(text))
 
-        result = grpo_run.run_grpo(
+        result = ctx.run_grpo(
             grpo_cfg,
-            metrics_cfg=metrics_cfg,
-            run_config=config.to_dict(),
-            workdir=workdir,
             graphdef=graphdef,
             params=params,
             tokenizer=tokenizer,
@@ -248,13 +234,9 @@ def run(config) -> dict[str, Any]:
                 seed=grpo_cfg.seed,  # the RL seed: problem order varies with it
             ),
             eval_examples=data["eval_set"],
-            mesh=mesh,
-            checkpointer=checkpointer,
-            guard=guard,
             stop_token_ids=stops,
             response_stats=lambda t, ex: measures.completion_stats(t, ex, count_tokens),
             carry=carry,
-            echo=echo,
             trainer_kwargs={"rollout_stats": measures.stats_with_ratios(count_tokens)},
         )
     if result["preempted"]:
@@ -280,12 +262,10 @@ def run(config) -> dict[str, Any]:
             graphdef, trainer.params, tokenizer, data["eval_set"], grpo_cfg, stops, mesh
         )
         echo("[bridge] after RL:  " + grpo_run.fmt(summary["bridge_after"]))
-    summary["wall_seconds"] = time.perf_counter() - t_start
-    (workdir / runs.SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    plot_curves(
-        workdir / "metrics.jsonl",
-        workdir / "curves.png",
-        CURVES,
+    summary["wall_seconds"] = ctx.elapsed()
+    ctx.write_summary(
+        summary,
+        curves=CURVES,
         title=f"research arm: reward {reward_cfg.mode}, {grpo_cfg.advantage_estimator}",
     )
     echo(f"[research] wrote {workdir}/summary.json ({summary['wall_seconds']:.0f}s)")
