@@ -266,7 +266,7 @@ def run(config) -> dict[str, Any]:
     ctx.write_summary(
         summary,
         curves=CURVES,
-        title=f"research arm: reward {reward_cfg.mode}, {grpo_cfg.advantage_estimator}",
+        title=f"research arm: reward {reward_cfg.mode}, {grpo_cfg.loss.advantage_estimator}",
     )
     echo(f"[research] wrote {workdir}/summary.json ({summary['wall_seconds']:.0f}s)")
     return summary
