@@ -49,14 +49,15 @@ class MeshConfig:
 
     def shape(self, num_devices: int) -> tuple[int, int, int]:
         sizes = [self.data, self.fsdp, self.tensor]
+        named = dict(zip(AXES, sizes, strict=True))
         if sizes.count(-1) > 1:
-            raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+            raise ValueError(f"at most one mesh axis may be -1, got {named}")
         if any(s == 0 or s < -1 for s in sizes):
-            raise ValueError(f"mesh axis sizes must be positive or -1, got {sizes}")
+            raise ValueError(f"mesh axis sizes must be positive or -1, got {named}")
         known = int(np.prod([s for s in sizes if s != -1]))
         if -1 in sizes:
             if num_devices % known:
-                raise ValueError(f"{num_devices} devices do not divide into mesh {sizes}")
+                raise ValueError(f"{num_devices} devices do not divide into mesh {named}")
             sizes[sizes.index(-1)] = num_devices // known
         if int(np.prod(sizes)) != num_devices:
             raise ValueError(

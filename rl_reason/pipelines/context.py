@@ -30,7 +30,7 @@ from rl_reason.infra import sharding
 from rl_reason.infra.checkpoint import Checkpointer
 from rl_reason.infra.metrics import MetricsConfig, plot_curves
 from rl_reason.infra.preemption import PreemptionGuard
-from rl_reason.pipelines import grpo_stage
+from rl_reason.pipelines import grpo_stage, options
 from rl_reason.trainer import GRPOConfig
 
 SUMMARY_FILE = "summary.json"
@@ -84,6 +84,7 @@ class RunContext:
         """
         plugins.load_from(config)  # before anything checks a registered name
         started = time.perf_counter()
+        options.check(config)  # every bad option at once, before any data, model or compile
         if one_process and jax.process_count() > 1:
             raise ValueError(one_process)
         path, metrics = None, None

@@ -8,6 +8,7 @@ built, and whether LoRA adapters train instead of every weight.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from models import LoRAConfig
@@ -38,6 +39,11 @@ class ModelOptions:
         if self.tiny and self.tiny not in TINY_FAMILIES:
             raise ValueError(
                 f"config.model.tiny={self.tiny!r} is not one of {sorted(TINY_FAMILIES)}"
+            )
+        if not 0 <= self.max_seq_len <= 1 << 22:
+            raise ValueError(
+                f"config.model.max_seq_len={self.max_seq_len} must be in [0, 2^22] (0: the "
+                "checkpoint's own)"
             )
 
 
@@ -115,9 +121,18 @@ class LoraOptions:
     alpha: float = 32.0
     targets: str = ",".join(TARGETS)  # comma-separated names from models.lora.TARGETS
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank <= 1 << 16:
+            raise ValueError(
+                f"config.lora.rank must be in [0, 2^16] (0 = no LoRA), got {self.rank}"
+            )
+        if not (math.isfinite(self.alpha) and 0 < self.alpha <= 1e6):
+            raise ValueError(f"config.lora.alpha must be in (0, 1e6] (the scale), got {self.alpha}")
+        unknown = [t.strip() for t in self.targets.split(",") if t.strip() not in TARGETS]
+        if unknown:
+            raise ValueError(f"config.lora.targets {unknown} are not in {list(TARGETS)}")
+
     def lora_config(self) -> LoRAConfig | None:
-        if self.rank < 0:
-            raise ValueError(f"config.lora.rank must be >= 0 (0 = no LoRA), got {self.rank}")
         if self.rank == 0:
             return None
         targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())

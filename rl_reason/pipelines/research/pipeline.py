@@ -89,6 +89,10 @@ class ColdStartConfig:
             raise ValueError(
                 f"cold_start needs examples >= 0 and steps >= 1, got {self.examples}, {self.steps}"
             )
+        try:
+            self.pretrain_config()  # the SFT options have the pretraining options' bounds
+        except ValueError as e:
+            raise ValueError(f"config.cold_start: {e}") from None
 
     def pretrain_config(self) -> pretrain.PretrainConfig:
         fields = {f.name for f in dataclasses.fields(pretrain.PretrainConfig)}
