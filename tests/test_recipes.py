@@ -40,7 +40,7 @@ from rl_reason.pipelines import (
     tiny_model,
 )
 from rl_reason.pipelines import evaluate as evaluate_run
-from rl_reason.trainer import GRPOTrainer
+from rl_reason.rollout.rounds import Rounds
 
 TINY_TEXTS = [
     "Natalia sold clips to 48 of her friends in April, and then half as many in May.",
@@ -128,12 +128,12 @@ def test_chat_prompts_are_encoded_as_the_template_wrote_them(tmp_path, template_
     bos = "<s>" if template_has_bos else ""
     assert text == f"{bos}[system] Be brief.<|eot|>[user] What is 3 + 4? Reason.<|eot|>[assistant] "
     # The template decides: one bos if it wrote one, else none. The chat task tells the
-    # trainer to add none (its own prompt encoding, called on a stand-in for the trainer).
+    # trainer to add none (the rounds' prompt encoding, called on a stand-in).
     assert encoder is tokenizer and chatted.prompt_add_bos is False
     stand_in = types.SimpleNamespace(
         tokenizer=encoder, task=chatted, cfg=types.SimpleNamespace(max_prompt_len=512)
     )
-    (ids,) = GRPOTrainer._encode_prompts(stand_in, [{"question": "What is 3 + 4?"}])
+    (ids,) = Rounds.encode_prompts(stand_in, [{"question": "What is 3 + 4?"}])
     assert ids == tokenizer.encode(text)
     assert ids.count(tokenizer.bos_id) == int(template_has_bos)
     assert (ids[0] == tokenizer.bos_id) == template_has_bos
@@ -141,7 +141,7 @@ def test_chat_prompts_are_encoded_as_the_template_wrote_them(tmp_path, template_
     encoder, plain_task = chat_task.prompting(tokenizer, task, recipe_options.PromptOptions())
     assert plain_task is task and encoder is tokenizer
     plain = types.SimpleNamespace(tokenizer=encoder, task=plain_task, cfg=stand_in.cfg)
-    (ids,) = GRPOTrainer._encode_prompts(plain, [{"question": "What is 3 + 4?"}])
+    (ids,) = Rounds.encode_prompts(plain, [{"question": "What is 3 + 4?"}])
     assert ids[0] == tokenizer.bos_id
     # Stop tokens: eos and the template's end of turn (chat); eos alone when </answer> is not
     # one token (r1_zero).
@@ -207,7 +207,7 @@ def test_recipe_configs_are_complete_and_checked():
         recipe_options.PromptOptions(format="r1_zero", system="x")
     with pytest.raises(ValueError, match="needs its own eval_data_dir"):
         recipe_options.DataOptions(manual_dir="/a", eval_manual_dir="/b")
-    with pytest.raises(ValueError, match="rank must be >= 0"):
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\^16\]"):
         recipe_options.LoraOptions(rank=-1).lora_config()
     data = recipe_options.DataOptions(data_dir="{workdir}/tfds").in_workdir("/runs/x")
     assert data.data_dir == "/runs/x/tfds" and data.eval_dir == "/runs/x/tfds"

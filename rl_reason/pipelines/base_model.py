@@ -40,7 +40,7 @@ from rl_reason.tasks import arithmetic
 from rl_reason.tasks.templates import ANSWER_CLOSE, SPECIAL_TOKENS
 from rl_reason.trainer import GRPOConfig, GRPOTrainer
 
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parents[2]  # rl_reason/pipelines/ -> the repository
 SHIPPED_BASE = _REPO / "models" / "bases" / "arithmetic_chains_tiny"
 INFO_FILE = "base_info.json"
 # The config sections stage 1 depends on (top-level `seed` too).
