@@ -58,25 +58,29 @@ def test_entry_points_are_short():
     assert not long, long
 
 
-def test_no_import_cycle_between_subpackages():
-    # Module-level imports only (imports inside functions are deliberate late binding).
+def _module_imports(path: Path) -> list[str]:
+    """The module-level imports of a file (imports inside functions are deliberate late binding),
+    each as `pkg.mod` and `pkg.mod.name` for a from-import."""
     import ast
 
+    names = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+    return names
+
+
+def test_no_import_cycle_between_subpackages():
     graph: dict[str, set[str]] = {}
     for path in (ROOT / "rl_reason").rglob("*.py"):
-        rel = path.relative_to(ROOT / "rl_reason").parts
-        unit = rel[0].removesuffix(".py")
-        for node in ast.parse(path.read_text()).body:
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            for name in names:
-                parts = name.split(".")
-                if parts[0] == "rl_reason" and len(parts) > 1 and parts[1] != unit:
-                    if (ROOT / "rl_reason" / parts[1]).is_dir():
-                        graph.setdefault(unit, set()).add(parts[1])
+        unit = path.relative_to(ROOT / "rl_reason").parts[0].removesuffix(".py")
+        for name in _module_imports(path):
+            parts = name.split(".")
+            if parts[0] == "rl_reason" and len(parts) > 1 and parts[1] != unit:
+                if (ROOT / "rl_reason" / parts[1]).is_dir():
+                    graph.setdefault(unit, set()).add(parts[1])
     subpackages = {p.name for p in (ROOT / "rl_reason").iterdir() if (p / "__init__.py").exists()}
 
     def reaches(start: str, goal: str, seen: set[str]) -> bool:
@@ -102,8 +106,6 @@ LAYERS = (
 
 
 def test_each_layer_imports_only_the_layers_below_it():
-    import ast
-
     rank = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
     package = ROOT / "rl_reason"
     units = {p.name.removesuffix(".py") for p in package.iterdir() if p.name != "__init__.py"}
@@ -114,15 +116,9 @@ def test_each_layer_imports_only_the_layers_below_it():
         unit = path.relative_to(package).parts[0].removesuffix(".py")
         if unit not in rank:
             continue
-        for node in ast.parse(path.read_text()).body:
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            for name in names:
-                parts = name.split(".")
-                if parts[0] == "rl_reason" and len(parts) > 1 and parts[1] in rank:
-                    if rank[parts[1]] > rank[unit]:
-                        upward.append(f"{path.relative_to(ROOT)} imports {name}")
+        for name in _module_imports(path):
+            parts = name.split(".")
+            if parts[0] == "rl_reason" and len(parts) > 1 and parts[1] in rank:
+                if rank[parts[1]] > rank[unit]:
+                    upward.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not upward, sorted(set(upward))
