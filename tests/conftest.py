@@ -66,6 +66,7 @@ HEAVY_FIRST = (
     "test_pretrained_sharded",
     "test_evaluate",
     "test_off_policy",
+    "test_divergence",
 )
 
 
