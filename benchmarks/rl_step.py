@@ -39,6 +39,7 @@ from absl import app, flags
 from benchmarks import common, noop_verifier  # noqa: F401  (registers "noop" here too)
 from experiments.configs import r1_zero_tiny
 from rl_reason import verifiers
+from rl_reason.core.record import RolloutArrays
 from rl_reason.infra import data as data_lib
 from rl_reason.infra import sharding
 from rl_reason.infra.tokenizer import train_sentencepiece
@@ -133,7 +134,7 @@ def _device_phases(trainer: GRPOTrainer, examples: list[dict], repeats: int) -> 
     out = run_sampler()
     generated = int(np.asarray(out.lengths).sum())
     args = (out.prompt_ids, out.prompt_mask, out.tokens, out.mask)
-    rollout = (*args, out.truncated, out.policy_logprobs, None)
+    rollout = RolloutArrays.from_sample(out)
     advantages = np.where(np.arange(cfg.rows) % 2, 1.0, -1.0).astype(np.float32)
 
     def run_logprobs():

@@ -18,6 +18,7 @@ from models import Transformer, get_config
 from rl_reason import losses
 from rl_reason.core import update as train_step
 from rl_reason.core.config import LossOptions
+from rl_reason.core.record import RolloutArrays
 from rl_reason.infra import sharding
 from rl_reason.rollout import sampling
 
@@ -47,7 +48,7 @@ def test_sample_logprobs_batch_and_update_need_no_implicit_transfer():
         args = (out.prompt_ids, out.prompt_mask, out.tokens, out.mask)
         old = fns.logprobs(params, *args)
         advantages = jax.jit(losses.compute_advantages, static_argnums=1)(rewards, 3)
-        rollout = (*args, out.truncated, old, None)
+        rollout = RolloutArrays.from_sample(out, old_logprobs=old)
         batch = fns.make_batch([rollout], None, advantages)
         new_params, _, metrics = fns.update(params, opt_state, batch)
         jax.block_until_ready((new_params, metrics))

@@ -21,6 +21,7 @@ from models import get_config
 from rl_reason import losses
 from rl_reason.core import update as train_step
 from rl_reason.core.config import LossOptions
+from rl_reason.core.record import RolloutArrays
 from rl_reason.infra import sharding
 from rl_reason.rollout import sampling
 
@@ -79,8 +80,7 @@ def run(name: str, shape: tuple[int, int, int], out_dir: str) -> None:
     fns = train_step.StepFns(
         graphdef, params, optimizer, LossOptions(kl_coef=0.0), mesh, microbatches=2
     )
-    rollout = (out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.truncated)
-    batch = fns.make_batch([(*rollout, out.policy_logprobs, None)], None, advantages)
+    batch = fns.make_batch([RolloutArrays.from_sample(out)], None, advantages)
     opt_state = fns.init_opt_state(params)
     new_params, new_opt, metrics = fns.update(params, opt_state, batch)
     metrics = jax.device_get(metrics)
