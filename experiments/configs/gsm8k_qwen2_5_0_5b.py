@@ -68,6 +68,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = recipe_config(
         workdir="runs/gsm8k_qwen2_5_0_5b",
         task="gsm8k",
+        # Malformed rows the build skips before it fails (rl_reason/tasks/bad_rows.py).
+        task_params=dict(max_bad_fraction=0.01),
         model=dict(path="~/models/Qwen2.5-0.5B"),
         prompt=dict(format="chat", system="You are a helpful assistant.", suffix=SUFFIX),
         data=dict(manual_dir="~/data/gsm8k", eval_split="test", eval_size=0),

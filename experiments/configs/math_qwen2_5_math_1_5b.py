@@ -64,6 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = recipe_config(
         workdir="runs/math_qwen2_5_math_1_5b",
         task="math",
+        # Malformed rows the build skips before it fails (rl_reason/tasks/bad_rows.py).
+        task_params=dict(max_bad_fraction=0.01),
         model=dict(path="~/models/Qwen2.5-Math-1.5B"),
         prompt=dict(format="chat", system=SYSTEM),
         data=dict(manual_dir="~/data/prm800k/math_splits", eval_split="test", eval_size=500),

@@ -78,9 +78,13 @@ def _model(section) -> None:
 
 def _recipe_task(section) -> None:
     from rl_reason.tasks import get_task
+    from rl_reason.tasks.bad_rows import check_max_bad_fraction
 
+    params = dict(section.get("params") or {})
     try:
-        get_task(section["name"], **dict(section.get("params") or {}))
+        if "max_bad_fraction" in params:
+            check_max_bad_fraction(params["max_bad_fraction"])
+        get_task(section["name"], **params)
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"config.task: {e}") from None
 

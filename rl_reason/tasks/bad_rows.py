@@ -89,7 +89,8 @@ class BadRows:
                 f"{self.what}: {bad} of {self.rows} rows ({fraction:.1%}) are malformed, above "
                 f"max_bad_fraction={self.max_bad_fraction:g}. Reasons: {self._reasons()}. First "
                 f"bad rows: {'; '.join(self.first_bad)}. Fix or remove these rows (is this the "
-                "right file?), or raise max_bad_fraction to skip them."
+                "right file?), or raise max_bad_fraction to skip them (a recipe config: "
+                "--config.task.params.max_bad_fraction)."
             )
         if bad:
             log.warning(
