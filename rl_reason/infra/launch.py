@@ -83,6 +83,12 @@ def run_app(main) -> None:
 
 def main(config):
     """Start the runtime, then run the config's pipeline."""
+    from rl_reason.pipelines.options import OptionsError
+
     run = pipeline(config.pipeline)
     start()
-    return run(config)
+    try:
+        return run(config)
+    except OptionsError as e:
+        # The user's mistake, stated in full: a traceback into the checks adds nothing.
+        raise SystemExit(f"error: {e}") from None
