@@ -129,3 +129,18 @@ def test_bad_checkpoints_and_arguments_are_named(math_run, tmp_path):
         evaluate_run.evaluate(config, "latest", samples=0)
     with pytest.raises(ValueError, match="already a Hugging Face directory"):
         evaluate_run.export(config, str(workdir / recipe.EXPORT_DIR))
+
+
+def test_configs_of_other_pipelines_are_told_in_one_line(tmp_path):
+    from experiments.configs import r1_zero_tiny
+
+    config = r1_zero_tiny.get_config("smoke")
+    for fn in (evaluate_run.evaluate, evaluate_run.export):
+        with pytest.raises(ValueError, match="supports recipe configs .* 'r1_zero'"):
+            fn(config, "latest")
+
+
+def test_a_changed_sampling_option_is_seen_in_a_nested_saved_config():
+    saved = {"sampling": {"temperature": 0.7}, "max_new_tokens": 16}
+    assert evaluate_run._field(saved, "sampling.temperature") == 0.7
+    assert evaluate_run._field(saved, "sampling.top_p") is evaluate_run._MISSING

@@ -39,12 +39,33 @@ log = logging.getLogger(__name__)
 _EVAL_FIELDS = (
     "max_prompt_len",
     "max_new_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
+    "sampling.temperature",
+    "sampling.top_k",
+    "sampling.top_p",
     "eval_temperature",
     "seed",
 )
+_MISSING = object()
+
+
+def _field(tree, path: str):
+    """A dotted field of a config dataclass or of its saved dict (_MISSING if absent)."""
+    for part in path.split("."):
+        tree = tree.get(part, _MISSING) if isinstance(tree, dict) else getattr(tree, part, _MISSING)
+        if tree is _MISSING:
+            break
+    return tree
+
+
+def check_supported(config, command: str) -> None:
+    """Recipe configs only; the other pipelines say so in one line."""
+    if config.get("pipeline") != "recipe":
+        raise ValueError(
+            f"{command} supports recipe configs (pipeline 'recipe': countdown_qwen2_5_3b, "
+            "gsm8k_qwen2_5_0_5b, math_qwen2_5_math_1_5b, humaneval_r1_zero, mbpp_r1_zero); "
+            f"config.pipeline is {config.get('pipeline')!r}, whose run evaluates before and "
+            "after RL itself (WORKDIR/summary.json)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,9 +157,9 @@ def restore(config, source: Source, mesh, pool) -> tuple[GRPOTrainer, recipe.Set
         trainer.params = state["params"]
         saved = meta.get("config", {})
         differs = {
-            k: (saved[k], getattr(s.grpo, k))
+            k: (_field(saved, k), _field(s.grpo, k))
             for k in _EVAL_FIELDS
-            if k in saved and saved[k] != getattr(s.grpo, k)
+            if _field(saved, k) is not _MISSING and _field(saved, k) != _field(s.grpo, k)
         }
         if differs:
             log.warning(
@@ -166,6 +187,7 @@ def evaluate(
     `split` defaults to config.data.eval_split, `num_examples` to config.data.eval_size (0:
     all), `samples` (k) to config.grpo.eval_samples.
     """
+    check_supported(config, "experiments.evaluate")
     if samples is not None and samples < 1:
         raise ValueError(f"samples must be >= 1 (k for mean@k / pass@k / maj@k), got {samples}")
     if num_examples is not None and num_examples < 0:
@@ -210,6 +232,7 @@ def markdown(result: dict[str, Any]) -> str:
 def export(config, checkpoint: str, out: str | Path | None = None) -> Path:
     """`checkpoint`'s policy (LoRA merged) as a Hugging Face directory with the tokenizer files
     (default WORKDIR/export_step_<N>)."""
+    check_supported(config, "experiments.export")
     source = resolve(config, checkpoint)
     if source.is_hf:
         raise ValueError(f"{source.path} is already a Hugging Face directory; nothing to export")
