@@ -423,3 +423,20 @@ def test_sigkill_during_async_save_leaves_the_previous_step_resumable(tmp_path):
         step, state, meta = ckpt.restore_latest(abstract)
     assert step == 3 and meta == {"step": 3}
     assert float(np.asarray(state["w7"])[0]) == -1.0
+
+
+def test_restore_item_reads_the_params_alone_and_checks_them(tmp_path):
+    state = make_state()
+    with Checkpointer(tmp_path, save_every=1) as ckpt:
+        ckpt.save(1, state, meta={"trainer": {"step": 1}})
+    with Checkpointer(tmp_path, save_every=1, read_only=True) as ckpt:
+        params, meta = ckpt.restore_item("params", jax.eval_shape(lambda: state["params"]), 1)
+        assert_bitwise_equal(params, state["params"])
+        assert meta == {"trainer": {"step": 1}}
+        wrong = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct((5, *x.shape[1:]), x.dtype), state["params"]
+        )
+        with pytest.raises(CheckpointMismatchError, match="saved shape"):
+            ckpt.restore_item("params", wrong, 1)
+        with pytest.raises(FileNotFoundError, match="saved steps: \\[1\\]"):
+            ckpt.restore_item("params", jax.eval_shape(lambda: state["params"]), 2)

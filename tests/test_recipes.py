@@ -27,7 +27,6 @@ from flax import nnx
 from experiments.configs import countdown_qwen2_5_3b, gsm8k_qwen2_5_0_5b, math_qwen2_5_math_1_5b
 from models import from_pretrained
 from models.safetensors_io import open_checkpoint
-from rl_reason import verifiers
 from rl_reason.infra import launch, sharding
 from rl_reason.infra.metrics import read_jsonl
 from rl_reason.infra.tokenizer import TextTokenizer, load_tokenizer, train_sentencepiece
@@ -332,12 +331,11 @@ def lora_run(tmp_path_factory):
     config = _smoke(math_qwen2_5_math_1_5b, workdir, lora=dict(rank=4, alpha=8.0))
     summary = recipe.run(config)
     mesh = sharding.make_mesh(sharding.MeshConfig())
-    with verifiers.VerifierPool(1) as pool:
-        trainer, setup, _ = evaluate_run.restore(
-            config, evaluate_run.Source(workdir / "checkpoints", 2), mesh, pool
-        )
-    adapted = nnx.merge(trainer.graphdef, trainer.params, trainer.frozen[0])
-    return workdir, summary, setup, trainer.params, adapted
+    pol, setup, _ = evaluate_run.restore(
+        config, evaluate_run.Source(workdir / "checkpoints", 2), mesh
+    )
+    adapted = nnx.merge(pol.graphdef, pol.params, pol.frozen)
+    return workdir, summary, setup, pol.params, adapted
 
 
 @pytest.mark.slow

@@ -410,6 +410,34 @@ class Checkpointer:
             )
         return self._restore_step(step, abstract_state)
 
+    def restore_item(self, name: str, abstract_item: Any, step: int) -> tuple[Any, dict[str, Any]]:
+        """Only ``state[name]`` of `step` (e.g. the params, for evaluation: no optimizer state
+        is built or read) and the meta. Paths, shapes and dtypes are checked as in `restore`;
+        the other saved arrays are left on disk."""
+        self.wait()
+        step = int(step)
+        if step not in self._manager.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; saved steps: "
+                f"{self.all_steps()}"
+            )
+        target = {name: jax.tree.map(_to_abstract, abstract_item)}
+        self._check_matches(step, target, {}, partial=True)
+        restore_args = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), target
+        )
+        with ocp.PyTreeCheckpointer() as reader:
+            arrays = reader.restore(
+                os.path.join(self._step_dir(step), STATE),
+                args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=restore_args, partial_restore=True
+                ),
+            )
+        meta = self._manager.restore(
+            step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})
+        )
+        return arrays[name], dict(meta[META] or {})
+
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
         """``(step, state, meta)`` of the newest readable checkpoint; None if there is none.
 
@@ -517,7 +545,9 @@ class Checkpointer:
             raise CheckpointReadError(f"meta of {self._step_dir(step)} is not a JSON object")
         return step, state, dict(meta or {})
 
-    def _check_matches(self, step: int, target: Any, key_impls: Mapping[str, str]) -> None:
+    def _check_matches(
+        self, step: int, target: Any, key_impls: Mapping[str, str], *, partial: bool = False
+    ) -> None:
         where = self._step_dir(step)
         saved_meta = self._manager.item_metadata(step)[STATE]
         saved_tree = getattr(saved_meta, "tree", saved_meta)
@@ -558,7 +588,7 @@ class Checkpointer:
                     "dtype and cast afterwards."
                 )
         extra = sorted(set(saved) - set(expected))
-        if extra:
+        if extra and not partial:
             raise CheckpointMismatchError(
                 f"checkpoint {where} holds parameters the abstract state lacks, first "
                 f"'{extra[0]}' ({len(extra)} in all). {advice}"

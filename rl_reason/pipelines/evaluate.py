@@ -7,11 +7,12 @@
 
 `evaluate` reports greedy accuracy and mean@k, unbiased pass@k and maj@k over k sampled answers
 (k = `samples`, default the config's grpo.eval_samples) on the held-out split, computed by
-`GRPOTrainer.evaluate` with the config's prompts, stop tokens, eval_temperature and seed: the
-final checkpoint of a run therefore reproduces the run's own final evaluation, number for
-number. A GRPO checkpoint is restored onto the config's policy (its base weights read from
-config.model.path, as in the run); an HF directory (e.g. WORKDIR/export) replaces the policy
-and needs no checkpoint. Checkpoints are opened read-only, so a run still writing into the
+the trainer's own `Evaluator` (no optimizer is built) with the config's prompts, stop tokens,
+eval_temperature and seed: the final checkpoint of a run therefore reproduces the run's own
+final evaluation, number for number. Only the params of a GRPO checkpoint are read, onto the
+config's policy (its base weights read from config.model.path, as in the run); an HF
+directory (e.g. WORKDIR/export) replaces the policy and needs no checkpoint. Checkpoints are
+opened read-only, so a run still writing into the
 same workdir is not disturbed.
 """
 
@@ -25,12 +26,15 @@ from typing import Any
 
 import jax
 
+from models import partitioning
 from rl_reason import verifiers
 from rl_reason.infra import sharding
 from rl_reason.infra.checkpoint import Checkpointer
 from rl_reason.pipelines import grpo_stage as grpo_run
 from rl_reason.pipelines import policy, recipe, recipe_data, recipe_options
-from rl_reason.trainer import GRPOConfig, GRPOTrainer
+from rl_reason.rollout.rounds import Rounds
+from rl_reason.trainer import GRPOConfig
+from rl_reason.trainer.evaluator import Evaluator
 
 log = logging.getLogger(__name__)
 
@@ -131,45 +135,39 @@ def resolve(config, checkpoint: str) -> Source:
     return Source(directory, step)
 
 
-def restore(config, source: Source, mesh, pool) -> tuple[GRPOTrainer, recipe.Setup, dict]:
-    """A trainer holding the policy of `source` (no training data: it only evaluates), the
+def restore(config, source: Source, mesh) -> tuple[policy.Policy, recipe.Setup, dict]:
+    """The policy of `source` (params from the checkpoint: no optimizer is built or read), the
     recipe setup it was built from, and the checkpoint's meta ({} for an HF directory)."""
     s = recipe.setup(config, mesh, **({"path": source.path, "lora": False} if source.is_hf else {}))
-    trainer = GRPOTrainer(
-        s.grpo,
-        graphdef=s.policy.graphdef,
-        params=s.policy.params,
-        tokenizer=s.tokenizer,
-        task=s.task,
-        train_batches=iter(()),
-        pool=pool,
-        stop_token_ids=s.stop_token_ids,
-        mesh=mesh,
-        **s.policy.trainer_kwargs,
-    )
     meta: dict[str, Any] = {}
-    if not source.is_hf:
-        ckpt = Checkpointer(source.path, save_every=1, read_only=True)
-        try:
-            _, state, meta = ckpt.restore(trainer.abstract_state(), source.step)
-        finally:
-            ckpt.close()
-        trainer.params = state["params"]
-        saved = meta.get("config", {})
-        differs = {
-            k: (_field(saved, k), _field(s.grpo, k))
-            for k in _EVAL_FIELDS
-            if _field(saved, k) is not _MISSING and _field(saved, k) != _field(s.grpo, k)
-        }
-        if differs:
-            log.warning(
-                "checkpoint %s/%d was trained with other settings than this config; evaluating "
-                "with the config's (saved, now): %s",
-                source.path,
-                source.step,
-                differs,
-            )
-    return trainer, s, meta
+    if source.is_hf:
+        return s.policy, s, meta
+    shardings = partitioning.state_shardings(s.policy.params, mesh)
+    target = jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+        s.policy.params,
+        shardings,
+    )
+    ckpt = Checkpointer(source.path, save_every=1, read_only=True)
+    try:
+        params, meta = ckpt.restore_item("params", target, source.step)
+    finally:
+        ckpt.close()
+    saved = meta.get("config", {})
+    differs = {
+        k: (_field(saved, k), _field(s.grpo, k))
+        for k in _EVAL_FIELDS
+        if _field(saved, k) is not _MISSING and _field(saved, k) != _field(s.grpo, k)
+    }
+    if differs:
+        log.warning(
+            "checkpoint %s/%d was trained with other settings than this config; evaluating "
+            "with the config's (saved, now): %s",
+            source.path,
+            source.step,
+            differs,
+        )
+    return dataclasses.replace(s.policy, params=params), s, meta
 
 
 def evaluate(
@@ -197,10 +195,21 @@ def evaluate(
     mesh = sharding.make_mesh(grpo_run.config_from(sharding.MeshConfig, config.mesh))
     cfg = grpo_run.config_from(GRPOConfig, config.grpo)
     split = split or data.eval_split
+    pol, s, meta = restore(config, source, mesh)
+    examples = recipe_data.held_out_examples(s.dataset_task, data, split=split, n=num_examples)
     with verifiers.VerifierPool(cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s) as pool:
-        trainer, s, meta = restore(config, source, mesh, pool)
-        examples = recipe_data.held_out_examples(s.dataset_task, data, split=split, n=num_examples)
-        metrics = trainer.evaluate(examples, samples=samples)
+        rounds = Rounds(
+            s.grpo,
+            tokenizer=s.tokenizer,
+            task=s.task,
+            pool=pool,
+            mesh=mesh,
+            stop_token_ids=s.stop_token_ids,
+        )
+        frozen = () if pol.frozen is None else (pol.frozen,)
+        metrics = Evaluator(rounds).evaluate(
+            (pol.graphdef, pol.params, *frozen), examples, samples=samples
+        )
     result = {
         "checkpoint": str(source.path) if source.is_hf else f"{source.path}/{source.step}",
         "step": source.step if not source.is_hf else None,
@@ -237,14 +246,6 @@ def export(config, checkpoint: str, out: str | Path | None = None) -> Path:
     if source.is_hf:
         raise ValueError(f"{source.path} is already a Hugging Face directory; nothing to export")
     mesh = sharding.make_mesh(grpo_run.config_from(sharding.MeshConfig, config.mesh))
-    cfg = grpo_run.config_from(GRPOConfig, config.grpo)
-    with verifiers.VerifierPool(1, timeout_s=cfg.verifier_timeout_s) as pool:
-        trainer, s, _ = restore(config, source, mesh, pool)
+    pol, s, _ = restore(config, source, mesh)
     out = Path(out) if out else Path(config.workdir) / f"export_step_{source.step}"
-    return policy.export_policy(
-        trainer.graphdef,
-        trainer.params,
-        trainer.frozen[0] if trainer.frozen else None,
-        out,
-        source_dir=s.path,
-    )
+    return policy.export_policy(pol.graphdef, pol.params, pol.frozen, out, source_dir=s.path)
