@@ -210,7 +210,7 @@ class Rounds:
             if not opts.dynamic_sampling:
                 return [r], 1
             verified.append(r)
-            informative += count_informative(r)
+            informative += int(informative_groups(r).sum())
             if informative >= self.cfg.prompts_per_step:
                 break
             if len(verified) >= opts.max_sampling_rounds:
@@ -225,7 +225,7 @@ def select_informative(rounds: list[Rollout], prompts: int) -> list[Rollout]:
     Returns the records whose `selected` groups enter the update, in batch order: a round that
     gives both kinds appears twice (two records over the same arrays, each with its groups).
     """
-    informative = [count_informative(r, as_mask=True) for r in rounds]
+    informative = [informative_groups(r) for r in rounds]
     need, chosen = prompts, []
     for wanted in (True, False):
         for r, mask in zip(rounds, informative, strict=True):
@@ -238,8 +238,7 @@ def select_informative(rounds: list[Rollout], prompts: int) -> list[Rollout]:
     return chosen
 
 
-def count_informative(r: Rollout, *, as_mask: bool = False):
-    """Groups of a verified round whose rewards are not all equal (or their [P] mask)."""
+def informative_groups(r: Rollout) -> np.ndarray:
+    """[P] bool: the groups of a verified round whose rewards are not all equal."""
     groups = r.rewards.reshape(r.groups, r.group_size)
-    mask = groups.max(axis=1) > groups.min(axis=1)
-    return mask if as_mask else int(mask.sum())
+    return groups.max(axis=1) > groups.min(axis=1)
