@@ -40,7 +40,9 @@ class KVCache:
     prefix_mask: jax.Array  # [P, Sp] bool: real prompt tokens
     prefix_positions: jax.Array  # [P, Sp] int32: RoPE positions of the prompt tokens
     layers: tuple[LayerKV, ...]  # per layer, [B, K, S, H]
-    index: jax.Array  # int32 scalar: suffix slots written so far
+    # int32: suffix slots written so far, a scalar when every row advances in lockstep, or [B]
+    # per row (the continuous-batching engine's slots hold samples at different lengths).
+    index: jax.Array
 
     @property
     def group_size(self) -> int:
@@ -106,8 +108,15 @@ def grow(cache: KVCache, slots: int) -> KVCache:
 
 
 def write(kv: LayerKV, k_B1KH: jax.Array, v_B1KH: jax.Array, index: jax.Array) -> LayerKV:
-    """Keys/values of one new token per row [B, 1, K, H] written at slot `index`."""
+    """Keys/values of one new token per row [B, 1, K, H] written at slot `index` (a scalar, or
+    [B]: one slot per row)."""
     k_new, v_new = jnp.swapaxes(k_B1KH, 1, 2), jnp.swapaxes(v_B1KH, 1, 2)  # [B, K, 1, H]
+    if jnp.ndim(index) == 1:
+        row = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, SEQ_AXIS - 1)
+        put = jax.vmap(row)
+        return LayerKV(
+            put(kv.k, k_new.astype(kv.k.dtype), index), put(kv.v, v_new.astype(kv.v.dtype), index)
+        )
     return LayerKV(
         jax.lax.dynamic_update_slice_in_dim(kv.k, k_new.astype(kv.k.dtype), index, SEQ_AXIS),
         jax.lax.dynamic_update_slice_in_dim(kv.v, v_new.astype(kv.v.dtype), index, SEQ_AXIS),

@@ -200,11 +200,10 @@ class Attention(nnx.Module):
 
         q_suf = q.reshape(b, kv, r, h)
         s_suf = self._scores(q_suf, layer_cache.k, "bkrh,bksh->bkrs")  # [B, K, R, S]
-        slots = jnp.arange(layer_cache.k.shape[kv_cache.SEQ_AXIS])
-        suf_positions = positions_B[:, None] - cache.index + slots[None, :]
-        suf_ok = (slots <= cache.index)[None, :] & self._window_ok(
-            positions_B[:, None], suf_positions
-        )  # [B, S]
+        slots = jnp.arange(layer_cache.k.shape[kv_cache.SEQ_AXIS])[None, :]
+        index = jnp.reshape(cache.index, (-1, 1))  # [1, 1] in lockstep, [B, 1] per row
+        suf_positions = positions_B[:, None] - index + slots
+        suf_ok = (slots <= index) & self._window_ok(positions_B[:, None], suf_positions)  # [B, S]
         s_suf = jnp.where(suf_ok[:, None, None, :], s_suf, _NEG_INF)
 
         # The row's current token is always visible, so the joint max is finite.

@@ -156,7 +156,8 @@ def test_sampling_frequencies_follow_the_distribution():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     cfg = SamplingConfig(top_p=0.8)  # nucleus {0, 1}: renormalised to 0.625 / 0.375
     keys = jax.random.split(jax.random.key(0), 4000)
-    tokens = jax.vmap(lambda k: sampling._choose(logits, k, cfg)[0][0])(keys)
+    choose = lambda k: sampling.choose_tokens(logits, k[None], jnp.zeros(1, int), cfg)[0][0]
+    tokens = jax.vmap(choose)(keys)
     freq = np.bincount(np.asarray(tokens), minlength=4) / 4000
     np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)
 

@@ -8,7 +8,9 @@
   attends only to the slots that can be live in its segment.
 * Tokens are drawn by inverting the CDF at one uniform number per row (`inverse_cdf`), not by
   Gumbel-max over the whole vocabulary, whose B x V random numbers cost more than the rest of
-  the token choice on a CPU.
+  the token choice on a CPU. The number of token t of sample i comes from a key folded from i
+  and t (`sample_keys`, `token_uniforms`), so the continuous-batching engine
+  (rl_reason/rollout/engine.py), which decodes samples in any slot and order, draws the same.
 * Prompts are left-padded; positions count real tokens only, so a padded prompt yields the same
   samples as the unpadded one for the same key.
 * Rows are ordered prompt-major: row p * G + g is sample g of prompt p (the layout
@@ -43,6 +45,10 @@ class SamplingConfig:
     `vocab_size`: ids at or past it are never sampled (embedding rows padded beyond the
     tokenizer's vocabulary); None allows every row.
 
+    `logit_bias`: (token id, bias) pairs added to those tokens' logits before temperature and
+    truncation: they change the sampling distribution (and its log-probs), not the policy
+    log-prob. Benchmarks use a stop-token bias for controlled, geometric completion lengths.
+
     `max_decode_segments`: decoding runs in up to this many segments of growing KV-cache length
     (`decode_segments`), so that early tokens do not attend over the whole budget; 1 compiles
     the decode step once.
@@ -53,6 +59,7 @@ class SamplingConfig:
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
     vocab_size: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
     max_decode_segments: int = 4
 
     def __post_init__(self) -> None:
@@ -65,6 +72,10 @@ class SamplingConfig:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        bias = tuple((int(t), float(b)) for t, b in self.logit_bias)
+        if any(t < 0 for t, _ in bias):
+            raise ValueError(f"logit_bias token ids must be >= 0, got {self.logit_bias}")
+        object.__setattr__(self, "logit_bias", bias)
 
 
 # Shortest decode segment (see `decode_segments`).
@@ -134,16 +145,20 @@ def _first_reaching(cum_BN: jax.Array, weight_BN: jax.Array, target_B: jax.Array
     return jnp.where(first == n, last, first)
 
 
-def _categorical(logits_BV: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One token per row from softmax(logits) [B, V] (-inf entries are never drawn), and its
-    log-prob, by inverting the CDF at one uniform number per row (`inverse_cdf`).
+def sample_keys(key: jax.Array, sample_ids_B: jax.Array) -> jax.Array:
+    """One key per sample, folded from its id, so that a sample's draws do not depend on the
+    row or slot it occupies, its neighbours, or the order in which samples are decoded (the
+    continuous-batching engine relies on this to give the static sampler's tokens)."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, sample_ids_B)
 
-    Gumbel-max needs B * V random numbers per step: at 32 x 32000 its threefry bits and logs
-    cost ~5 ms of a llama-20m decode step on the CPU, more than the rest of the token choice.
-    Inversion needs B.
-    """
-    u_B = jax.random.uniform(key, (logits_BV.shape[0],), jnp.float32)
-    return inverse_cdf(logits_BV, u_B)
+
+def token_uniforms(keys_B: jax.Array, t_B: jax.Array) -> jax.Array:
+    """The uniform number that picks token t_B[i] of sample i (`inverse_cdf`): one per sample
+    and position. Gumbel-max would need B * V random numbers per step: at 32 x 32000 its
+    threefry bits and logs cost ~5 ms of a llama-20m decode step on the CPU, more than the rest
+    of the token choice. Inversion needs B."""
+    draw = lambda k, t: jax.random.uniform(jax.random.fold_in(k, t), (), jnp.float32)
+    return jax.vmap(draw)(keys_B, t_B)
 
 
 def inverse_cdf(logits_BV: jax.Array, u_B: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -185,22 +200,33 @@ def _token_logprob(logits_BV: jax.Array, token_B: jax.Array) -> jax.Array:
     return picked - jax.nn.logsumexp(logits_BV, axis=-1)
 
 
-def _choose(logits_BV: jax.Array, key: jax.Array, cfg: SamplingConfig):
-    """(token [B], sampling log-prob [B], policy log-prob [B])."""
+def _choose(logits_BV: jax.Array, u_B: jax.Array | None, cfg: SamplingConfig):
+    """(token [B], sampling log-prob [B], policy log-prob [B]) from the rows' uniform numbers
+    (`token_uniforms`; unused, and may be None, when greedy)."""
     logits_BV = logits_BV.astype(jnp.float32)
     # The policy log-prob is over every embedding row, as the trainer's forward pass sees it.
     raw_BV = logits_BV
     masks_vocab = cfg.vocab_size is not None and cfg.vocab_size < logits_BV.shape[-1]
     if masks_vocab:
         logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < cfg.vocab_size, logits_BV, -jnp.inf)
+    if cfg.logit_bias:
+        ids, bias = zip(*cfg.logit_bias, strict=True)
+        logits_BV = logits_BV.at[:, jnp.asarray(ids)].add(jnp.asarray(bias, jnp.float32))
     if cfg.temperature == 0.0:
         token = _argmax_first(logits_BV).astype(jnp.int32)
         return token, jnp.zeros(token.shape, jnp.float32), _token_logprob(raw_BV, token)
-    filters = cfg.temperature != 1.0 or cfg.top_k > 0 or cfg.top_p < 1.0
-    token, sample_lp = _categorical(filter_logits(logits_BV, cfg) if filters else logits_BV, key)
+    filters = cfg.temperature != 1.0 or cfg.top_k > 0 or cfg.top_p < 1.0 or bool(cfg.logit_bias)
+    token, sample_lp = inverse_cdf(filter_logits(logits_BV, cfg) if filters else logits_BV, u_B)
     if not filters and not masks_vocab:
         return token, sample_lp, sample_lp  # the sampling distribution is the policy
     return token, sample_lp, _token_logprob(raw_BV, token)
+
+
+def choose_tokens(logits_BV, keys_B, t_B, cfg: SamplingConfig):
+    """Token t_B[i] of each sample i from its logits and key: (token, sampling log-prob,
+    policy log-prob), each [B]."""
+    u_B = token_uniforms(keys_B, t_B) if cfg.temperature > 0 else None
+    return _choose(logits_BV, u_B, cfg)
 
 
 def _constrain_cache(cache: kv_cache.KVCache, mesh: Mesh) -> kv_cache.KVCache:
@@ -239,6 +265,7 @@ def _sample_impl(
     key = jax.random.wrap_key_data(key_data)
     p = prompt_ids_PT.shape[0]
     b = p * group_size
+    row_keys = sample_keys(key, jnp.arange(b, dtype=jnp.int32))
     positions_PT = positions_from_mask(prompt_mask_PT)
     hidden, kvs = model(
         prompt_ids_PT,
@@ -258,7 +285,7 @@ def _sample_impl(
     def emit(t, logits, outputs):
         """Choose token t of every row from `logits` and record it."""
         tokens, slp, plp, stopped, done, lengths = outputs
-        token, s_lp, p_lp = _choose(logits, jax.random.fold_in(key, t), cfg)
+        token, s_lp, p_lp = choose_tokens(logits, row_keys, jnp.full((b,), t, jnp.int32), cfg)
         token = jnp.where(done, pad_id, token)
         tokens = tokens.at[:, t].set(token)
         slp = slp.at[:, t].set(jnp.where(done, 0.0, s_lp))
@@ -326,25 +353,24 @@ def decode_segments(buffer_len: int, max_segments: int) -> tuple[int, ...]:
 _COMPILED: dict[tuple, Callable] = {}
 
 
-def _compiled(graphdef, params, mesh: Mesh, **static) -> Callable:
-    """The sampler jitted for one mesh with explicit in/out shardings (cached per shape key)."""
-    key = (graphdef, jax.tree.structure(params), mesh, tuple(sorted(static.items())))
+def sample_output_shardings(mesh: Mesh) -> SampleOutput:
+    batch = lambda rank: NamedSharding(
+        mesh, PartitionSpec(partitioning.BATCH_AXES, *[None] * (rank - 1))
+    )
+    return SampleOutput(*([batch(2)] * 4), batch(1), batch(1), batch(2), batch(2))
+
+
+def compiled(impl: Callable, graphdef, params, mesh: Mesh, out_shardings, **static) -> Callable:
+    """`impl(graphdef, params, prompt_ids, prompt_mask, key_data, max_new_tokens, **static)`
+    jitted for one mesh with explicit in/out shardings (cached per shape key)."""
+    key = (impl, graphdef, jax.tree.structure(params), mesh, tuple(sorted(static.items())))
     if key not in _COMPILED:
-        batch = lambda rank: NamedSharding(
-            mesh, PartitionSpec(partitioning.BATCH_AXES, *[None] * (rank - 1))
-        )
+        batch = sharding.batch_sharding(mesh, 2)
         repl = NamedSharding(mesh, PartitionSpec())
-        out = SampleOutput(*([batch(2)] * 4), batch(1), batch(1), batch(2), batch(2))
         _COMPILED[key] = jax.jit(
-            functools.partial(_sample_impl, graphdef, mesh=mesh, **static),
-            in_shardings=(
-                partitioning.state_shardings(params, mesh),
-                batch(2),
-                batch(2),
-                repl,
-                repl,
-            ),
-            out_shardings=out,
+            functools.partial(impl, graphdef, mesh=mesh, **static),
+            in_shardings=(partitioning.state_shardings(params, mesh), batch, batch, repl, repl),
+            out_shardings=out_shardings,
         )
     return _COMPILED[key]
 
@@ -379,6 +405,49 @@ def pad_prompts(
     return ids, mask
 
 
+def prepare(
+    model: Transformer | tuple,
+    prompts: Sequence[Sequence[int]],
+    key: jax.Array,
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    buffer_len: int | None,
+    prompt_width: int | None,
+    mesh: Mesh | None,
+):
+    """Checks a sampling call and puts its inputs on the devices: (graphdef, params, mesh,
+    buffer_len, device args). See `sample` for the arguments."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    graphdef, *states = nnx.split(model) if isinstance(model, nnx.Module) else model
+    params = tuple(states)  # merged with nnx.merge(graphdef, *params) inside the jit
+    buffer_len = bucket(max_new_tokens) if buffer_len is None else buffer_len
+    if max_new_tokens > buffer_len:
+        raise ValueError(f"max_new_tokens {max_new_tokens} exceeds buffer_len {buffer_len}")
+    mesh = sharding.mesh_of(params) if mesh is None else mesh
+    shards = sharding.batch_shards(mesh) // jax.process_count()
+    if len(prompts) % max(shards, 1):
+        raise ValueError(
+            f"{len(prompts)} prompts do not split over the {shards} local batch shards of mesh "
+            f"{dict(mesh.shape)}: pass a multiple of {shards} prompts"
+        )
+    ids, mask = pad_prompts(prompts, pad_id, prompt_width)
+    batch = sharding.batch_sharding(mesh, 2)
+    repl = NamedSharding(mesh, PartitionSpec())
+    # Every input goes to the devices by an explicit transfer, none implicitly at the call: the
+    # sampler runs under jax.transfer_guard("disallow") (tests/test_transfer_guard.py).
+    args = (
+        jax.make_array_from_process_local_data(batch, ids),
+        jax.make_array_from_process_local_data(batch, mask),
+        # Raw key bits: a host value every process holds alike (a typed key array would be
+        # committed to one local device).
+        jax.make_array_from_process_local_data(repl, np.asarray(jax.random.key_data(key))),
+        jax.make_array_from_process_local_data(repl, np.asarray(max_new_tokens, np.int32)),
+    )
+    return graphdef, params, mesh, buffer_len, args
+
+
 def sample(
     model: Transformer | tuple,
     prompts: Sequence[Sequence[int]],
@@ -406,40 +475,25 @@ def sample(
     """
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    graphdef, *states = nnx.split(model) if isinstance(model, nnx.Module) else model
-    params = tuple(states)  # merged with nnx.merge(graphdef, *params) inside the jit
-    buffer_len = bucket(max_new_tokens) if buffer_len is None else buffer_len
-    if max_new_tokens > buffer_len:
-        raise ValueError(f"max_new_tokens {max_new_tokens} exceeds buffer_len {buffer_len}")
-    mesh = sharding.mesh_of(params) if mesh is None else mesh
-    shards = sharding.batch_shards(mesh) // jax.process_count()
-    if len(prompts) % max(shards, 1):
-        raise ValueError(
-            f"{len(prompts)} prompts do not split over the {shards} local batch shards of mesh "
-            f"{dict(mesh.shape)}: pass a multiple of {shards} prompts"
-        )
-    ids, mask = pad_prompts(prompts, pad_id, prompt_width)
-    fn = _compiled(
+    graphdef, params, mesh, buffer_len, args = prepare(
+        model,
+        prompts,
+        key,
+        max_new_tokens=max_new_tokens,
+        pad_id=pad_id,
+        buffer_len=buffer_len,
+        prompt_width=prompt_width,
+        mesh=mesh,
+    )
+    fn = compiled(
+        _sample_impl,
         graphdef,
         params,
         mesh,
+        sample_output_shardings(mesh),
         group_size=group_size,
         buffer_len=buffer_len,
         cfg=config,
         pad_id=pad_id,
     )
-    batch = sharding.batch_sharding(mesh, 2)
-    repl = NamedSharding(mesh, PartitionSpec())
-    # Every input goes to the devices by an explicit transfer, none implicitly at the call: the
-    # sampler runs under jax.transfer_guard("disallow") (tests/test_transfer_guard.py).
-    return fn(
-        params,
-        jax.make_array_from_process_local_data(batch, ids),
-        jax.make_array_from_process_local_data(batch, mask),
-        # Raw key bits: a host value every process holds alike (a typed key array would be
-        # committed to one local device).
-        jax.make_array_from_process_local_data(repl, np.asarray(jax.random.key_data(key))),
-        jax.make_array_from_process_local_data(repl, np.asarray(max_new_tokens, np.int32)),
-    )
+    return fn(params, *args)

@@ -1,0 +1,378 @@
+"""Continuous batching: a fixed number of decode slots, each refilled as its sample finishes.
+
+The static sampler (sampling.py) decodes all P * G rows in lockstep, so a call lasts as long as
+its longest row and a finished row keeps paying for its place. Here `slots` rows decode at
+once, each holding one sample at its own position (per-slot cache index, ragged); when a sample
+ends (stop token or budget), its slot takes the next pending sample of the same batch shard,
+which starts from its prompt's prefilled last logits. With long-tailed lengths the slots stay
+busy while the long samples finish, instead of most rows idling behind them.
+
+* Each prompt is prefilled once (all prompts of the call, in one batched pass, before decoding);
+  its keys and values are stored once, [P, K, Tp, H] per layer, and every step reads the
+  prompt of each slot's sample by index: nothing of a prompt is copied per sample.
+* A slot's own tokens live in a per-slot suffix cache [S, K, W, H] that the next sample of the
+  slot overwrites from slot 0 (entries past a row's index are masked): cache memory grows with
+  `slots`, not with the P * G samples of the call. W grows in segments as the longest live
+  sample needs it (`sampling.decode_segments`, as in the static sampler).
+* Exact: token t of sample i is drawn with a key folded from i and t (`sampling.sample_keys`),
+  so a sample's tokens do not depend on its slot, its neighbours or the refill order; for the
+  same key this gives the static sampler's tokens and log-probs (up to float32 rounding of the
+  differently batched matmuls).
+* Sharded like the static sampler: prompts, samples and slots split over the mesh's batch
+  shards (data x fsdp), each shard refilling its slots from its own prompts' samples, so a
+  slot never reads another shard's prompt.
+
+The result is the static sampler's `SampleOutput` (rows prompt-major, pad after each
+completion), plus the engine's counters for occupancy metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from models import kv_cache, partitioning
+from models.transformer import Transformer, positions_from_mask, rope_table
+from rl_reason.infra import sharding
+from rl_reason.rollout import sampling
+from rl_reason.rollout.sampling import SampleOutput, SamplingConfig
+
+
+@struct.dataclass
+class EngineOutput:
+    sample: SampleOutput
+    decode_steps: jax.Array  # int32 scalar: decode iterations run
+    slot_steps: jax.Array  # int32 scalar: slots decoded, summed over the iterations
+    live_slot_steps: jax.Array  # int32 scalar: ... of them holding a live sample
+
+    @property
+    def slot_occupancy(self) -> float:
+        """Mean fraction of the decoded slots that held a live sample."""
+        total = int(self.slot_steps)
+        return float(self.live_slot_steps) / total if total else 0.0
+
+
+@struct.dataclass
+class _Slots:
+    """Per-slot state, [S] each: the sample held (-1: none), the tokens it has emitted, the last
+    of them (fed at the next step), and whether it has ended."""
+
+    sample: jax.Array
+    emitted: jax.Array
+    token: jax.Array
+    done: jax.Array
+
+    @property
+    def live(self) -> jax.Array:
+        return (self.sample >= 0) & ~self.done
+
+
+def _pin(x: jax.Array, mesh: Mesh, names) -> jax.Array:
+    spec = partitioning.logical_to_spec(names, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _pin_layers(layers, mesh: Mesh):
+    return tuple(
+        kv_cache.LayerKV(_pin(kv.k, mesh, kv_cache.KV_AXES), _pin(kv.v, mesh, kv_cache.KV_AXES))
+        for kv in layers
+    )
+
+
+def _refill(slots: _Slots, next_D: jax.Array, per_shard: int) -> tuple[_Slots, jax.Array]:
+    """Ended or empty slots take the next pending samples of their batch shard, in id order."""
+    d = next_D.shape[0]
+    free_DS = (~slots.live).reshape(d, -1)
+    rank_DS = jnp.cumsum(free_DS, axis=1, dtype=jnp.int32) - 1
+    local_DS = next_D[:, None] + rank_DS
+    take_DS = free_DS & (local_DS < per_shard)
+    take = take_DS.reshape(-1)
+    new = (jnp.arange(d, dtype=jnp.int32)[:, None] * per_shard + local_DS).reshape(-1)
+    sample = jnp.where(take, new, jnp.where(slots.live, slots.sample, -1))
+    slots = _Slots(
+        sample=sample,
+        emitted=jnp.where(take, 0, slots.emitted),
+        token=slots.token,
+        done=jnp.where(take, False, slots.done),
+    )
+    return slots, next_D + jnp.sum(take_DS, axis=1, dtype=jnp.int32)
+
+
+def slot_levels(slots: int, min_slots: int, shards: int) -> tuple[int, ...]:
+    """Slot counts the engine runs at: `slots`, then halved while at least `min_slots` and a
+    multiple of `shards` (the tail of a call runs on fewer slots once nothing is pending)."""
+    levels = [slots]
+    while levels[-1] % (2 * shards) == 0 and levels[-1] // 2 >= max(min_slots, shards):
+        levels.append(levels[-1] // 2)
+    return tuple(levels)
+
+
+def default_min_slots(slots: int, shards: int) -> int:
+    """A sixteenth of the slots: below that a CPU decode step costs about the same whatever
+    its rows (reading the weights dominates), and every level is one more compiled loop."""
+    return max(shards, slots // 16)
+
+
+def _shrink(state, fewer: int, shards: int, mesh: Mesh):
+    """The state with its live slots packed into `fewer` slots, within each batch shard."""
+    slots, next_D, layers, *rest = state
+    per_shard = slots.sample.shape[0] // shards
+    live_DS = slots.live.reshape(shards, per_shard)
+    keep_DS = jnp.argsort(~live_DS, axis=1, stable=True)[:, : fewer // shards]
+    keep = (jnp.arange(shards)[:, None] * per_shard + keep_DS).reshape(-1)
+    take = lambda x: jnp.take(x, keep, axis=0)
+    layers = _pin_layers(jax.tree.map(take, layers), mesh)
+    return (jax.tree.map(take, slots), next_D, layers, *rest)
+
+
+def _engine_impl(
+    graphdef,
+    params,
+    prompt_ids_PT,
+    prompt_mask_PT,
+    key_data,
+    max_new_tokens,
+    *,
+    group_size: int,
+    num_slots: int,
+    min_slots: int,
+    shards: int,
+    buffer_len: int,
+    cfg: SamplingConfig,
+    pad_id: int,
+    mesh: Mesh,
+):
+    model: Transformer = nnx.merge(graphdef, *params)
+    key = jax.random.wrap_key_data(key_data)
+    p = prompt_ids_PT.shape[0]
+    b = p * group_size
+    per_shard = b // shards
+    positions_PT = positions_from_mask(prompt_mask_PT)
+    hidden, kvs = model(
+        prompt_ids_PT,
+        mask_BT=prompt_mask_PT,
+        positions_BT=positions_PT,
+        return_hidden=True,
+        return_kv=True,
+    )
+    # Left padding puts every prompt's last real token in the last column.
+    first_logits_PV = model.logits(hidden[:, -1:])[:, 0]
+    prefix = tuple(kv_cache.heads_first(kv) for kv in kvs)  # [P, K, Tp, H], stored once
+    prompt_len_P = jnp.sum(prompt_mask_PT, axis=-1, dtype=jnp.int32)
+    keys_B = sampling.sample_keys(key, jnp.arange(b, dtype=jnp.int32))
+    stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
+    max_new = jnp.minimum(max_new_tokens, buffer_len)
+    segments = sampling.decode_segments(buffer_len, cfg.max_decode_segments)
+    rope_table_PN = rope_table(prompt_len_P[:, None] + jnp.arange(buffer_len)[None], model.cfg)
+
+    def body(state):
+        slots, next_D, layers, outputs, (steps, slot_steps, live_steps) = state
+        tokens, slp, plp, lengths, stopped = outputs
+        live = slots.live
+        row = jnp.maximum(slots.sample, 0)
+        prompt = row // group_size
+        # A slot feeds its last token at cache slot emitted - 1; a sample that has emitted
+        # nothing yet takes its first token from its prompt's prefill instead (its decode
+        # output is discarded and its slot-0 write is overwritten at the next step).
+        index = jnp.where(live, jnp.maximum(slots.emitted - 1, 0), 0)
+        cache = kv_cache.KVCache(
+            prefix=tuple(
+                kv_cache.LayerKV(jnp.take(kv.k, prompt, axis=0), jnp.take(kv.v, prompt, axis=0))
+                for kv in prefix
+            ),
+            prefix_mask=jnp.take(prompt_mask_PT, prompt, axis=0).astype(bool),
+            prefix_positions=jnp.take(positions_PT, prompt, axis=0),
+            layers=layers,
+            index=index,
+        )
+        rope = tuple(x[prompt, index][:, None] for x in rope_table_PN)
+        logits, cache = model.decode(slots.token, prompt_len_P[prompt] + index, cache, rope)
+        starting = live & (slots.emitted == 0)
+        logits = jax.lax.cond(
+            jnp.any(starting),
+            lambda: jnp.where(starting[:, None], jnp.take(first_logits_PV, prompt, axis=0), logits),
+            lambda: logits,
+        )
+        token, s_lp, p_lp = sampling.choose_tokens(logits, keys_B[row], slots.emitted, cfg)
+        # Rows of slots without a live sample are written out of bounds, i.e. dropped.
+        out_row = jnp.where(live, row, b)
+        col = slots.emitted
+        tokens = tokens.at[out_row, col].set(token, mode="drop")
+        slp = slp.at[out_row, col].set(s_lp, mode="drop")
+        plp = plp.at[out_row, col].set(p_lp, mode="drop")
+        lengths = lengths.at[out_row].set(col + 1, mode="drop")
+        hit_stop = live & jnp.isin(token, stop_ids)
+        stopped = stopped.at[out_row].set(hit_stop, mode="drop")
+        emitted = jnp.where(live, slots.emitted + 1, slots.emitted)
+        slots = _Slots(
+            sample=slots.sample,
+            emitted=emitted,
+            token=jnp.where(live, token, slots.token),
+            done=slots.done | (live & (hit_stop | (emitted >= max_new))),
+        )
+        slots, next_D = _refill(slots, next_D, per_shard)
+        outputs = (tokens, slp, plp, lengths, stopped)
+        layers = _pin_layers(cache.layers, mesh)
+        counts = (
+            steps + 1,
+            slot_steps + live.shape[0],
+            live_steps + jnp.sum(live, dtype=jnp.int32),
+        )
+        return slots, next_D, layers, outputs, counts
+
+    def working(state) -> jax.Array:
+        slots, next_D = state[0], state[1]
+        return jnp.any(slots.live) | jnp.any(next_D < per_shard)
+
+    def fits(state, width: int) -> jax.Array:
+        # Feeding a slot's last token needs cache slot emitted - 1 < width.
+        slots = state[0]
+        return jnp.all(~slots.live | (slots.emitted - 1 < width))
+
+    def can_shrink(state, fewer: int) -> jax.Array:
+        # Nothing pending and at most `fewer` live samples in every batch shard.
+        slots, next_D = state[0], state[1]
+        live_D = jnp.sum(slots.live.reshape(shards, -1), axis=1)
+        return jnp.all(next_D >= per_shard) & jnp.all(live_D <= fewer // shards)
+
+    def empty_layer(kv: kv_cache.LayerKV, width: int) -> kv_cache.LayerKV:
+        _, k, _, h = kv.k.shape
+        shape = (num_slots, k, width, h)
+        return kv_cache.LayerKV(jnp.zeros(shape, kv.k.dtype), jnp.zeros(shape, kv.v.dtype))
+
+    empty = _Slots(
+        sample=jnp.full((num_slots,), -1, jnp.int32),
+        emitted=jnp.zeros((num_slots,), jnp.int32),
+        token=jnp.full((num_slots,), pad_id, jnp.int32),
+        done=jnp.zeros((num_slots,), bool),
+    )
+    slots, next_D = _refill(empty, jnp.zeros((shards,), jnp.int32), per_shard)
+    outputs = (
+        jnp.full((b, buffer_len), pad_id, jnp.int32),
+        jnp.zeros((b, buffer_len), jnp.float32),
+        jnp.zeros((b, buffer_len), jnp.float32),
+        jnp.zeros((b,), jnp.int32),
+        jnp.zeros((b,), bool),
+    )
+    layers = _pin_layers(tuple(empty_layer(kv, segments[0]) for kv in prefix), mesh)
+    zero = jnp.zeros((), jnp.int32)
+    state = (slots, next_D, layers, outputs, (zero, zero, zero))
+    # Static shapes, so each (slot count, cache width) is its own loop: widths grow while the
+    # slots are full; once nothing is pending, the live samples are packed into half as many
+    # slots whenever they fit (the long tail then runs on a smaller, cheaper batch).
+    levels = slot_levels(num_slots, min_slots, shards)
+    for fewer in (*levels[1:], None):
+        for width in segments:
+            have = state[2][0].k.shape[kv_cache.SEQ_AXIS]
+            if width < have:
+                continue
+            if width > have:
+                pad = [(0, 0)] * 4
+                pad[kv_cache.SEQ_AXIS] = (0, width - have)
+                grown = tuple(
+                    kv_cache.LayerKV(jnp.pad(x.k, pad), jnp.pad(x.v, pad)) for x in state[2]
+                )
+                state = (*state[:2], _pin_layers(grown, mesh), *state[3:])
+
+            def cond(s, width=width, fewer=fewer):
+                go = working(s) & fits(s, width)
+                return go if fewer is None else go & ~can_shrink(s, fewer)
+
+            state = jax.lax.while_loop(cond, body, state)
+        if fewer is not None:
+            state = _shrink(state, fewer, shards, mesh)
+    _, _, _, outputs, counts = state
+    tokens, slp, plp, lengths, stopped = outputs
+    mask = jnp.arange(buffer_len)[None, :] < lengths[:, None]
+    out = SampleOutput(
+        tokens=tokens,
+        mask=mask,
+        sample_logprobs=slp,
+        policy_logprobs=plp,
+        lengths=lengths,
+        truncated=~stopped,
+        prompt_ids=prompt_ids_PT,
+        prompt_mask=prompt_mask_PT,
+    )
+    return EngineOutput(out, *counts)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """`slots`: rows decoded at once (a multiple of the mesh's batch shards); 0 = as many as
+    the call has samples (then nothing is refilled, only the tail is packed).
+    `min_slots`: the fewest slots the tail is packed into (0: `default_min_slots`)."""
+
+    slots: int = 0
+    min_slots: int = 0
+
+    def __post_init__(self) -> None:
+        if self.slots < 0:
+            raise ValueError(f"engine slots must be >= 0 (0: one per sample), got {self.slots}")
+        if self.min_slots < 0:
+            raise ValueError(
+                f"engine min_slots must be >= 0 (0: the default), got {self.min_slots}"
+            )
+
+
+_PLAIN = SamplingConfig()
+
+
+def sample(
+    model: Transformer | tuple,
+    prompts: Sequence[Sequence[int]],
+    key: jax.Array,
+    *,
+    group_size: int = 1,
+    max_new_tokens: int,
+    config: SamplingConfig = _PLAIN,
+    engine: EngineConfig = EngineConfig(),
+    pad_id: int = 0,
+    buffer_len: int | None = None,
+    prompt_width: int | None = None,
+    mesh: Mesh | None = None,
+) -> EngineOutput:
+    """`sampling.sample` through the continuous-batching engine (same arguments, plus
+    `engine`); `.sample` of the result is what `sampling.sample` returns for the same key."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    graphdef, params, mesh, buffer_len, args = sampling.prepare(
+        model,
+        prompts,
+        key,
+        max_new_tokens=max_new_tokens,
+        pad_id=pad_id,
+        buffer_len=buffer_len,
+        prompt_width=prompt_width,
+        mesh=mesh,
+    )
+    shards = sharding.batch_shards(mesh)
+    samples = len(prompts) * jax.process_count() * group_size
+    slots = engine.slots or samples
+    if slots % shards:
+        raise ValueError(
+            f"engine slots {slots} do not split over the {shards} batch shards of mesh "
+            f"{dict(mesh.shape)}: use a multiple of {shards}"
+        )
+    repl = NamedSharding(mesh, PartitionSpec())
+    out_shardings = EngineOutput(sampling.sample_output_shardings(mesh), repl, repl, repl)
+    fn = sampling.compiled(
+        _engine_impl,
+        graphdef,
+        params,
+        mesh,
+        out_shardings,
+        group_size=group_size,
+        num_slots=slots,
+        min_slots=engine.min_slots or default_min_slots(slots, shards),
+        shards=shards,
+        buffer_len=buffer_len,
+        cfg=config,
+        pad_id=pad_id,
+    )
+    return fn(params, *args)
