@@ -112,11 +112,11 @@ def write(kv: LayerKV, k_B1KH: jax.Array, v_B1KH: jax.Array, index: jax.Array) -
     [B]: one slot per row)."""
     k_new, v_new = jnp.swapaxes(k_B1KH, 1, 2), jnp.swapaxes(v_B1KH, 1, 2)  # [B, K, 1, H]
     if jnp.ndim(index) == 1:
-        row = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, SEQ_AXIS - 1)
-        put = jax.vmap(row)
-        return LayerKV(
-            put(kv.k, k_new.astype(kv.k.dtype), index), put(kv.v, v_new.astype(kv.v.dtype), index)
-        )
+        # A scatter of B * K * H values; a vmapped dynamic_update_slice lowers to a select over
+        # the whole cache on the CPU (~1 ms of a 14 ms llama-20m step at 64 rows).
+        rows = jnp.arange(k_new.shape[0])
+        put = lambda c, n: c.at[rows, :, index, :].set(n[:, :, 0, :].astype(c.dtype))
+        return LayerKV(put(kv.k, k_new), put(kv.v, v_new))
     return LayerKV(
         jax.lax.dynamic_update_slice_in_dim(kv.k, k_new.astype(kv.k.dtype), index, SEQ_AXIS),
         jax.lax.dynamic_update_slice_in_dim(kv.v, v_new.astype(kv.v.dtype), index, SEQ_AXIS),

@@ -59,12 +59,13 @@ def test_engine_gives_the_static_samplers_tokens(model, name):
     for slots in (0, 4):
         out = engine.sample(model, PROMPTS, key, engine=engine.EngineConfig(slots=slots), **kw)
         _assert_same(static, _np(out.sample))
-        # Every live slot-step emits one token: the counters add up to the tokens written.
-        assert int(out.live_slot_steps) == int(lengths.sum())
-        assert int(out.slot_steps) >= int(lengths.sum())
+        # Every live slot-step emits one token (the first tokens come from the prefill): the
+        # counters add up to the tokens written.
+        assert int(out.live_slot_steps) == int(lengths.sum()) - lengths.size
+        assert int(out.slot_steps) >= int(out.live_slot_steps)
         if slots:
             # Refilled slots: more decode steps than the longest sample, fewer than one a token.
-            assert lengths.max() <= int(out.decode_steps) < lengths.sum()
+            assert lengths.max() - 1 <= int(out.decode_steps) < lengths.sum() - lengths.size
 
 
 def test_thousands_of_tokens_with_a_long_tail():
@@ -80,17 +81,18 @@ def test_thousands_of_tokens_with_a_long_tail():
     lengths = np.sort(static.lengths)
     assert lengths[-1] == 3000 and static.truncated.sum() == 1, lengths
     assert lengths[-2] > 2000 and lengths[-2] > 4 * np.median(lengths), lengths
-    assert int(out.live_slot_steps) == int(lengths.sum())
+    assert int(out.live_slot_steps) == int(lengths.sum()) - lengths.size
 
 
 def test_uniform_lengths_fill_every_slot(model):
     kw = dict(group_size=G, max_new_tokens=24, config=SamplingConfig())
     key = jax.random.key(2)
     static = _np(sampling.sample(model, PROMPTS, key, **kw))
-    for slots, steps in [(0, 24), (8, 48)]:
+    for slots, steps in [(0, 23), (8, 46)]:
         out = engine.sample(model, PROMPTS, key, engine=engine.EngineConfig(slots=slots), **kw)
         _assert_same(static, _np(out.sample))
-        # 16 samples of 24 tokens: 24 steps on 16 slots, or 2 x 24 on 8, every slot always live.
+        # 16 samples of 24 tokens, the first of each from the prefill: 23 steps on 16 slots,
+        # or 2 x 23 on 8, every slot always live.
         assert int(out.decode_steps) == steps
         assert out.slot_occupancy == 1.0
 

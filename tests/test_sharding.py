@@ -131,6 +131,20 @@ def test_sampling_matches_one_device(results, mesh):
 
 
 @pytest.mark.parametrize("mesh", SHARDED)
+def test_engine_matches_the_static_sampler_and_one_device(results, mesh):
+    ref, got = results("1x1x1"), results(mesh)
+    assert eval(str(got["engine_tokens_spec"]))[0] == ("data", "fsdp")
+    for record in (ref, got):
+        np.testing.assert_array_equal(record["engine_tokens"], record["tokens"])
+        np.testing.assert_array_equal(record["engine_lengths"], record["lengths"])
+        np.testing.assert_allclose(
+            record["engine_policy_logprobs"], record["policy_logprobs"], atol=1e-5
+        )
+    # Refills happened: 16 slots took longer than the longest of the 32 samples.
+    assert int(got["engine_decode_steps"]) > int(got["lengths"].max())
+
+
+@pytest.mark.parametrize("mesh", SHARDED)
 def test_grpo_update_matches_one_device(results, mesh):
     ref, got = results("1x1x1"), results(mesh)
     init = _params(ref, "init")

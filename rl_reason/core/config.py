@@ -35,6 +35,12 @@ class SamplingOptions:
     # sample more prompts, up to max_sampling_rounds rounds per step.
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
+    # "static": the P*G rows decode in lockstep (rl_reason/rollout/sampling.py); "continuous":
+    # the continuous-batching engine (rl_reason/rollout/engine.py), the same tokens for the same
+    # key, faster when lengths are long-tailed (benchmarks/rollout.py).
+    engine: str = "static"
+    engine_slots: int = 0  # rows decoded at once; 0: one per sample (only the tail is packed)
+    engine_min_slots: int = 0  # the fewest slots the tail is packed into; 0: slots / 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +166,8 @@ def finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+ENGINES = ("static", "continuous")
+
 # field -> (test, the bound it states, why the bound exists)
 _Rule = tuple[Callable[[Any, Any], bool], str, str]
 _RULES: dict[str, _Rule] = {
@@ -183,6 +191,9 @@ _RULES: dict[str, _Rule] = {
     "sampling.top_k": (lambda v, c: v >= 0, ">= 0", "0 turns top-k off"),
     "sampling.top_p": (lambda v, c: finite(v) and 0 < v <= 1, "in (0, 1]", "1 turns it off"),
     "sampling.max_sampling_rounds": (lambda v, c: v >= 1, ">= 1", "a step samples once"),
+    "sampling.engine": (lambda v, c: v in ENGINES, f"one of {list(ENGINES)}", "the samplers"),
+    "sampling.engine_slots": (lambda v, c: v >= 0, ">= 0", "0 gives one slot per sample"),
+    "sampling.engine_min_slots": (lambda v, c: v >= 0, ">= 0", "0 takes the default"),
     "loss.clip_eps_low": (lambda v, c: finite(v) and 0 <= v < 1, "in [0, 1)", "1 - eps > 0"),
     "loss.clip_eps_high": (lambda v, c: finite(v) and v >= 0, ">= 0", "the ratio's upper bound"),
     "loss.kl_coef": (lambda v, c: finite(v) and v >= 0, ">= 0", "a penalty, not a reward"),

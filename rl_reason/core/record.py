@@ -91,6 +91,8 @@ class Rollout:
     verify_wait_seconds: float = 0.0  # of which the host waited for
     pending: Any = None  # the verifier pool's handle while the round is being verified
     submitted_at: float = 0.0
+    # The continuous-batching engine's (slot steps, live slot steps) of this round, if it sampled.
+    engine_counts: tuple[Any, Any] | None = None
 
     @property
     def groups(self) -> int:

@@ -8,8 +8,10 @@ which starts from its prompt's prefilled last logits. With long-tailed lengths t
 busy while the long samples finish, instead of most rows idling behind them.
 
 * Each prompt is prefilled once (all prompts of the call, in one batched pass, before decoding);
-  its keys and values are stored once, [P, K, Tp, H] per layer, and every step reads the
-  prompt of each slot's sample by index: nothing of a prompt is copied per sample.
+  its keys and values are stored once, [P, K, Tp, H] per layer. While slot i holds sample i
+  (a slot per sample, before the tail is packed) the G slots of a prompt read it in one matmul,
+  as in the static sampler; otherwise each step gathers the prompt of each slot's sample by
+  index (a per-step copy of [S, K, Tp, H], the engine's main overhead on the CPU).
 * A slot's own tokens live in a per-slot suffix cache [S, K, W, H] that the next sample of the
   slot overwrites from slot 0 (entries past a row's index are masked): cache memory grows with
   `slots`, not with the P * G samples of the call. W grows in segments as the longest live
@@ -29,6 +31,7 @@ completion), plus the engine's counters for occupancy metrics.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -48,7 +51,9 @@ class EngineOutput:
     sample: SampleOutput
     decode_steps: jax.Array  # int32 scalar: decode iterations run
     slot_steps: jax.Array  # int32 scalar: slots decoded, summed over the iterations
-    live_slot_steps: jax.Array  # int32 scalar: ... of them holding a live sample
+    # int32 scalar: ... of them holding a live sample, each emitting one token (every token but
+    # the samples' first, which come from the prefill).
+    live_slot_steps: jax.Array
 
     @property
     def slot_occupancy(self) -> float:
@@ -84,8 +89,10 @@ def _pin_layers(layers, mesh: Mesh):
     )
 
 
-def _refill(slots: _Slots, next_D: jax.Array, per_shard: int) -> tuple[_Slots, jax.Array]:
-    """Ended or empty slots take the next pending samples of their batch shard, in id order."""
+def _refill(slots: _Slots, next_D, per_shard: int, first_B, ended_B) -> tuple[_Slots, jax.Array]:
+    """Ended or empty slots take the next pending samples of their batch shard, in id order.
+    A sample arrives with its first token (drawn from its prompt's prefill) already emitted;
+    one that this token ended holds its slot, not live, until the next refill."""
     d = next_D.shape[0]
     free_DS = (~slots.live).reshape(d, -1)
     rank_DS = jnp.cumsum(free_DS, axis=1, dtype=jnp.int32) - 1
@@ -94,11 +101,12 @@ def _refill(slots: _Slots, next_D: jax.Array, per_shard: int) -> tuple[_Slots, j
     take = take_DS.reshape(-1)
     new = (jnp.arange(d, dtype=jnp.int32)[:, None] * per_shard + local_DS).reshape(-1)
     sample = jnp.where(take, new, jnp.where(slots.live, slots.sample, -1))
+    arrived = jnp.maximum(sample, 0)
     slots = _Slots(
         sample=sample,
-        emitted=jnp.where(take, 0, slots.emitted),
-        token=slots.token,
-        done=jnp.where(take, False, slots.done),
+        emitted=jnp.where(take, 1, slots.emitted),
+        token=jnp.where(take, first_B[arrived], slots.token),
+        done=jnp.where(take, ended_B[arrived], slots.done),
     )
     return slots, next_D + jnp.sum(take_DS, axis=1, dtype=jnp.int32)
 
@@ -125,7 +133,7 @@ def _shrink(state, fewer: int, shards: int, mesh: Mesh):
     live_DS = slots.live.reshape(shards, per_shard)
     keep_DS = jnp.argsort(~live_DS, axis=1, stable=True)[:, : fewer // shards]
     keep = (jnp.arange(shards)[:, None] * per_shard + keep_DS).reshape(-1)
-    take = lambda x: jnp.take(x, keep, axis=0)
+    take = lambda x: jnp.take(x, keep, axis=0, mode="clip")
     layers = _pin_layers(jax.tree.map(take, layers), mesh)
     return (jax.tree.map(take, slots), next_D, layers, *rest)
 
@@ -170,34 +178,32 @@ def _engine_impl(
     segments = sampling.decode_segments(buffer_len, cfg.max_decode_segments)
     rope_table_PN = rope_table(prompt_len_P[:, None] + jnp.arange(buffer_len)[None], model.cfg)
 
-    def body(state):
+    def body(state, grouped: bool):
         slots, next_D, layers, outputs, (steps, slot_steps, live_steps) = state
         tokens, slp, plp, lengths, stopped = outputs
         live = slots.live
         row = jnp.maximum(slots.sample, 0)
         prompt = row // group_size
-        # A slot feeds its last token at cache slot emitted - 1; a sample that has emitted
-        # nothing yet takes its first token from its prompt's prefill instead (its decode
-        # output is discarded and its slot-0 write is overwritten at the next step).
+        # A slot feeds its last token (token emitted - 1) at cache slot emitted - 1.
         index = jnp.where(live, jnp.maximum(slots.emitted - 1, 0), 0)
+        if grouped:
+            # Slot i holds sample i: the group layout of the static sampler, whose G rows of a
+            # prompt read its keys once, in one matmul.
+            pre, pre_mask, pre_positions = prefix, prompt_mask_PT.astype(bool), positions_PT
+        else:
+            # Each slot reads its own sample's prompt (a gather of its keys and values).
+            take = lambda x: jnp.take(x, prompt, axis=0, mode="clip")
+            pre = tuple(kv_cache.LayerKV(take(kv.k), take(kv.v)) for kv in prefix)
+            pre_mask, pre_positions = take(prompt_mask_PT).astype(bool), take(positions_PT)
         cache = kv_cache.KVCache(
-            prefix=tuple(
-                kv_cache.LayerKV(jnp.take(kv.k, prompt, axis=0), jnp.take(kv.v, prompt, axis=0))
-                for kv in prefix
-            ),
-            prefix_mask=jnp.take(prompt_mask_PT, prompt, axis=0).astype(bool),
-            prefix_positions=jnp.take(positions_PT, prompt, axis=0),
+            prefix=pre,
+            prefix_mask=pre_mask,
+            prefix_positions=pre_positions,
             layers=layers,
             index=index,
         )
         rope = tuple(x[prompt, index][:, None] for x in rope_table_PN)
         logits, cache = model.decode(slots.token, prompt_len_P[prompt] + index, cache, rope)
-        starting = live & (slots.emitted == 0)
-        logits = jax.lax.cond(
-            jnp.any(starting),
-            lambda: jnp.where(starting[:, None], jnp.take(first_logits_PV, prompt, axis=0), logits),
-            lambda: logits,
-        )
         token, s_lp, p_lp = sampling.choose_tokens(logits, keys_B[row], slots.emitted, cfg)
         # Rows of slots without a live sample are written out of bounds, i.e. dropped.
         out_row = jnp.where(live, row, b)
@@ -215,7 +221,7 @@ def _engine_impl(
             token=jnp.where(live, token, slots.token),
             done=slots.done | (live & (hit_stop | (emitted >= max_new))),
         )
-        slots, next_D = _refill(slots, next_D, per_shard)
+        slots, next_D = _refill(slots, next_D, per_shard, first_B, ended_B)
         outputs = (tokens, slp, plp, lengths, stopped)
         layers = _pin_layers(cache.layers, mesh)
         counts = (
@@ -251,13 +257,21 @@ def _engine_impl(
         token=jnp.full((num_slots,), pad_id, jnp.int32),
         done=jnp.zeros((num_slots,), bool),
     )
-    slots, next_D = _refill(empty, jnp.zeros((shards,), jnp.int32), per_shard)
+    # Every sample's first token at once, from its prompt's prefill logits (as the static
+    # sampler draws them): a refilled slot then starts by feeding it, and no decode step needs
+    # the [slots, V] prefill logits.
+    first_B, first_slp, first_plp = sampling.choose_tokens(
+        jnp.repeat(first_logits_PV, group_size, axis=0), keys_B, jnp.zeros((b,), jnp.int32), cfg
+    )
+    stopped = jnp.isin(first_B, stop_ids)
+    ended_B = stopped | (max_new <= 1)
+    slots, next_D = _refill(empty, jnp.zeros((shards,), jnp.int32), per_shard, first_B, ended_B)
     outputs = (
-        jnp.full((b, buffer_len), pad_id, jnp.int32),
-        jnp.zeros((b, buffer_len), jnp.float32),
-        jnp.zeros((b, buffer_len), jnp.float32),
-        jnp.zeros((b,), jnp.int32),
-        jnp.zeros((b,), bool),
+        jnp.full((b, buffer_len), pad_id, jnp.int32).at[:, 0].set(first_B),
+        jnp.zeros((b, buffer_len), jnp.float32).at[:, 0].set(first_slp),
+        jnp.zeros((b, buffer_len), jnp.float32).at[:, 0].set(first_plp),
+        jnp.ones((b,), jnp.int32),
+        stopped,
     )
     layers = _pin_layers(tuple(empty_layer(kv, segments[0]) for kv in prefix), mesh)
     zero = jnp.zeros((), jnp.int32)
@@ -266,7 +280,10 @@ def _engine_impl(
     # slots are full; once nothing is pending, the live samples are packed into half as many
     # slots whenever they fit (the long tail then runs on a smaller, cheaper batch).
     levels = slot_levels(num_slots, min_slots, shards)
-    for fewer in (*levels[1:], None):
+    for level, fewer in enumerate((*levels[1:], None)):
+        # With a slot per sample nothing is refilled: until the first packing, slot i holds
+        # sample i.
+        step = functools.partial(body, grouped=level == 0 and num_slots == b)
         for width in segments:
             have = state[2][0].k.shape[kv_cache.SEQ_AXIS]
             if width < have:
@@ -283,7 +300,7 @@ def _engine_impl(
                 go = working(s) & fits(s, width)
                 return go if fewer is None else go & ~can_shrink(s, fewer)
 
-            state = jax.lax.while_loop(cond, body, state)
+            state = jax.lax.while_loop(cond, step, state)
         if fewer is not None:
             state = _shrink(state, fewer, shards, mesh)
     _, _, _, outputs, counts = state

@@ -20,7 +20,7 @@ import numpy as np
 from rl_reason.core.config import GRPOConfig, overlong_penalty
 from rl_reason.core.record import Rollout, RolloutArrays
 from rl_reason.infra import sharding
-from rl_reason.rollout import sampling
+from rl_reason.rollout import engine, sampling
 from rl_reason.rollout.sampling import SamplingConfig
 
 
@@ -85,6 +85,11 @@ class Rounds:
         # The budget is fixed for the run, so its width needs no power-of-two bucket: every row of
         # the training batch is Tp + buffer_len wide, and spare width costs compute.
         self.buffer_len = -(-cfg.max_new_tokens // 8) * 8
+        self.engine = (
+            engine.EngineConfig(slots=s.engine_slots, min_slots=s.engine_min_slots)
+            if s.engine == "continuous"
+            else None
+        )
         check_verifier(task.verifier_name)
 
     # -- the parts every round is made of ------------------------------------------------------
@@ -102,11 +107,9 @@ class Rounds:
         return ids
 
     def generate(self, policy: tuple, examples, key, *, group_size: int, config: SamplingConfig):
-        """Sample with `policy` = (graphdef, params, *frozen)."""
-        return sampling.sample(
-            policy,
-            self.encode_prompts(examples),
-            key,
+        """Sample with `policy` = (graphdef, params, *frozen): a `SampleOutput`, or with the
+        continuous-batching engine an `EngineOutput` (its `.sample` is the same record)."""
+        kw = dict(
             group_size=group_size,
             max_new_tokens=self.cfg.max_new_tokens,
             config=config,
@@ -115,6 +118,15 @@ class Rounds:
             prompt_width=self.cfg.max_prompt_len,
             mesh=self.mesh,
         )
+        prompts = self.encode_prompts(examples)
+        if self.engine is None:
+            return sampling.sample(policy, prompts, key, **kw)
+        return engine.sample(policy, prompts, key, engine=self.engine, **kw)
+
+    def sample(self, policy: tuple, examples, key, *, group_size: int, config: SamplingConfig):
+        """`generate`'s `SampleOutput` whichever sampler runs (the evaluator's call)."""
+        out = self.generate(policy, examples, key, group_size=group_size, config=config)
+        return out.sample if isinstance(out, engine.EngineOutput) else out
 
     def decode(self, out) -> tuple[list[str], np.ndarray, np.ndarray]:
         """This process's completions as text, with their lengths and truncation flags."""
@@ -151,11 +163,14 @@ class Rounds:
         returns at once (JAX dispatch is asynchronous)."""
         cfg = self.cfg
         out = self.generate(policy, examples, key, group_size=cfg.group_size, config=self.sampling)
+        counts = None
+        if isinstance(out, engine.EngineOutput):
+            out, counts = out.sample, (out.slot_steps, out.live_slot_steps)
         args = (out.prompt_ids, out.prompt_mask, out.tokens, out.mask)
         ref = self.logprobs(ref_params, *args) if ref_params is not None else None
         old = self.logprobs(policy[1], *args) if cfg.loss.recompute_old_logprobs else None
         arrays = RolloutArrays.from_sample(out, ref_logprobs=ref, old_logprobs=old)
-        return Rollout(examples, arrays, cfg.group_size)
+        return Rollout(examples, arrays, cfg.group_size, engine_counts=counts)
 
     def send(self, r: Rollout) -> None:
         """Decode this process's completions (waits for the sampler) and submit them."""

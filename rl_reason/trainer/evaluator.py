@@ -78,7 +78,7 @@ class Evaluator:
             local = padded[lo : lo + width // processes]
             n_real = max(min(len(real) - lo, len(local)), 0)
 
-            out = rounds.generate(policy, local, key, group_size=1, config=greedy_cfg)
+            out = rounds.sample(policy, local, key, group_size=1, config=greedy_cfg)
             texts, lengths, _ = rounds.decode(out)
             _, ok = rounds.outcomes(rounds.submit(texts, local), len(texts))
             greedy_correct += list(sharding.all_rows(ok)[: len(real)])
@@ -91,7 +91,7 @@ class Evaluator:
                     stats_sums[name] = stats_sums.get(name, 0.0) + value * n_real
             if k > 0:
                 key, sub = jax.random.split(key)
-                out = rounds.generate(policy, local, sub, group_size=k, config=sample_cfg)
+                out = rounds.sample(policy, local, sub, group_size=k, config=sample_cfg)
                 texts, _, _ = rounds.decode(out)
                 per_row = [local[i // k] for i in range(len(texts))]
                 _, ok = rounds.outcomes(rounds.submit(texts, per_row), len(texts))

@@ -57,6 +57,11 @@ def step_metrics(
         "time_step": times["trained"] - times["t0"],
         "generated_tokens_per_s": generated / max(sample_time, 1e-9),
     }
+    counts = [r.engine_counts for r in parts if r.engine_counts is not None]
+    if counts:
+        # Mean fraction of the engine's decoded slots that held a live sample.
+        slots = sum(int(c[0]) for c in counts)
+        metrics["slot_occupancy"] = sum(int(c[1]) for c in counts) / max(slots, 1)
     if "logprob_gap" in host:
         metrics["logprob_gap_sampler_trainer"] = float(
             np.mean([float(g) for g in host["logprob_gap"]])

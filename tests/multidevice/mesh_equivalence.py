@@ -23,7 +23,7 @@ from rl_reason.core import update as train_step
 from rl_reason.core.config import LossOptions
 from rl_reason.core.record import RolloutArrays
 from rl_reason.infra import sharding
-from rl_reason.rollout import sampling
+from rl_reason.rollout import engine, sampling
 
 MESHES = {
     "1x1x1": (1, 1, 1),
@@ -68,6 +68,23 @@ def run(name: str, shape: tuple[int, int, int], out_dir: str) -> None:
     record["lengths"] = np.asarray(out.lengths)
     record["policy_logprobs"] = np.asarray(out.policy_logprobs)
     record["tokens_spec"] = np.asarray(repr(tuple(out.tokens.sharding.spec)))
+    # The continuous-batching engine on the same mesh: 16 slots (2 or 4 per batch shard) for
+    # the 32 samples, refilled within each shard.
+    eng = engine.sample(
+        (graphdef, params),
+        PROMPTS,
+        jax.random.key(3),
+        group_size=G,
+        max_new_tokens=NEW,
+        config=cfg,
+        mesh=mesh,
+        engine=engine.EngineConfig(slots=16),
+    )
+    record["engine_tokens"] = np.asarray(eng.sample.tokens)
+    record["engine_lengths"] = np.asarray(eng.sample.lengths)
+    record["engine_policy_logprobs"] = np.asarray(eng.sample.policy_logprobs)
+    record["engine_tokens_spec"] = np.asarray(repr(tuple(eng.sample.tokens.sharding.spec)))
+    record["engine_decode_steps"] = np.asarray(eng.decode_steps)
 
     # Rewards that vary within groups: the completion's length parity and its first token.
     lengths = np.asarray(out.lengths)
