@@ -159,9 +159,9 @@ def greedy_completions(
     return texts
 
 
-def measure_bridge(graphdef, params, tokenizer, problems, grpo_cfg, stops, mesh) -> dict:
+def measure_bridge(graphdef, params, tokenizer, problems, grpo_cfg, stops, mesh, max_value) -> dict:
     own = greedy_completions(graphdef, params, tokenizer, problems, grpo_cfg, stops, mesh)
-    return bridge.measure(graphdef, params, tokenizer, problems, own)
+    return bridge.measure(graphdef, params, tokenizer, problems, own, max_value=max_value)
 
 
 def with_ratios(ev: Mapping[str, float], answer_chance: float) -> dict[str, Any]:
@@ -192,7 +192,7 @@ def run(config) -> dict[str, Any]:
     echo(f"[research] {workdir} | reward {reward_cfg.mode} | cold start {cold_cfg.examples}")
 
     data = build_data(config)
-    max_ops = data["task"].cfg.max_ops
+    max_ops, max_value = data["task"].cfg.max_ops, data["task"].cfg.max_value
     with ctx.preemptible() as guard:
         base_dir = base_model.resolve_base(config.base)
         if base_dir is not None:
@@ -229,7 +229,7 @@ def run(config) -> dict[str, Any]:
                 echo(f"[cold start] {cold_cfg.steps} SFT steps, loss {sft_losses[-1]:.3f}")
             if config.measure.bridge:
                 carry["bridge_before"] = measure_bridge(
-                    graphdef, params, tokenizer, data["eval_set"], grpo_cfg, stops, mesh
+                    graphdef, params, tokenizer, data["eval_set"], grpo_cfg, stops, mesh, max_value
                 )
                 echo("[bridge] before RL: " + grpo_run.fmt(carry["bridge_before"]))
 
@@ -289,7 +289,7 @@ def run(config) -> dict[str, Any]:
     if config.measure.bridge:
         summary["bridge_before"] = carry["bridge_before"]
         summary["bridge_after"] = measure_bridge(
-            graphdef, trainer.params, tokenizer, data["eval_set"], grpo_cfg, stops, mesh
+            graphdef, trainer.params, tokenizer, data["eval_set"], grpo_cfg, stops, mesh, max_value
         )
         echo("[bridge] after RL:  " + grpo_run.fmt(summary["bridge_after"]))
     summary["wall_seconds"] = ctx.elapsed()
