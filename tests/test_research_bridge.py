@@ -80,22 +80,26 @@ def _solve_question(pairs):
     return out
 
 
-def test_causal_test_with_readers_whose_outcome_is_known():
+def _read(reader, problems, cases):
+    return reader([(problems[c.problem_id], c.reasoning()) for c in cases])
+
+
+def test_causal_rates_with_readers_whose_outcome_is_known():
     problems = arithmetic.ArithmeticTask().eval_set(1, 40)
-    copier = corruption.causal_test(_last_number, problems, max_value=99)
-    assert copier["follow_rate"] == 1.0 and copier["recovery_rate"] == 0.0
-    solver = corruption.causal_test(_solve_question, problems, max_value=99)
-    assert solver["recovery_rate"] == 1.0 and solver["follow_rate"] == 0.0
-    nothing = corruption.causal_test(lambda pairs: [None] * len(pairs), problems, max_value=99)
-    assert nothing["other_rate"] == 1.0
-    assert copier["corrupted_share"] == solver["corrupted_share"] > 0.9
-    # Half copy, half solve: half follow, half recover, by construction.
     cases = corruption.cases(problems, 0, 99)
+    copier = corruption.rates(cases, _read(_last_number, problems, cases))
+    assert copier["follow_rate"] == 1.0 and copier["recovery_rate"] == 0.0
+    solver = corruption.rates(cases, _read(_solve_question, problems, cases))
+    assert solver["recovery_rate"] == 1.0 and solver["follow_rate"] == 0.0
+    assert corruption.rates(cases, [None] * len(cases))["other_rate"] == 1.0
+    # Half copy, half solve: half follow, half recover, by construction.
     answers = [c.corrupted_answer if i % 2 else c.true_answer for i, c in enumerate(cases)]
     r = corruption.rates(cases, answers)
     assert r["follow_rate"] == pytest.approx((len(cases) // 2) / len(cases))
     assert r["follow_rate"] + r["recovery_rate"] == pytest.approx(1.0)
     assert math.isnan(corruption.rates([], [])["follow_rate"])
+    with pytest.raises(ValueError, match="answers"):
+        corruption.rates(cases, [])
 
 
 def _completion(lines, answer):
@@ -157,26 +161,42 @@ def _forward(graphdef, params, ids_BT):
     return nnx.merge(graphdef, params)(ids_BT)
 
 
-def _naive_greedy(graphdef, params, tok, context, max_tokens):
-    ids = tok.encode(context, add_bos=True)
-    close = tok.piece_to_id(templates.ANSWER_CLOSE)
-    out = []
-    for _ in range(max_tokens):
+def _greedy_ids(graphdef, params, ids, n):
+    """`n` tokens of greedy decoding after `ids`, one full forward pass per token."""
+    ids, out = list(ids), []
+    for _ in range(n):
         padded = np.zeros((1, 256), np.int32)
         padded[0, : len(ids)] = ids
         nxt = int(np.argmax(np.asarray(_forward(graphdef, params, padded))[0, len(ids) - 1]))
-        if nxt == close:
-            break
         ids, out = ids + [nxt], out + [nxt]
-    return tok.decode(out).strip()
+    return out
 
 
-def test_greedy_answers_match_a_per_text_argmax(tiny_model):
+def test_greedy_flags_match_greedy_decoding_text_by_text(tiny_model):
     tok, graphdef, params = tiny_model
-    problems = arithmetic.ArithmeticTask().eval_set(0, 5)
+    open_id = tok.piece_to_id(templates.ANSWER_OPEN)
+    close_id = tok.piece_to_id(templates.ANSWER_CLOSE)
+    problems = arithmetic.ArithmeticTask().eval_set(0, 4)
     contexts = [bridge.answer_context(p, bridge.gold_prefix(p, k)) for k, p in enumerate(problems)]
-    got = bridge.greedy_answers(graphdef, params, tok, contexts, max_tokens=3, batch_size=4)
-    assert got == [_naive_greedy(graphdef, params, tok, c, 3) for c in contexts]
+    texts, expected = [], []
+    for context, p in zip(contexts, problems, strict=True):
+        ctx_ids = tok.encode(context, add_bos=True)
+        decoded = _greedy_ids(graphdef, params, ctx_ids, 4)
+        # The model's own first greedy token as an answer (when it is not a tag), the gold
+        # answer and a wrong one.
+        first = tok.decode(decoded[:1]).strip()
+        for answer in {first, p["answer"], "77"} - {""}:
+            if any(x in answer for x in ("<", ">")):
+                continue
+            text = bridge.with_answer(context, answer)
+            ids = tok.encode(text, add_bos=True)
+            s, e = bridge.answer_span(ids, open_id, close_id)
+            assert ids[:s] == ctx_ids  # the context tokenizes the same inside the text
+            want = ids[s:e] + [close_id]
+            texts.append(text)
+            expected.append(_greedy_ids(graphdef, params, ctx_ids, len(want)) == want)
+    _, _, greedy = bridge.answer_scores(graphdef, params, tok, texts, batch_size=4)
+    assert list(greedy) == expected
 
 
 def test_measure_reports_the_new_keys_within_bounds(tiny_model):
@@ -197,3 +217,34 @@ def test_measure_reports_the_new_keys_within_bounds(tiny_model):
     # The worked completions copy their last value, which is the gold answer.
     assert m["own_copy_share"] == m["own_copy_rate"] == 1.0 and m["own_wrong_last_share"] == 0.0
     assert m["nll_median_gold"] > 0
+
+
+def _fake_scores(corrupt_after=None):
+    """A stand-in for the model that predicts each next token of the text itself, except the
+    token after `corrupt_after` (a token id) when given."""
+
+    def scores(graphdef, params, ids_BT, mask_BT):
+        next_BT = np.concatenate([ids_BT[:, 1:], np.zeros_like(ids_BT[:, :1])], axis=1)
+        if corrupt_after is not None:
+            next_BT = np.where(ids_BT == corrupt_after, -1, next_BT)
+        return np.zeros(ids_BT.shape, np.float32), next_BT
+
+    return scores
+
+
+def test_greedy_flags_with_a_scorer_whose_answers_are_known(tiny_model, monkeypatch):
+    tok = tiny_model[0]
+    problems = arithmetic.ArithmeticTask().eval_set(0, 3)
+    texts = [bridge.bridge_texts(p, "")["gold"] for p in problems]
+    monkeypatch.setattr(bridge, "_scores", _fake_scores())
+    assert bridge.answer_scores(None, None, tok, texts)[2].all()  # it writes every answer
+    # Wrong about the first answer token, or about the closing tag after the answer: never.
+    for after in (templates.ANSWER_OPEN, None):
+        if after is None:  # the last answer token precedes </answer>: corrupt what follows it
+            ids = tok.encode(texts[0], add_bos=True)
+            open_id, close_id = (tok.piece_to_id(t) for t in templates.SPECIAL_TOKENS[2:])
+            after_id = ids[bridge.answer_span(ids, open_id, close_id)[1] - 1]
+        else:
+            after_id = tok.piece_to_id(after)
+        monkeypatch.setattr(bridge, "_scores", _fake_scores(after_id))
+        assert not bridge.answer_scores(None, None, tok, texts[:1])[2].any(), after

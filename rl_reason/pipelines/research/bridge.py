@@ -26,8 +26,10 @@ NLL there is what copying the last number gives. What separates copying from usi
               (`research.corruption`): does the greedy answer follow the corrupted chain or
               recover the true answer?
 
-Greedy answers here are read after "<answer>" by repeated full forward passes (argmax), a few
-tokens at most, not by the sampler.
+Whether the greedy answer is a given string a is read from the same teacher-forced pass as the
+NLL: greedy decoding after "<answer>" writes exactly a and then "</answer>" iff the argmax at
+each of those positions is that token. So every text costs one forward pass, all of a
+measurement's texts go through one batched call, and nothing is generated.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ from rl_reason.pipelines.research import corruption, measures, steps
 from rl_reason.tasks import arithmetic, templates
 
 CONTEXTS = ("none", "own", "gold")
-ANSWER_TOKENS = 6  # greedy answers stop here if no </answer> came: the task's have 1-3
 
 
 def answer_span(ids: Sequence[int], answer_open_id: int, answer_close_id: int) -> tuple[int, int]:
@@ -121,7 +122,7 @@ def _width(longest: int, multiple: int) -> int:
     return -(-longest // multiple) * multiple
 
 
-def answer_nll(
+def answer_scores(
     graphdef,
     params,
     tokenizer,
@@ -129,8 +130,9 @@ def answer_nll(
     *,
     batch_size: int = 64,
     width_multiple: int = 64,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(NLL summed over each text's answer tokens [N], number of answer tokens [N]).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(NLL summed over each text's answer tokens [N], number of answer tokens [N], whether
+    greedy decoding after ``<answer>`` writes exactly the text's answer and ``</answer>`` [N]).
 
     Texts are right-padded to a multiple of `width_multiple` and run `batch_size` at a time, so
     a few shapes compile once. Params are used as given (on their devices).
@@ -141,51 +143,23 @@ def answer_nll(
     spans = [answer_span(x, open_id, close_id) for x in ids]
     width = _width(max(len(x) for x in ids), width_multiple)
     nll, count = np.zeros(len(ids)), np.zeros(len(ids), np.int64)
+    greedy = np.zeros(len(ids), bool)
     for rows in _chunks(len(ids), batch_size):
         batch = _padded([ids[i] for i in rows], batch_size, width, tokenizer.pad_id)
-        logp_BT = np.asarray(_scores(graphdef, params, *batch)[0])
+        logp_BT, next_BT = (np.asarray(x) for x in _scores(graphdef, params, *batch))
         for r, i in enumerate(rows):
             s, e = spans[i]
             nll[i] = -logp_BT[r, s:e].sum()
             count[i] = e - s
+            # Position t predicts token t + 1: the answer tokens and the closing tag after it.
+            greedy[i] = np.array_equal(next_BT[r, s - 1 : e], ids[i][s : e + 1])
+    return nll, count, greedy
+
+
+def answer_nll(graphdef, params, tokenizer, texts: Sequence[str], **kwargs):
+    """The first two of `answer_scores`: (NLL [N], answer tokens [N])."""
+    nll, count, _ = answer_scores(graphdef, params, tokenizer, texts, **kwargs)
     return nll, count
-
-
-def greedy_answers(
-    graphdef,
-    params,
-    tokenizer,
-    contexts: Sequence[str],
-    *,
-    max_tokens: int = ANSWER_TOKENS,
-    batch_size: int = 64,
-    width_multiple: int = 64,
-) -> list[str]:
-    """The greedy continuation of each context (ending in ``<answer>``) up to ``</answer>`` or
-    `max_tokens`, as stripped text."""
-    if not contexts:
-        return []
-    close_id = tokenizer.piece_to_id(templates.ANSWER_CLOSE)
-    ids = tokenizer.encode_batch(list(contexts), add_bos=True)
-    width = _width(max(len(x) for x in ids) + max_tokens, width_multiple)
-    written: list[list[int]] = [[] for _ in ids]
-    for rows in _chunks(len(ids), batch_size):
-        open_rows = list(range(len(rows)))
-        for _ in range(max_tokens):
-            seqs = [list(ids[i]) + written[i] for i in rows]
-            next_BT = np.asarray(
-                _scores(graphdef, params, *_padded(seqs, batch_size, width, tokenizer.pad_id))[1]
-            )
-            still = []
-            for r in open_rows:
-                token = int(next_BT[r, len(seqs[r]) - 1])
-                if token != close_id:
-                    written[rows[r]].append(token)
-                    still.append(r)
-            open_rows = still
-            if not open_rows:
-                break
-    return [t.strip() for t in tokenizer.decode_batch(written)]
 
 
 def _rate(hits: Sequence[bool]) -> float:
@@ -216,37 +190,31 @@ def own_copy(problems: Sequence[Mapping[str, Any]], own: Sequence[str]) -> dict[
     }
 
 
-def prefix_measures(graphdef, params, tokenizer, problems) -> dict[str, float]:
-    """For k = 0 .. the longest chain, over the problems of at least k steps, with the first k
-    gold steps as the reasoning: prefix{k}_share (those problems' share), prefix{k}_nll_mean
-    and _nll_median (of the gold answer), prefix{k}_accuracy (greedy answer is gold) and
-    prefix{k}_copy (greedy answer is v_k, the last value in the context: the start number for
-    k = 0, the gold answer for k = n)."""
-    cases = [
-        (k, p)
-        for k in range(max(len(p["steps"]) for p in problems) + 1)
-        for p in problems
-        if len(p["steps"]) >= k
-    ]
-    contexts = [answer_context(p, gold_prefix(p, k)) for k, p in cases]
-    nll, _ = answer_nll(
-        graphdef,
-        params,
-        tokenizer,
-        [with_answer(c, p["answer"]) for c, (_, p) in zip(contexts, cases, strict=True)],
-    )
-    answers = greedy_answers(graphdef, params, tokenizer, contexts)
+def _prefix_texts(problems) -> list[tuple[str, int, int, str]]:
+    """(tag, k, problem index, text) for every k and problem of at least k steps: the gold
+    answer ("gold") and the last value in the context ("copy") after the first k steps."""
+    out = []
+    for k in range(max(len(p["steps"]) for p in problems) + 1):
+        for i, p in enumerate(problems):
+            if len(p["steps"]) < k:
+                continue
+            context = answer_context(p, gold_prefix(p, k))
+            last = p["steps"][k - 1][3] if k else p["steps"][0][0]
+            out.append(("gold", k, i, with_answer(context, p["answer"])))
+            out.append(("copy", k, i, with_answer(context, str(last))))
+    return out
+
+
+def _prefix_measures(rows, nll, greedy, n_problems: int) -> dict[str, float]:
     out: dict[str, float] = {}
-    for k in sorted({k for k, _ in cases}):
-        idx = [i for i, (kk, _) in enumerate(cases) if kk == k]
-        last = [
-            str(cases[i][1]["steps"][k - 1][3] if k else cases[i][1]["steps"][0][0]) for i in idx
-        ]
-        out[f"prefix{k}_share"] = len(idx) / len(problems)
-        out[f"prefix{k}_nll_mean"] = float(nll[idx].mean())
-        out[f"prefix{k}_nll_median"] = float(np.median(nll[idx]))
-        out[f"prefix{k}_accuracy"] = _rate([answers[i] == str(cases[i][1]["answer"]) for i in idx])
-        out[f"prefix{k}_copy"] = _rate([answers[i] == v for i, v in zip(idx, last, strict=True)])
+    for k in sorted({k for _, k, _, _ in rows}):
+        gold = [j for j, (tag, kk, _, _) in enumerate(rows) if kk == k and tag == "gold"]
+        copy = [j for j, (tag, kk, _, _) in enumerate(rows) if kk == k and tag == "copy"]
+        out[f"prefix{k}_share"] = len(gold) / n_problems
+        out[f"prefix{k}_nll_mean"] = float(nll[gold].mean())
+        out[f"prefix{k}_nll_median"] = float(np.median(nll[gold]))
+        out[f"prefix{k}_accuracy"] = float(greedy[gold].mean())
+        out[f"prefix{k}_copy"] = float(greedy[copy].mean())
     return out
 
 
@@ -261,26 +229,39 @@ def measure(
     seed: int = 0,
 ) -> dict[str, float]:
     """Answer perplexity per context, how often reasoning lowers the answer's NLL, the copy
-    rate, the gold-prefix measures and the causal test.
+    rate, the gold-step prefixes and the causal test, from one batched teacher-forced pass.
 
     Keys: ppl_<context>, nll_<context> (mean per problem), nll_median_<context>,
     frac_own_below_none (own context gives the answer a lower NLL than none; ties do not count),
     frac_own_nonempty (problems whose own think block is not empty), frac_own_right (whose own
     steps are exactly right, `arithmetic.process_correct`), ppl_<own|none>_<nonempty|right|wrong>:
     the perplexities over those problems alone (wrong: non-empty but not right; NaN if there
-    are none); the keys of `own_copy` and `prefix_measures`; and causal_follow_rate,
-    causal_recovery_rate, causal_other_rate, causal_corrupted_share (`corruption.causal_test`, cases
-    drawn from `seed` within [0, `max_value`]).
+    are none); the keys of `own_copy`; for k = 0 .. the longest chain, over the problems of at
+    least k steps with the first k gold steps as the reasoning, prefix{k}_share (their share),
+    prefix{k}_nll_mean / _nll_median (of the gold answer), prefix{k}_accuracy (the greedy
+    answer is gold) and prefix{k}_copy (it is v_k, the last value in the context: the start
+    number for k = 0); and causal_follow_rate, causal_recovery_rate, causal_other_rate and
+    causal_corrupted_share (the cases of `corruption.cases`, drawn from `seed` within
+    [0, `max_value`]).
     """
     if len(problems) != len(own_completions):
         raise ValueError(f"{len(problems)} problems but {len(own_completions)} completions")
     per_text = [bridge_texts(p, c) for p, c in zip(problems, own_completions, strict=True)]
-    nll, count = {}, None
-    for c in CONTEXTS:
-        nll[c], count_c = answer_nll(graphdef, params, tokenizer, [t[c] for t in per_text])
-        if count is not None and not np.array_equal(count, count_c):
-            raise ValueError("the answer tokenizes differently across contexts")
-        count = count_c
+    prefix_rows = _prefix_texts(problems)
+    cases = corruption.cases(problems, seed, max_value)
+    causal_texts = [
+        with_answer(answer_context(problems[c.problem_id], c.reasoning()), answer)
+        for c in cases
+        for answer in (c.corrupted_answer, c.true_answer)
+    ]
+    texts = [t[c] for c in CONTEXTS for t in per_text]
+    texts += [row[3] for row in prefix_rows] + causal_texts
+    nll_all, count_all, greedy_all = answer_scores(graphdef, params, tokenizer, texts)
+    n = len(problems)
+    nll = {c: nll_all[i * n : (i + 1) * n] for i, c in enumerate(CONTEXTS)}
+    count = count_all[:n]
+    if not all(np.array_equal(count, count_all[i * n : (i + 1) * n]) for i in range(3)):
+        raise ValueError("the answer tokenizes differently across contexts")
     nonempty = np.asarray([t["own"] != t["none"] for t in per_text])
     right = np.asarray(
         [arithmetic.process_correct(c, p) for p, c in zip(problems, own_completions, strict=True)]
@@ -302,12 +283,11 @@ def measure(
                 else float("nan")
             )
     out.update(own_copy(problems, own_completions))
-    out.update(prefix_measures(graphdef, params, tokenizer, problems))
-
-    def answer(pairs):
-        contexts = [answer_context(p, reasoning) for p, reasoning in pairs]
-        return greedy_answers(graphdef, params, tokenizer, contexts)
-
-    causal = corruption.causal_test(answer, problems, seed=seed, max_value=max_value)
-    out.update({f"causal_{k}": v for k, v in causal.items()})
+    lo, hi = 3 * n, 3 * n + len(prefix_rows)
+    out.update(_prefix_measures(prefix_rows, nll_all[lo:hi], greedy_all[lo:hi], n))
+    flags = greedy_all[hi:].reshape(-1, 2)  # per case: (greedy is corrupted, greedy is true)
+    out.update(
+        {f"causal_{k}": v for k, v in corruption.flag_rates(flags[:, 0], flags[:, 1]).items()}
+    )
+    out["causal_corrupted_share"] = len(cases) / n
     return out

@@ -21,7 +21,7 @@ the same for every model measured.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -83,20 +83,12 @@ def cases(problems: Sequence[Mapping[str, Any]], seed: int, max_value: int) -> l
     return out
 
 
-def rates(case_list: Sequence[Case], answers: Sequence[str | None]) -> dict[str, float]:
-    """follow_rate, recovery_rate and other_rate over the cases (answers as written, stripped;
-    NaN when there are no cases)."""
-    if len(case_list) != len(answers):
-        raise ValueError(f"{len(case_list)} cases but {len(answers)} answers")
-    if not case_list:
-        return {
-            "follow_rate": float("nan"),
-            "recovery_rate": float("nan"),
-            "other_rate": float("nan"),
-        }
-    given = [None if a is None else a.strip() for a in answers]
-    follow = np.asarray([a == c.corrupted_answer for c, a in zip(case_list, given, strict=True)])
-    recover = np.asarray([a == c.true_answer for c, a in zip(case_list, given, strict=True)])
+def flag_rates(follow: np.ndarray, recover: np.ndarray) -> dict[str, float]:
+    """follow_rate, recovery_rate and other_rate from per-case flags (NaN with no cases)."""
+    follow, recover = np.asarray(follow, bool), np.asarray(recover, bool)
+    if not follow.size:
+        nan = float("nan")
+        return {"follow_rate": nan, "recovery_rate": nan, "other_rate": nan}
     return {
         "follow_rate": float(follow.mean()),
         "recovery_rate": float(recover.mean()),
@@ -104,15 +96,13 @@ def rates(case_list: Sequence[Case], answers: Sequence[str | None]) -> dict[str,
     }
 
 
-def causal_test(
-    answer: Callable[[list[tuple[Mapping[str, Any], str]]], list[str | None]],
-    problems: Sequence[Mapping[str, Any]],
-    *,
-    seed: int = 0,
-    max_value: int,
-) -> dict[str, float]:
-    """`rates` of `answer`, which maps (problem, corrupted reasoning) pairs to answers, plus
-    ``corrupted_share``: the share of `problems` that gave a case."""
-    found = cases(problems, seed, max_value)
-    given = answer([(problems[c.problem_id], c.reasoning()) for c in found]) if found else []
-    return {**rates(found, given), "corrupted_share": len(found) / max(len(problems), 1)}
+def rates(case_list: Sequence[Case], answers: Sequence[str | None]) -> dict[str, float]:
+    """`flag_rates` of a reader's answers to the cases (as written; None: no answer)."""
+    if len(case_list) != len(answers):
+        raise ValueError(f"{len(case_list)} cases but {len(answers)} answers")
+    given = [None if a is None else a.strip() for a in answers]
+    pairs = list(zip(case_list, given, strict=True))
+    return flag_rates(
+        np.asarray([a == c.corrupted_answer for c, a in pairs], bool),
+        np.asarray([a == c.true_answer for c, a in pairs], bool),
+    )
