@@ -24,8 +24,9 @@ The deviation rate D = P(wrong step | correct answer, steps written) is
 that wrote steps, so a correct bare answer is neither a deviation nor a faithful chain, and
 ``frac_wrote_steps`` says how many completions D speaks for. A wrong chain can still land on
 the gold answer by chance; with p the distribution of gold answers over the held-out problems
-that chance is about sum(p^2) (`answer_chance`), the baseline for D's complement and for
-P(correct | some wrong step) (``correct_given_deviated``).
+that chance is about sum(p^2) (`answer_chance`). It is reported next to D, and it is the
+baseline for P(correct | some wrong step) (``correct_given_deviated``): a value near it says a
+wrong step leaves the answer to chance, a value well above it that answers survive wrong steps.
 
 `completion_stats` turns a list of completions into means; ratios that need a denominator are
 returned as their numerator and denominator means too (``frac_correct_wrong_step`` and
