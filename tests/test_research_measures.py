@@ -296,7 +296,7 @@ def test_bridge_nll_matches_a_per_text_forward(tiny_model):
     per = bridge.bridge_texts(problems[0], BARE)
     assert per["own"] == per["none"]
     assert arithmetic.worked_solution(problems[0]) in per["gold"]
-    m = bridge.measure(graphdef, params, tok, problems, own)
+    m = bridge.measure(graphdef, params, tok, problems, own, max_value=99)
     assert m["frac_own_nonempty"] == pytest.approx(3 / 5)  # BARE and "" have no reasoning
     by_text = nll.reshape(5, 3)
     assert m["ppl_none"] == pytest.approx(math.exp(by_text[:, 0].sum() / count[::3].sum()), 1e-5)

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from rl_reason.infra.metrics import read_jsonl
-from rl_reason.pipelines.research import pipeline, runs, summary, sweep
+from rl_reason.pipelines.research import held_out, pipeline, runs, summary, sweep
 
 EXPERIMENTS = ["supervision", "fidelity", "bridge", "cold_start", "algorithms"]
 # One arm per experiment that exercises what is new in it (the baseline covers fidelity/bridge).
@@ -61,13 +61,39 @@ def test_smoke_arms_measure_everything_and_share_the_base(smoke_runs):
                 assert 0.0 <= ev[key] <= 1.0, (label, stage, key)
             assert ev["frac_correct"] == pytest.approx(ev["accuracy"])  # two paths, one verdict
             assert ev["length_mean"] == pytest.approx(ev["mean_response_tokens"], abs=1.0)
+            for key in ("truncated_frac", "frac_has_answer", "frac_wrote_steps", "answer_chance"):
+                assert 0.0 <= ev[key] <= 1.0, (label, stage, key)
+            assert "deviation_rate" in ev and "correct_given_deviated" in ev
+            by_ops = ev["accuracy_by_ops"]
+            assert sum(by_ops[k] * ev[f"frac_ops{k}"] for k in by_ops) == pytest.approx(
+                ev["accuracy"]
+            )
+            # The completions behind the figures, one line per held-out problem.
+            lines = held_out.read_jsonl(point.workdir / written["held_out_completions"][stage])
+            assert len(lines) == written["eval_size"]
+            assert sum(r["correct"] for r in lines) / len(lines) == pytest.approx(ev["accuracy"])
+            # A completion that closed its answer stopped there: it cannot have run out.
+            unclosed = sum(not r["completion"].endswith("</answer>") for r in lines) / len(lines)
+            assert ev["truncated_frac"] <= unclosed + 1e-9
+        assert written["held_out_completions"]["after"] == "held_out/step000002.jsonl"
         for stage in ("bridge_before", "bridge_after"):
-            assert all(written[stage][f"ppl_{c}"] > 1.0 for c in ("none", "own", "gold"))
+            bridge = written[stage]
+            assert all(bridge[f"ppl_{c}"] > 1.0 for c in ("none", "own", "gold"))
+            assert all(bridge[f"nll_median_{c}"] > 0.0 for c in ("none", "own", "gold"))
+            causal = [bridge[f"causal_{k}_rate"] for k in ("follow", "recovery", "other")]
+            assert sum(causal) == pytest.approx(1.0), (label, stage)
+            assert 0.0 <= bridge["prefix1_accuracy"] <= 1.0
         rows = read_jsonl(point.workdir / "metrics.jsonl")
         assert len(rows) == 2
         for row in rows:
             assert row["rollout_frac_correct"] == pytest.approx(row["accuracy"]), label
-            for key in ("rollout_wrong_step_given_correct", "rollout_frac_well_formed"):
+            for key in (
+                "rollout_wrong_step_given_correct",
+                "rollout_frac_well_formed",
+                "rollout_deviation_rate",
+                "rollout_frac_has_answer",
+                "rollout_frac_correct_wrote_steps",
+            ):
                 assert key in row
         assert (point.workdir / "curves.png").stat().st_size > 1000
 

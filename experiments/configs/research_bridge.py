@@ -3,8 +3,12 @@
 Per-token perplexity of the gold answer (teacher-forced, between <answer> and </answer>) given
 the question alone (empty think block), given the question plus the policy's own greedy
 reasoning, and given the question plus the gold worked solution, measured with the base model
-before RL and with the policy after RL, on the 256 held-out problems. Arms: the three rewards
-(the runs of research_supervision) and the cold start (the run of research_cold_start).
+before RL and with the policy after RL, on the 256 held-out problems. Since both reasoning
+contexts end with a step whose result is the answer, the copy rate (own answer = own chain's
+last value), the gold-step prefixes (first k steps only) and the causal test (one intermediate
+value corrupted and carried on: does the answer follow it or recover?) tell copying from use.
+Arms: the three rewards (the runs of research_supervision) and the cold start (the run of
+research_cold_start).
 
 Launch:
   python -m experiments.research --config=experiments/configs/research_bridge.py
@@ -41,6 +45,16 @@ SUMMARY = {
         ("ppl given question, on right-step ones", "bridge_after.ppl_none_right"),
         ("ppl given own wrong steps, after", "bridge_after.ppl_own_wrong"),
         ("ppl given question, on wrong-step ones", "bridge_after.ppl_none_wrong"),
+        ("median NLL given own reasoning, after", "bridge_after.nll_median_own"),
+        ("median NLL given question, after", "bridge_after.nll_median_none"),
+        ("own answer = own last value, after", "bridge_after.own_copy_rate"),
+        ("follows a wrong last value, after", "bridge_after.own_follow_wrong_last"),
+        ("answer given 1 gold step, after", "bridge_after.prefix1_accuracy"),
+        ("copies the 1-step value, after", "bridge_after.prefix1_copy"),
+        ("corrupted chain: follows, before", "bridge_before.causal_follow_rate"),
+        ("corrupted chain: recovers, before", "bridge_before.causal_recovery_rate"),
+        ("corrupted chain: follows, after", "bridge_after.causal_follow_rate"),
+        ("corrupted chain: recovers, after", "bridge_after.causal_recovery_rate"),
     ],
     "curves": [],
 }

@@ -4,7 +4,8 @@ Arms (same base model per seed, same samples and updates per step): the reward i
 answer only (R1-Zero); the fraction of right steps (a perfect process reward model, "Let's
 Verify Step by Step" with an oracle); both (0.5 / 0.5). Measured: held-out greedy accuracy and
 process correctness after RL, training accuracy over steps (its mean over the run is the
-sample-efficiency figure), and the share of well-formed step lists.
+sample-efficiency figure), the share of well-formed step lists, accuracy by op count, and how
+often a final answer is written at all and how often the token budget runs out.
 
 Launch (3 seeds, each arm a separate process; shared arms run once):
   python -m experiments.research --config=experiments/configs/research_supervision.py
@@ -39,6 +40,11 @@ SUMMARY = {
         ("train acc. (mean over run)", "rollout.accuracy.mean"),
         ("train acc. (last 10 steps)", "rollout.accuracy.last10"),
         ("tokens after RL", "after.mean_response_tokens"),
+        ("accuracy on 2-op problems after RL", "after.accuracy_by_ops.2"),
+        ("accuracy on 4-op problems after RL", "after.accuracy_by_ops.4"),
+        ("has an answer after RL", "after.frac_has_answer"),
+        ("truncated after RL", "after.truncated_frac"),
+        ("has an answer (rollouts, last 10)", "rollout.rollout_frac_has_answer.last10"),
     ],
     "curves": [
         ("training accuracy (T=1)", "accuracy"),

@@ -105,6 +105,7 @@ def run_grpo(
     trainer_kwargs: Mapping[str, Any] | None = None,
     metrics_cfg: MetricsConfig | None = None,
     run_config: Mapping[str, Any] | None = None,
+    on_trainer: Callable[[GRPOTrainer], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate, train `cfg.steps` GRPO steps (resuming if the checkpointer has a step),
     evaluate again. Returns {preempted, step, resumed, before, after, carry,
@@ -113,7 +114,8 @@ def run_grpo(
     `carry` is JSON stored in every checkpoint and handed back on resume (e.g. facts about a
     stage that a resumed run skips). `trainer_kwargs` go to GRPOTrainer (e.g. `frozen=`).
     `metrics_cfg` turns on further metrics sinks (Weights & Biases) and `run_config` is the
-    configuration recorded with them; both go to MetricsWriter.
+    configuration recorded with them; both go to MetricsWriter. `on_trainer` is called with the
+    trainer once it exists, before any evaluation (hooks that need its step count).
     """
     resuming = is_resuming(checkpointer)
     with (
@@ -143,6 +145,8 @@ def run_grpo(
             mesh=mesh,
             **dict(trainer_kwargs or {}),
         )
+        if on_trainer is not None:
+            on_trainer(trainer)
         meta = trainer.resume() if resuming else None
         if meta is not None:
             writer.rewind(trainer.step_count)  # the step restored, not the newest one on disk

@@ -67,7 +67,7 @@ class Evaluator:
         key = jax.random.key(self.cfg.seed + 10_007)
         shards = sharding.batch_shards(self.mesh)
         chunk_size = -(-batch_size // shards) * shards
-        greedy_correct, greedy_len, correct_k, maj_hits = [], [], [], []
+        greedy_correct, greedy_len, greedy_cut, correct_k, maj_hits = [], [], [], [], []
         stats_sums: dict[str, float] = {}
         progress = Progress("eval", len(examples), echo, every=chunk_size, unit="problems")
         for start in range(0, len(examples), chunk_size):
@@ -79,10 +79,11 @@ class Evaluator:
             n_real = max(min(len(real) - lo, len(local)), 0)
 
             out = rounds.sample(policy, local, key, group_size=1, config=greedy_cfg)
-            texts, lengths, _ = rounds.decode(out)
+            texts, lengths, cut = rounds.decode(out)
             _, ok = rounds.outcomes(rounds.submit(texts, local), len(texts))
             greedy_correct += list(sharding.all_rows(ok)[: len(real)])
             greedy_len += list(sharding.all_rows(lengths)[: len(real)])
+            greedy_cut += list(sharding.all_rows(cut)[: len(real)])
             if self.response_stats is not None:
                 # Called on every process (at least one text) so all gather the same names.
                 m = max(n_real, 1)
@@ -110,6 +111,8 @@ class Evaluator:
         result = {
             "accuracy": eval_metrics.greedy_accuracy(greedy_correct),
             "mean_response_tokens": float(np.mean(greedy_len)),
+            # Greedy answers that ran out of budget: a length cap, not a wrong answer.
+            "truncated_frac": float(np.mean(greedy_cut)),
         }
         if k > 0:
             summary = eval_metrics.summarize(np.asarray(correct_k), None, ks=ks)

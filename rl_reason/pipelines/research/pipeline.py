@@ -11,8 +11,11 @@ measure:
   RL          `rl_reason.pipelines.grpo_stage.run_grpo` with every `grpo.*` option
   measures    held-out greedy completions before and after RL (`research.measures`:
               process correctness, readability, wrong-step share of correct answers, length of
-              wrong answers), the same on every step's training rollouts (``rollout_*`` in
-              metrics.jsonl), and the reasoning bridge before and after RL (`research.bridge`)
+              wrong answers, the deviation rate and its chance baseline, has-answer and
+              truncation rates, accuracy by op count), the same on every step's training
+              rollouts (``rollout_*`` in metrics.jsonl), and the reasoning bridge before and
+              after RL (`research.bridge`); every evaluation's completions are kept in
+              held_out/ (`research.held_out`)
 
 `run(config)` writes summary.json, metrics.jsonl, tb/, curves.png and checkpoints into the
 run's workdir (`rl_reason.pipelines.research.runs.workdir_for`) and resumes from its checkpoints.
@@ -32,7 +35,7 @@ from rl_reason.infra import data as data_lib
 from rl_reason.pipelines import base_model, pretrain, r1_zero
 from rl_reason.pipelines import grpo_stage as grpo_run
 from rl_reason.pipelines.context import RunContext
-from rl_reason.pipelines.research import base_cache, bridge, measures, runs
+from rl_reason.pipelines.research import base_cache, bridge, held_out, measures, runs
 from rl_reason.rollout import sampling
 from rl_reason.tasks import arithmetic
 from rl_reason.trainer import GRPOConfig
@@ -156,14 +159,20 @@ def greedy_completions(
     return texts
 
 
-def measure_bridge(graphdef, params, tokenizer, problems, grpo_cfg, stops, mesh) -> dict:
+def measure_bridge(graphdef, params, tokenizer, problems, grpo_cfg, stops, mesh, max_value) -> dict:
     own = greedy_completions(graphdef, params, tokenizer, problems, grpo_cfg, stops, mesh)
-    return bridge.measure(graphdef, params, tokenizer, problems, own)
+    return bridge.measure(graphdef, params, tokenizer, problems, own, max_value=max_value)
 
 
-def with_ratios(ev: Mapping[str, float]) -> dict[str, float]:
-    """An evaluation dict with the conditional figures of `measures.ratios` added."""
-    return {**ev, **measures.ratios(ev)}
+def with_ratios(ev: Mapping[str, float], answer_chance: float) -> dict[str, Any]:
+    """An evaluation dict with the conditional figures of `measures.ratios`, the chance
+    baseline they are read against and the accuracy per op count added."""
+    return {
+        **ev,
+        **measures.ratios(ev),
+        "answer_chance": answer_chance,
+        "accuracy_by_ops": base_model.accuracy_by_ops(ev),
+    }
 
 
 def run(config) -> dict[str, Any]:
@@ -183,6 +192,7 @@ def run(config) -> dict[str, Any]:
     echo(f"[research] {workdir} | reward {reward_cfg.mode} | cold start {cold_cfg.examples}")
 
     data = build_data(config)
+    max_ops, max_value = data["task"].cfg.max_ops, data["task"].cfg.max_value
     with ctx.preemptible() as guard:
         base_dir = base_model.resolve_base(config.base)
         if base_dir is not None:
@@ -219,12 +229,21 @@ def run(config) -> dict[str, Any]:
                 echo(f"[cold start] {cold_cfg.steps} SFT steps, loss {sft_losses[-1]:.3f}")
             if config.measure.bridge:
                 carry["bridge_before"] = measure_bridge(
-                    graphdef, params, tokenizer, data["eval_set"], grpo_cfg, stops, mesh
+                    graphdef, params, tokenizer, data["eval_set"], grpo_cfg, stops, mesh, max_value
                 )
                 echo("[bridge] before RL: " + grpo_run.fmt(carry["bridge_before"]))
 
         def count_tokens(text: str) -> int:
             return len(tokenizer.encode(text))
+
+        completions_log = held_out.HeldOutLog(workdir, data["eval_set"])
+
+        def eval_stats(texts: list[str], examples: list[dict]) -> dict[str, float]:
+            completions_log(texts, examples)
+            return measures.completion_stats(texts, examples, count_tokens, max_ops)
+
+        def watch_steps(trainer) -> None:
+            completions_log.step = lambda: trainer.step_count
 
         result = ctx.run_grpo(
             grpo_cfg,
@@ -239,20 +258,27 @@ def run(config) -> dict[str, Any]:
             ),
             eval_examples=data["eval_set"],
             stop_token_ids=stops,
-            response_stats=lambda t, ex: measures.completion_stats(t, ex, count_tokens),
+            response_stats=eval_stats,
             carry=carry,
             trainer_kwargs={"rollout_stats": measures.stats_with_ratios(count_tokens)},
+            on_trainer=watch_steps,
         )
     if result["preempted"]:
         return {"preempted": True, "stage": 2, "step": result["step"]}
     carry = result["carry"]
     trainer = result["trainer"]
+    chance = measures.answer_chance(data["eval_set"])
     summary: dict[str, Any] = {
         "preempted": False,
         "workdir": str(workdir),
         "settings": runs.run_settings(config),
-        "before": with_ratios(result["before"]),
-        "after": with_ratios(result["after"]),
+        "before": with_ratios(result["before"], chance),
+        "after": with_ratios(result["after"], chance),
+        "answer_chance": chance,
+        "held_out_completions": {
+            "before": str(completions_log.path(0).relative_to(workdir)),
+            "after": str(completions_log.path(trainer.step_count).relative_to(workdir)),
+        },
         "rl_steps": grpo_cfg.steps,
         "resumed": result["resumed"],
         "stage1": carry["stage1"],
@@ -263,7 +289,7 @@ def run(config) -> dict[str, Any]:
     if config.measure.bridge:
         summary["bridge_before"] = carry["bridge_before"]
         summary["bridge_after"] = measure_bridge(
-            graphdef, trainer.params, tokenizer, data["eval_set"], grpo_cfg, stops, mesh
+            graphdef, trainer.params, tokenizer, data["eval_set"], grpo_cfg, stops, mesh, max_value
         )
         echo("[bridge] after RL:  " + grpo_run.fmt(summary["bridge_after"]))
     summary["wall_seconds"] = ctx.elapsed()
