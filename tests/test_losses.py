@@ -32,7 +32,22 @@ def close(a, b, **kw):
 
 
 def test_registries_list_names():
-    assert set(L.ADVANTAGE_ESTIMATORS) == {"grpo", "dr_grpo", "rloo"}
+    assert set(L.ADVANTAGE_ESTIMATORS) == {
+        "grpo",
+        "dr_grpo",
+        "rloo",
+        "reinforce_pp",
+        "reinforce_pp_baseline",
+    }
+    assert set(L.POLICY_OBJECTIVES) == {"ppo_clip", "dual_clip", "cispo"}
+    assert set(L.CORRECTIONS) == {
+        "none",
+        "tis_token",
+        "tis_sequence",
+        "mask_token",
+        "mask_sequence",
+        "geo_mask",
+    }
     assert set(L.KL_ESTIMATORS) == {"k1", "k2", "k3"}
     assert L.AGGREGATIONS == (
         "token-mean",
@@ -647,7 +662,7 @@ def test_policy_loss_validation():
     with pytest.raises(ValueError, match="mask shape"):
         L.policy_loss(logp, old, adv, mask[:-1])
     with pytest.raises(ValueError, match="advantages must be"):
-        L.policy_loss(logp, old, adv[:, None] * mask, mask)
+        L.policy_loss(logp, old, adv[:, None], mask)  # [N, 1]: neither [N] nor [N, T]
     with pytest.raises(ValueError, match="ref_logp shape"):
         L.policy_loss(logp, old, adv, mask, ref_logp=ref[:, :2], kl_coef=0.1)
     with pytest.raises(ValueError, match="ref_logp is None"):
