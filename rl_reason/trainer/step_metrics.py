@@ -57,6 +57,9 @@ def step_metrics(
         "time_step": times["trained"] - times["t0"],
         "generated_tokens_per_s": generated / max(sample_time, 1e-9),
     }
+    if cfg.loss.correction != "none":
+        metrics["mismatch_token_frac"] = train["mismatch_token_frac"]
+        metrics["mismatch_seq_frac"] = train["mismatch_seq_frac"]
     if "logprob_gap" in host:
         metrics["logprob_gap_sampler_trainer"] = float(
             np.mean([float(g) for g in host["logprob_gap"]])
