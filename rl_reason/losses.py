@@ -37,6 +37,8 @@ Papers cited below:
           Learning", arXiv:1912.09729 (eq. 5).
   [REINFORCE++] Hu et al. 2025, "REINFORCE++: An Efficient RLHF Algorithm with Robustness to
           Both Prompt and Reward Models", arXiv:2501.03262.
+  [GAE]   Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized
+          Advantage Estimation", arXiv:1506.02438.
   [KL]    Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html.
   [Gemma2] Gemma Team 2024, "Gemma 2: Improving Open Language Models at a Practical Size",
           arXiv:2408.00118.
@@ -45,6 +47,7 @@ Papers cited below:
 from rl_reason.core.advantages import (
     ADVANTAGE_ESTIMATORS,
     compute_advantages,
+    gae,
     is_token_level,
     register_advantage_estimator,
     token_advantages,
@@ -98,6 +101,7 @@ __all__ = [
     "compute_advantages",
     "dual_clip",
     "entropy",
+    "gae",
     "is_token_level",
     "kl_penalty",
     "loss_normalizer",

@@ -397,3 +397,58 @@ def test_validation_and_config_rules():
     cfg = GRPOConfig(loss=dict(advantage_estimator="reinforce_pp", reward_kl_coef=0.01))
     assert cfg.loss.needs_reference and not GRPOConfig().loss.needs_reference
     GRPOConfig(loss=dict(correction="geo_mask", correction_cap=1.001, recompute_old_logprobs=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# GAE
+
+
+def test_gae_golden_by_hand():
+    v = np.array([[0.5, 0.6, 0.8]], np.float32)
+    mask, r = np.ones((1, 3), np.float32), np.ones(1, np.float32)
+    adv, ret = L.gae(r, v, mask, gamma=1.0, lam=1.0)
+    close(adv, [[0.5, 0.4, 0.2]])  # Monte Carlo: R − V_t
+    close(ret, [[1, 1, 1]])
+    close(L.gae(r, v, mask, gamma=1.0, lam=0.0)[0], [[0.1, 0.2, 0.2]])  # δ_t = V_{t+1} − V_t
+    # γ = λ = 0.5: δ = [0.5·0.6 − 0.5, 0.5·0.8 − 0.6, 1 − 0.8] = [−0.2, −0.2, 0.2];
+    # A_2 = 0.2, A_1 = −0.2 + 0.25·0.2 = −0.15, A_0 = −0.2 + 0.25·(−0.15) = −0.2375.
+    close(L.gae(r, v, mask, gamma=0.5, lam=0.5)[0], [[-0.2375, -0.15, 0.2]])
+    # A masked position in the middle is skipped: the same numbers around it.
+    v2 = np.array([[0.5, 9.0, 0.6, 0.8, 7.0]], np.float32)
+    m2 = np.array([[1, 0, 1, 1, 0]], np.float32)
+    close(L.gae(r, v2, m2, gamma=0.5, lam=0.5)[0], [[-0.2375, 0, -0.15, 0.2, 0]])
+
+
+def naive_gae(rewards, values, mask, gamma, lam):
+    """Plain loops over each row's mask tokens (jnp scalars, so jax.grad can run through)."""
+    rows = []
+    for i in range(values.shape[0]):
+        toks = [j for j in range(values.shape[1]) if mask[i, j]]
+        adv = {}
+        for k, j in enumerate(toks):
+            total = 0.0
+            for l_, j2 in enumerate(toks[k:]):
+                nxt = values[i, toks[k + l_ + 1]] if k + l_ + 1 < len(toks) else 0.0
+                r = rewards[i] if k + l_ == len(toks) - 1 else 0.0
+                total = total + (gamma * lam) ** l_ * (r + gamma * nxt - values[i, j2])
+            adv[j] = total
+        rows.append(jnp.stack([adv.get(j, jnp.zeros(())) for j in range(values.shape[1])]))
+    return jnp.stack(rows)
+
+
+def test_gae_matches_naive_loop_values_and_gradients():
+    rng = np.random.default_rng(9)
+    values = rng.normal(0, 1, (3, 6)).astype(np.float32)
+    mask = (rng.random((3, 6)) < 0.7).astype(np.float32)
+    mask[:, 0] = 1
+    rewards = rng.normal(0, 1, 3).astype(np.float32)
+    probe = rng.normal(0, 1, (3, 6)).astype(np.float32)
+    for gamma, lam in ((1.0, 1.0), (0.99, 0.95), (0.9, 0.0)):
+        got = L.gae(rewards, values, mask, gamma, lam)[0]
+        want = naive_gae(jnp.asarray(rewards), jnp.asarray(values), mask, gamma, lam)
+        close(got, want)
+        g1 = jax.grad(lambda v, g=gamma, la=lam: jnp.sum(probe * L.gae(rewards, v, mask, g, la)[0]))
+        g2 = jax.grad(
+            lambda v, g=gamma, la=lam: jnp.sum(probe * naive_gae(rewards, v, mask, g, la))
+        )
+        close(g1(jnp.asarray(values)), g2(jnp.asarray(values)))

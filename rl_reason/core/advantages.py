@@ -13,6 +13,7 @@ global batch (`token_advantages`, REINFORCE++).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from rl_reason.core.checks import Array, ArrayLike, float_dtype, positive_int, safe_div
@@ -112,6 +113,53 @@ def token_advantages(
     var = safe_div(jnp.sum(m * (g - mean) ** 2), total)
     std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1)), 0)
     return jnp.where(on, (g - mean) / (std + eps), 0)
+
+
+def gae(
+    rewards_N: ArrayLike,
+    values_NT: ArrayLike,
+    mask_NT: ArrayLike,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+) -> tuple[Array, Array]:
+    """GAE(γ, λ) per token for an outcome reward at each sequence's last token [GAE].
+
+    With the mask tokens of a row taken in order (masked positions, e.g. a tool's output, are
+    skipped: the next value of the token before them is the one after them), reward r_t = R_i
+    on the last mask token and 0 elsewhere, and V = 0 after the last token:
+
+        δ_t = r_t + γ·V_{t+1} − V_t,    A_t = Σ_{l ≥ 0} (γλ)^l δ_{t+l},    returns_t = A_t + V_t.
+
+    λ = 1, γ = 1 gives A_t = R − V_t (Monte Carlo); λ = 0 the one-step TD error. Pure: no
+    critic here (the values are given), differentiable in the values.
+
+    Returns:
+      (advantages [N, T], returns [N, T]) float32, 0 at masked positions.
+    """
+    v = jnp.asarray(values_NT).astype(jnp.float32)
+    m = jnp.asarray(mask_NT).astype(jnp.float32)
+    r = jnp.asarray(rewards_N).astype(jnp.float32)
+    if m.ndim != 2 or v.shape != m.shape or r.shape != m.shape[:1]:
+        raise ValueError(
+            f"need rewards [N], values and mask [N, T]; got {r.shape}, {v.shape}, {m.shape}"
+        )
+    on = m != 0
+    v = jnp.where(on, v, 0)
+    t = m.shape[1]
+    last_N = t - 1 - jnp.argmax(jnp.flip(on, -1), -1)  # the last mask token of each row
+    reward_NT = jnp.where(jnp.arange(t)[None] == last_N[:, None], r[:, None], 0) * m
+
+    def back(carry, x):
+        next_v, next_a = carry
+        r_t, v_t, m_t = x
+        a_t = r_t + gamma * next_v - v_t + gamma * lam * next_a
+        keep = m_t != 0
+        return (jnp.where(keep, v_t, next_v), jnp.where(keep, a_t, next_a)), a_t * m_t
+
+    zeros = jnp.zeros(m.shape[:1], jnp.float32)
+    _, adv_TN = jax.lax.scan(back, (zeros, zeros), (reward_NT.T, v.T, m.T), reverse=True)
+    adv = adv_TN.T
+    return adv, (adv + v) * m
 
 
 def compute_advantages(
