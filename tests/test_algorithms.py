@@ -382,7 +382,7 @@ def test_validation_and_config_rules():
         L.policy_loss(logp, old, adv, mask, correction="tis", sampler_logp=sampler)
     with pytest.raises(ValueError, match="dual_clip_c must be > 1"):
         L.policy_loss(logp, old, adv, mask, objective="dual_clip", dual_clip_c=1.0)
-    with pytest.raises(ValueError, match="cap C must be > 1"):
+    with pytest.raises(ValueError, match="cap C must be a static number > 1"):
         L.mismatch_correction(old, sampler, mask, "tis_token", 1.0)
     with pytest.raises(ValueError, match="needs loss.recompute_old_logprobs=True"):
         GRPOConfig(loss=dict(correction="tis_token"))

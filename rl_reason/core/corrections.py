@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rl_reason.core.checks import Array, safe_div
+from rl_reason.core.checks import Array, concrete_float, safe_div
 from rl_reason.core.registry import Registry
 
 
@@ -110,8 +110,11 @@ def mismatch_correction(
     Gradients never flow through the weights.
     """
     CORRECTIONS.check(kind)
-    if not cap > 1:
-        raise ValueError(f"the correction cap C must be > 1 (the band is [1/C, C]), got {cap}")
+    c = concrete_float(cap)
+    if c is None or not c > 1:
+        raise ValueError(
+            f"the correction cap C must be a static number > 1 (the band is [1/C, C]), got {cap}"
+        )
     on = mask != 0
     m = mask.astype(jnp.float32)
     u = jax.lax.stop_gradient(jnp.where(on, old_logp - sampler_logp, 0).astype(jnp.float32))

@@ -125,7 +125,8 @@ def dual_clip(x: ObjectiveInputs) -> Array:
 
     With A < 0 and a large ratio (a token the old policy found unlikely that is now likely),
     −ρA grows without bound in plain PPO; the second clip caps the loss at −c·A and gives no
-    gradient there. c > 1 (3 in the paper) leaves the ordinary clipped region untouched.
+    gradient there. For A < 0 PPO's surrogate is A·max(ρ, 1 − ε_low), so with c > 1 (3 in the
+    paper) the bound binds exactly where ρ > c.
     """
     clipped = jnp.clip(x.ratio, 1 - x.clip_eps_low, 1 + x.clip_eps_high)
     surrogate = jnp.minimum(x.ratio * x.advantages, clipped * x.advantages)
@@ -305,7 +306,8 @@ def policy_loss(
     Returns:
       (loss, metrics): loss a scalar; metrics a dict with keys `METRIC_NAMES`, all without
       gradient. Each metric except ``tokens`` is a mean over this call's mask tokens (weights m):
-        clip_frac_low   fraction with A < 0 and ρ < 1 − ε_low (clipped, no gradient)
+        clip_frac_low   fraction with A < 0 and ρ < 1 − ε_low (clipped, no gradient; the PPO
+                        bounds ε_low/ε_high, whatever the objective)
         clip_frac_high  fraction with A > 0 and ρ > 1 + ε_high (clipped, no gradient)
         ratio_mean      mean ρ (the sequence ratio s_i on each token for ratio_level="sequence")
         kl_ref          mean KL(π ‖ π_ref) by ``kl_estimator`` (0 without ref_logp)
