@@ -145,9 +145,10 @@ def test_new_algorithms_sharded_equal_one_device(results, mesh):
 def test_the_shipped_base_model_float32_gap_is_rounding_and_bfloat16_is_not():
     """The trained base model (peaked distributions, larger logits than the random one): in
     float32 the mean sampler–trainer gap is ~5e-7 and the largest 1.5e-5 here (2.5e-5 over the
-    benchmark's 8k tokens), at decoded positions only: float32 rounding of other product
-    shapes than the full forward pass's (README, "parity gate"); computing in bfloat16 makes the gap orders of magnitude larger
-    (benchmarks/mismatch.py reports it at full size, with what each correction touches)."""
+    benchmark's 8k tokens), at decoded positions: float32 rounding of other product shapes
+    than the full forward pass's (README, "parity gate"). Computing in bfloat16 makes the gap
+    orders of magnitude larger (benchmarks/mismatch.py reports it at full size, with what each
+    correction touches)."""
     import subprocess
     import sys
     from pathlib import Path
