@@ -16,8 +16,9 @@ One RL step uses this module as::
 
 The code lives in `rl_reason.core` (advantages, objectives, logprobs); this module is its stable
 public face. Advantage estimators, policy objectives and KL estimators are registries: a new
-variant is one function under `register_advantage_estimator`, `register_policy_objective` or
-`register_kl_estimator`, selected by name (see the README's "Extending").
+variant is one function under `register_advantage_estimator`, `register_policy_objective`,
+`register_kl_estimator` or `register_correction` (sampler–trainer mismatch corrections,
+`rl_reason.core.corrections`), selected by name (see the README's "Extending").
 
 Papers cited below:
   [GRPO]  Shao et al. 2024, "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open
@@ -30,6 +31,14 @@ Papers cited below:
   [RLOO]  Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
           Learning from Human Feedback in LLMs", arXiv:2402.14740 (after Kool et al. 2019).
   [PPO]   Schulman et al. 2017, "Proximal Policy Optimization Algorithms", arXiv:1707.06347.
+  [CISPO] MiniMax 2025, "MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning
+          Attention", arXiv:2506.13585 (section 3.1, eq. 4).
+  [DualClip] Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep Reinforcement
+          Learning", arXiv:1912.09729 (eq. 5).
+  [REINFORCE++] Hu et al. 2025, "REINFORCE++: An Efficient RLHF Algorithm with Robustness to
+          Both Prompt and Reward Models", arXiv:2501.03262.
+  [GAE]   Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized
+          Advantage Estimation", arXiv:1506.02438.
   [KL]    Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html.
   [Gemma2] Gemma Team 2024, "Gemma 2: Improving Open Language Models at a Practical Size",
           arXiv:2408.00118.
@@ -38,7 +47,16 @@ Papers cited below:
 from rl_reason.core.advantages import (
     ADVANTAGE_ESTIMATORS,
     compute_advantages,
+    gae,
+    is_token_level,
     register_advantage_estimator,
+    token_advantages,
+)
+from rl_reason.core.corrections import (
+    CORRECTIONS,
+    Correction,
+    mismatch_correction,
+    register_correction,
 )
 from rl_reason.core.logprobs import (
     AUTO_CHUNK_BYTES,
@@ -53,7 +71,10 @@ from rl_reason.core.objectives import (
     METRIC_NAMES,
     POLICY_OBJECTIVES,
     RATIO_LEVELS,
+    SEQUENCE_METRICS,
     ObjectiveInputs,
+    cispo,
+    dual_clip,
     kl_penalty,
     loss_normalizer,
     merge_metrics,
@@ -67,22 +88,32 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AGGREGATIONS",
     "AUTO_CHUNK_BYTES",
+    "CORRECTIONS",
+    "Correction",
     "KL_ESTIMATORS",
     "METRIC_NAMES",
     "POLICY_OBJECTIVES",
     "RATIO_LEVELS",
+    "SEQUENCE_METRICS",
     "ObjectiveInputs",
     "auto_chunk_size",
+    "cispo",
     "compute_advantages",
+    "dual_clip",
     "entropy",
+    "gae",
+    "is_token_level",
     "kl_penalty",
     "loss_normalizer",
     "merge_metrics",
+    "mismatch_correction",
     "policy_loss",
     "ppo_clip",
     "register_advantage_estimator",
+    "register_correction",
     "register_kl_estimator",
     "register_policy_objective",
+    "token_advantages",
     "token_logprobs",
     "token_logprobs_from_hidden",
 ]

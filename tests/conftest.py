@@ -59,6 +59,7 @@ HEAVY_FIRST = (
     "test_recipes",
     "test_benchmarks_smoke",
     "test_sharding",
+    "test_parity_gate",
     "test_r1_zero_smoke",
     "test_bad_input",
     "test_notebook",

@@ -32,7 +32,22 @@ def close(a, b, **kw):
 
 
 def test_registries_list_names():
-    assert set(L.ADVANTAGE_ESTIMATORS) == {"grpo", "dr_grpo", "rloo"}
+    assert set(L.ADVANTAGE_ESTIMATORS) == {
+        "grpo",
+        "dr_grpo",
+        "rloo",
+        "reinforce_pp",
+        "reinforce_pp_baseline",
+    }
+    assert set(L.POLICY_OBJECTIVES) == {"ppo_clip", "dual_clip", "cispo"}
+    assert set(L.CORRECTIONS) == {
+        "none",
+        "tis_token",
+        "tis_sequence",
+        "mask_token",
+        "mask_sequence",
+        "geo_mask",
+    }
     assert set(L.KL_ESTIMATORS) == {"k1", "k2", "k3"}
     assert L.AGGREGATIONS == (
         "token-mean",
@@ -407,9 +422,20 @@ def tiny_policy(n, t, d=4, v=6, seed=0):
     return w, logp_fn
 
 
+# objective, mismatch correction, per-token (REINFORCE++) advantages
+VARIANTS = {
+    "ppo_clip": ("ppo_clip", "none", False),
+    "dual_clip+tis_sequence": ("dual_clip", "tis_sequence", False),
+    "cispo+mask_token": ("cispo", "mask_token", False),
+    "token_advantages+geo_mask": ("ppo_clip", "geo_mask", True),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("ratio_level", LEVELS)
 @pytest.mark.parametrize("aggregation", AGGS)
-def test_microbatch_accumulation_equals_full_batch(aggregation, ratio_level):
+def test_microbatch_accumulation_equals_full_batch(aggregation, ratio_level, variant):
+    objective, correction, per_token = VARIANTS[variant]
     n, t, max_len = 8, 5, 9
     w, logp_fn = tiny_policy(n, t)
     rng = np.random.default_rng(3)
@@ -420,12 +446,18 @@ def test_microbatch_accumulation_equals_full_batch(aggregation, ratio_level):
     # Unequal lengths (19 tokens in the first microbatch, 6 in the second), one empty sequence.
     lengths = np.array([5, 5, 4, 5, 1, 0, 2, 3])
     mask = (np.arange(t)[None] < lengths[:, None]).astype(np.float32)
+    sampler = old + rng.normal(0, 0.3, (n, t)).astype(np.float32)
+    if per_token:  # normalised over the whole batch first, as the trainer's batch is
+        adv = np.asarray(L.token_advantages(adv, mask))
     kw = dict(
         aggregation=aggregation,
         ratio_level=ratio_level,
         max_len=max_len,
         kl_coef=0.1,
         clip_eps_high=0.28,
+        objective=objective,
+        correction=correction,
+        correction_cap=1.1 if correction == "geo_mask" else 1.3,
     )
 
     def loss_fn(w, rows, normalizer=None):
@@ -436,6 +468,7 @@ def test_microbatch_accumulation_equals_full_batch(aggregation, ratio_level):
             mask[rows],
             ref_logp=ref[rows],
             normalizer=normalizer,
+            sampler_logp=sampler[rows],
             **kw,
         )
 
@@ -450,7 +483,7 @@ def test_microbatch_accumulation_equals_full_batch(aggregation, ratio_level):
         close(merged[k], full_metrics[k], rtol=1e-5, atol=1e-6)
     assert abs(float(full_loss)) > 1e-3 and float(jnp.abs(full_grad).max()) > 1e-3
 
-    if aggregation == "token-mean":
+    if aggregation == "token-mean" and variant == "ppo_clip":
         # Averaging self-normalised microbatch losses is not the full loss when microbatches hold
         # different token counts: the reason for the normaliser (and a check the data bite).
         unweighted = np.mean([float(loss_fn(w, slice(s, s + 4))[0]) for s in (0, 4)])
@@ -647,7 +680,7 @@ def test_policy_loss_validation():
     with pytest.raises(ValueError, match="mask shape"):
         L.policy_loss(logp, old, adv, mask[:-1])
     with pytest.raises(ValueError, match="advantages must be"):
-        L.policy_loss(logp, old, adv[:, None] * mask, mask)
+        L.policy_loss(logp, old, adv[:, None], mask)  # [N, 1]: neither [N] nor [N, T]
     with pytest.raises(ValueError, match="ref_logp shape"):
         L.policy_loss(logp, old, adv, mask, ref_logp=ref[:, :2], kl_coef=0.1)
     with pytest.raises(ValueError, match="ref_logp is None"):

@@ -42,9 +42,9 @@ def _load(path) -> dict:
     }
 
 
-def _run_single(out, devices: int, mesh: str) -> dict:
+def _run_single(out, devices: int, mesh: str, algorithm: str = "grpo") -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", SCRIPT, str(out), f"--mesh={mesh}"],
+        [sys.executable, "-m", SCRIPT, str(out), f"--mesh={mesh}", f"--algorithm={algorithm}"],
         cwd=ROOT,
         env=_env(devices),
         capture_output=True,
@@ -55,9 +55,7 @@ def _run_single(out, devices: int, mesh: str) -> dict:
     return _load(out)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("multihost")
+def _run_two(out, algorithm: str = "grpo") -> dict:
     port = _free_port()
     procs = [
         subprocess.Popen(
@@ -65,10 +63,11 @@ def runs(tmp_path_factory):
                 sys.executable,
                 "-m",
                 SCRIPT,
-                str(tmp / "two.npz"),
+                str(out),
                 f"--process_id={i}",
                 "--num_processes=2",
                 f"--port={port}",
+                f"--algorithm={algorithm}",
             ],
             cwd=ROOT,
             env=_env(4),
@@ -85,8 +84,14 @@ def runs(tmp_path_factory):
             p.kill()  # SIGKILL: the distributed runtime's preemption notifier eats SIGTERM
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-4000:]
+    return _load(out)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("multihost")
     return {
-        "two_processes": _load(tmp / "two.npz"),
+        "two_processes": _run_two(tmp / "two.npz"),
         "one_process": _run_single(tmp / "one.npz", 8, "2,2,2"),
         "one_device": _run_single(tmp / "dev.npz", 1, "1,1,1"),
     }
@@ -121,3 +126,13 @@ def test_the_run_did_real_work(runs):
     assert all(m["reward_std"] > 0.1 and m["zero_std_groups"] < 1 for m in metrics)
     assert all(m["grad_norm"] > 0.1 and m["kl_ref"] >= 0 for m in metrics)
     assert metrics[1]["kl_ref"] > 0
+
+
+def test_reinforce_pp_two_processes_agree_with_one_device(tmp_path):
+    # REINFORCE++ normalises its per-token advantages over the step's global batch, which here
+    # is split over two processes, two minibatches and two microbatches: each process must see
+    # the one-device normalisation, not that of its own rows.
+    two = _run_two(tmp_path / "two.npz", "reinforce_pp")
+    one = _run_single(tmp_path / "dev.npz", 1, "1,1,1", "reinforce_pp")
+    _assert_same(two, one, params_atol=5e-5)
+    assert all(m["grad_norm"] > 0.1 and m["zero_std_groups"] < 1 for m in one["metrics"])

@@ -113,12 +113,15 @@ def test_a_registered_kl_estimator_reaches_the_loss():
 
 
 def test_the_config_names_the_valid_choices():
-    with pytest.raises(ValueError, match=r"loss.objective='cispo' is not one of \['ppo_clip'\]"):
+    valid = r"\['ppo_clip', 'dual_clip', 'cispo'\]"
+    with pytest.raises(ValueError, match=rf"loss.objective='vapo' is not one of {valid}"):
         GRPOConfig(
-            loss=dict(objective="cispo"),
+            loss=dict(objective="vapo"),
         )
-    with pytest.raises(ValueError, match="unknown policy objective 'cispo'; valid: 'ppo_clip'"):
-        losses.policy_loss(*_batch(), objective="cispo")
+    with pytest.raises(
+        ValueError, match="unknown policy objective 'vapo'; valid: 'ppo_clip', 'dual_clip', 'cispo'"
+    ):
+        losses.policy_loss(*_batch(), objective="vapo")
     with pytest.raises(ValueError, match="loss.advantage_estimator='median' is not one of"):
         GRPOConfig(
             loss=dict(advantage_estimator="median"),

@@ -3,10 +3,17 @@
 An estimator is fn(rewards_PG, valid_PG as 0/1, n_valid_P1, eps) -> advantages_PG, on the P
 prompts' groups of G samples; `compute_advantages` handles the batch layout, invalid rewards and
 all-equal groups around it. Papers: see `rl_reason.losses`.
+
+Two attributes of an estimator function change what is done around it: ``group_relative =
+False`` keeps the advantages of groups whose rewards are all equal (an estimator without a
+group baseline), and ``token_level = True`` marks its [N] output as the outcome return at each
+sequence's last token, which the batch then turns into per-token advantages over the whole
+global batch (`token_advantages`, REINFORCE++).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from rl_reason.core.checks import Array, ArrayLike, float_dtype, positive_int, safe_div
@@ -42,6 +49,119 @@ def _rloo_advantage(r_PG: Array, w_PG: Array, n_P1: Array, eps: float) -> Array:
     return r_PG - safe_div(others_sum, n_P1 - 1)
 
 
+@register_advantage_estimator("reinforce_pp")
+def _reinforce_pp(r_PG: Array, w_PG: Array, n_P1: Array, eps: float) -> Array:
+    del w_PG, n_P1, eps
+    return r_PG  # no baseline: the batch normalisation of `token_advantages` is the baseline
+
+
+_reinforce_pp.group_relative = False
+_reinforce_pp.token_level = True
+
+
+@register_advantage_estimator("reinforce_pp_baseline")
+def _reinforce_pp_baseline(r_PG: Array, w_PG: Array, n_P1: Array, eps: float) -> Array:
+    return _dr_grpo_advantage(r_PG, w_PG, n_P1, eps)
+
+
+_reinforce_pp_baseline.token_level = True
+
+
+def is_token_level(estimator: str) -> bool:
+    """Whether `estimator`'s advantages become per-token ones by `token_advantages`."""
+    ADVANTAGE_ESTIMATORS.check(estimator)
+    return bool(getattr(ADVANTAGE_ESTIMATORS[estimator], "token_level", False))
+
+
+def token_advantages(
+    returns_N: ArrayLike,
+    mask_NT: ArrayLike,
+    kl_NT: ArrayLike | None = None,
+    kl_coef: float = 0.0,
+    eps: float = 1e-6,
+) -> Array:
+    """REINFORCE++ per-token advantages, normalised over every token of the batch [REINFORCE++].
+
+    The per-token reward is the outcome return R_i (``returns_N``: the raw reward for
+    "reinforce_pp", the reward minus its group mean for "reinforce_pp_baseline") at the last
+    token minus β·KL_it at every token (KL of the sampling policy to the reference, ``kl_NT``),
+    so the return from token t, with γ = 1, is
+
+        G_it = R_i − β Σ_{s ≥ t} m_is KL_is,
+
+    and the advantage is its z-score over all mask tokens of the batch:
+    A_it = (G_it − mean) / (std + eps), population std. Computed once on the whole global batch
+    (`core.update` does it when the batch is made, before minibatches and microbatches are cut
+    and over every process's rows), the normalisation is exactly that of one big batch.
+
+    Returns:
+      [N, T] float32, 0 at masked positions.
+    """
+    m = jnp.asarray(mask_NT).astype(jnp.float32)
+    on = m != 0
+    ret = jnp.asarray(returns_N).astype(jnp.float32)
+    if m.ndim != 2 or ret.shape != m.shape[:1]:
+        raise ValueError(f"returns must be [N] and mask [N, T], got {ret.shape}, {m.shape}")
+    g = jnp.broadcast_to(ret[:, None], m.shape)
+    if kl_NT is not None:
+        kl = jnp.where(on, jnp.asarray(kl_NT).astype(jnp.float32), 0)
+        if kl.shape != m.shape:
+            raise ValueError(f"kl shape {kl.shape} != mask shape {m.shape}")
+        g = g - kl_coef * jnp.flip(jnp.cumsum(jnp.flip(kl, -1), -1), -1)
+    total = jnp.sum(m)
+    mean = safe_div(jnp.sum(m * g), total)
+    var = safe_div(jnp.sum(m * (g - mean) ** 2), total)
+    std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1)), 0)
+    return jnp.where(on, (g - mean) / (std + eps), 0)
+
+
+def gae(
+    rewards_N: ArrayLike,
+    values_NT: ArrayLike,
+    mask_NT: ArrayLike,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+) -> tuple[Array, Array]:
+    """GAE(γ, λ) per token for an outcome reward at each sequence's last token [GAE].
+
+    With the mask tokens of a row taken in order (masked positions, e.g. a tool's output, are
+    skipped: the next value of the token before them is the one after them), reward r_t = R_i
+    on the last mask token and 0 elsewhere, and V = 0 after the last token:
+
+        δ_t = r_t + γ·V_{t+1} − V_t,    A_t = Σ_{l ≥ 0} (γλ)^l δ_{t+l},    returns_t = A_t + V_t.
+
+    λ = 1, γ = 1 gives A_t = R − V_t (Monte Carlo); λ = 0 the one-step TD error. Pure: no
+    critic here (the values are given), differentiable in the values.
+
+    Returns:
+      (advantages [N, T], returns [N, T]) float32, 0 at masked positions.
+    """
+    v = jnp.asarray(values_NT).astype(jnp.float32)
+    m = jnp.asarray(mask_NT).astype(jnp.float32)
+    r = jnp.asarray(rewards_N).astype(jnp.float32)
+    if m.ndim != 2 or v.shape != m.shape or r.shape != m.shape[:1]:
+        raise ValueError(
+            f"need rewards [N], values and mask [N, T]; got {r.shape}, {v.shape}, {m.shape}"
+        )
+    on = m != 0
+    v = jnp.where(on, v, 0)
+    t = m.shape[1]
+    last_N = t - 1 - jnp.argmax(jnp.flip(on, -1), -1)  # the last mask token of each row
+    reward_NT = jnp.where(jnp.arange(t)[None] == last_N[:, None], r[:, None], 0) * m
+
+    def back(carry, x):
+        next_v, next_a = carry
+        r_t, v_t, m_t = x
+        a_t = r_t + gamma * next_v - v_t + gamma * lam * next_a
+        keep = m_t != 0
+        return (jnp.where(keep, v_t, next_v), jnp.where(keep, a_t, next_a)), a_t * m_t
+
+    zeros = jnp.zeros(m.shape[:1], jnp.float32)
+    _, adv_TN = jax.lax.scan(back, (zeros, zeros), (reward_NT.T, v.T, m.T), reverse=True)
+    adv = adv_TN.T
+    return adv, (adv + v) * m
+
+
 def compute_advantages(
     rewards: ArrayLike,
     group_size: int,
@@ -59,6 +179,10 @@ def compute_advantages(
       bias (groups with nearly equal rewards are no longer up-weighted).
     - ``"rloo"`` [RLOO]: A_i = r_i − (1/(G−1)) Σ_{j≠i} r_j, the leave-one-out baseline, which is
       independent of r_i and hence unbiased; equals G/(G−1)·(r_i − mean_g).
+    - ``"reinforce_pp"`` [REINFORCE++]: A_i = r_i, no baseline; and
+      ``"reinforce_pp_baseline"``: A_i = r_i − mean_g. Both are the outcome return that
+      `token_advantages` turns into per-token advantages over the whole batch (with the KL
+      folded in); the trainer does that when it makes the batch.
 
     ``valid`` [N] (bool) marks rewards that exist (e.g. the verifier did not time out). Invalid
     rewards are left out of their group's statistics (G becomes the group's valid count) and get
@@ -95,7 +219,10 @@ def compute_advantages(
     r_PG = jnp.where(ok_PG, r_PG, 0)
     w_PG = ok_PG.astype(r.dtype)
     n_P1 = jnp.sum(w_PG, -1, keepdims=True)
-    adv_PG = ADVANTAGE_ESTIMATORS[estimator](r_PG, w_PG, n_P1, eps)
+    fn = ADVANTAGE_ESTIMATORS[estimator]
+    adv_PG = fn(r_PG, w_PG, n_P1, eps)
+    if not getattr(fn, "group_relative", True):
+        return jnp.where(ok_PG, adv_PG, 0).reshape(n)
 
     hi = jnp.max(jnp.where(ok_PG, r_PG, -jnp.inf), -1, keepdims=True)
     lo = jnp.min(jnp.where(ok_PG, r_PG, jnp.inf), -1, keepdims=True)

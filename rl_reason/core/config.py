@@ -61,6 +61,25 @@ class LossOptions:
     # Score the sampled tokens again with the trainer's forward pass and use those as the old
     # log-probs (the sampler's own are used otherwise; logged as logprob_gap_sampler_trainer).
     recompute_old_logprobs: bool = False
+    dual_clip_c: float = 3.0  # objective "dual_clip": the loss for A < 0 is at most -c*A
+    # objective "cispo": the IS weight is clipped to [1 - low, 1 + high]. MiniMax-M1 sets no
+    # lower bound (low = 1: the floor is 0) and tunes high, whose value it does not publish.
+    cispo_eps_low: float = 1.0
+    cispo_eps_high: float = 4.0
+    # REINFORCE++ (advantage_estimator "reinforce_pp" / "reinforce_pp_baseline"): beta of the
+    # per-token KL to the reference folded into the return, by this estimator of KL.
+    reward_kl_coef: float = 0.0
+    reward_kl_estimator: str = "k1"  # a name in losses.KL_ESTIMATORS
+    # Sampler-trainer mismatch correction, a name in losses.CORRECTIONS ("none": off): weights
+    # or rejects tokens / sequences by the ratio of the trainer's rescored old log-probs to the
+    # sampler's, with cap C (TIS truncates at C, the masks reject ratios outside [1/C, C]).
+    correction: str = "none"
+    correction_cap: float = 2.0
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the frozen reference policy scores the rollouts (a KL term anywhere)."""
+        return self.kl_coef > 0 or self.reward_kl_coef > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +177,8 @@ def _registries() -> dict[str, Any]:
         "loss.aggregation": losses.AGGREGATIONS,
         "loss.ratio_level": losses.RATIO_LEVELS,
         "loss.kl_estimator": losses.KL_ESTIMATORS,
+        "loss.reward_kl_estimator": losses.KL_ESTIMATORS,
+        "loss.correction": losses.CORRECTIONS,
         "optim.lr_schedule": LR_SCHEDULES,
     }
 
@@ -198,6 +219,11 @@ _RULES: dict[str, _Rule] = {
     "loss.clip_eps_high": (lambda v, c: finite(v) and v >= 0, ">= 0", "the ratio's upper bound"),
     "loss.kl_coef": (lambda v, c: finite(v) and v >= 0, ">= 0", "a penalty, not a reward"),
     "loss.logprob_chunk_size": (lambda v, c: v is None or v >= 1, "None or >= 1", "positions"),
+    "loss.dual_clip_c": (lambda v, c: finite(v) and v > 1, "> 1", "c <= 1 overrides the PPO clip"),
+    "loss.cispo_eps_low": (lambda v, c: finite(v) and 0 <= v <= 1, "in [0, 1]", "1 - eps >= 0"),
+    "loss.cispo_eps_high": (lambda v, c: finite(v) and v >= 0, ">= 0", "the weight's upper bound"),
+    "loss.reward_kl_coef": (lambda v, c: finite(v) and v >= 0, ">= 0", "a penalty, not a reward"),
+    "loss.correction_cap": (lambda v, c: finite(v) and v > 1, "> 1", "the band is [1/C, C]"),
     "optim.learning_rate": (
         lambda v, c: finite(v) and 0 < v <= MAX_LEARNING_RATE,
         f"in (0, {MAX_LEARNING_RATE:g}]",
@@ -258,6 +284,21 @@ def _problems(cfg: GRPOConfig) -> list[str]:
         problems.append(
             "off_policy_steps=1 cannot be combined with sampling.dynamic_sampling (a refill "
             "round would have to wait for the update it should overlap)"
+        )
+    loss, estimators = cfg.loss, _registries()["loss.advantage_estimator"]
+    if loss.reward_kl_coef > 0 and loss.advantage_estimator in estimators:
+        if not getattr(estimators[loss.advantage_estimator], "token_level", False):
+            problems.append(
+                f"loss.reward_kl_coef={loss.reward_kl_coef} folds the KL into per-token returns, "
+                f"which only a token-level estimator has (reinforce_pp, reinforce_pp_baseline), "
+                f"not loss.advantage_estimator={loss.advantage_estimator!r}; use loss.kl_coef "
+                "for a KL term in the loss"
+            )
+    if loss.correction != "none" and not loss.recompute_old_logprobs:
+        problems.append(
+            f"loss.correction={loss.correction!r} needs loss.recompute_old_logprobs=True: "
+            "without the trainer's rescoring the old log-probs are the sampler's own and every "
+            "weight is 1"
         )
     split = cfg.optim.minibatches * cfg.optim.microbatches
     if split >= 1 and cfg.rows % split:

@@ -23,6 +23,7 @@ from rl_reason.core.checks import (
     positive_int,
     safe_div,
 )
+from rl_reason.core.corrections import CORRECTIONS, mismatch_correction
 from rl_reason.core.registry import Registry
 
 _sg = jax.lax.stop_gradient
@@ -84,8 +85,10 @@ class ObjectiveInputs(NamedTuple):
       form: value s_i on every token, gradient s_i·∇logp).
     log_ratio: logp − old_logp per token (differentiable through logp).
     logp: the policy's token log-probs (differentiable).
-    advantages: [N, 1], constant.
+    advantages: [N, 1] (one per sequence) or [N, T] (per token), constant.
     clip_eps_low, clip_eps_high: the configured clip bounds.
+    dual_clip_c: the lower bound c of "dual_clip" (c > 1).
+    cispo_eps_low, cispo_eps_high: the bounds of the clipped weight of "cispo".
     """
 
     ratio: Array
@@ -94,6 +97,9 @@ class ObjectiveInputs(NamedTuple):
     advantages: Array
     clip_eps_low: float
     clip_eps_high: float
+    dual_clip_c: float = 3.0
+    cispo_eps_low: float = 1.0
+    cispo_eps_high: float = 4.0
 
 
 POLICY_OBJECTIVES = Registry("policy objective")
@@ -108,6 +114,39 @@ def ppo_clip(x: ObjectiveInputs) -> Array:
     """−min(ρ·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A) [PPO, GRPO]."""
     clipped = jnp.clip(x.ratio, 1 - x.clip_eps_low, 1 + x.clip_eps_high)
     return -jnp.minimum(x.ratio * x.advantages, clipped * x.advantages)
+
+
+@register_policy_objective("dual_clip")
+def dual_clip(x: ObjectiveInputs) -> Array:
+    """Dual-clip PPO [DualClip]: ppo_clip, and for A < 0 the surrogate is bounded below by c·A.
+
+        ℓ = −min(ρA, clip(ρ, 1 − ε_low, 1 + ε_high)A)                 for A ≥ 0
+        ℓ = −max(min(ρA, clip(ρ, 1 − ε_low, 1 + ε_high)A), c·A)       for A < 0
+
+    With A < 0 and a large ratio (a token the old policy found unlikely that is now likely),
+    −ρA grows without bound in plain PPO; the second clip caps the loss at −c·A and gives no
+    gradient there. For A < 0 PPO's surrogate is A·max(ρ, 1 − ε_low), so with c > 1 (3 in the
+    paper) the bound binds exactly where ρ > c.
+    """
+    clipped = jnp.clip(x.ratio, 1 - x.clip_eps_low, 1 + x.clip_eps_high)
+    surrogate = jnp.minimum(x.ratio * x.advantages, clipped * x.advantages)
+    bounded = jnp.maximum(surrogate, x.dual_clip_c * x.advantages)
+    return -jnp.where(x.advantages < 0, bounded, surrogate)
+
+
+@register_policy_objective("cispo")
+def cispo(x: ObjectiveInputs) -> Array:
+    """CISPO [CISPO, eq. 4]: −sg(clip(ρ, 1 − ε_low^IS, 1 + ε_high^IS))·A·logp.
+
+    The importance weight is clipped and its gradient stopped, so every token keeps a gradient
+    A·ŵ·∇logp (PPO drops the tokens whose ratio left the clip range; CISPO only bounds their
+    weight). MiniMax-M1 sets no lower bound in practice (ε_low^IS large: the default 1 makes
+    the floor 0, which a ratio never reaches) and tunes ε_high^IS, whose value it does not
+    publish; the default 4 caps the weight at 5. The bounds are `cispo_eps_low/high`, apart
+    from PPO's ε. With ratio_level="sequence" the weight is the GSPO sequence ratio s_i.
+    """
+    weight = _sg(jnp.clip(x.ratio, 1 - x.cispo_eps_low, 1 + x.cispo_eps_high))
+    return -weight * x.advantages * x.logp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,9 +169,15 @@ METRIC_NAMES: tuple[str, ...] = (
     "ratio_mean",
     "kl_ref",
     "approx_kl_old",
+    "mismatch_token_frac",
+    "mismatch_seq_frac",
     "tokens",
+    "sequences",
 )
 """Keys of the metrics dict returned by `policy_loss` (always all present)."""
+
+SEQUENCE_METRICS: tuple[str, ...] = ("mismatch_seq_frac",)
+"""Metrics that are means over sequences (weighted by ``sequences`` when merged)."""
 
 
 def loss_normalizer(mask_NT: ArrayLike, aggregation: str, max_len: int | None = None) -> Array:
@@ -183,13 +228,20 @@ def policy_loss(
     kl_estimator: str = "k3",
     normalizer: ArrayLike | None = None,
     objective: str = "ppo_clip",
+    dual_clip_c: float = 3.0,
+    cispo_eps_low: float = 1.0,
+    cispo_eps_high: float = 4.0,
+    sampler_logp: ArrayLike | None = None,
+    correction: str = "none",
+    correction_cap: float = 2.0,
 ) -> tuple[Array, dict[str, Array]]:
     """Clipped surrogate policy loss with an optional KL penalty [PPO, GRPO].
 
     Args:
       logp: [N, T] log-probs of the sampled tokens under the policy being trained (differentiated).
       old_logp: [N, T] log-probs under the policy that sampled them (constant).
-      advantages: [N] one advantage per sequence, e.g. from `compute_advantages` (constant).
+      advantages: [N] one advantage per sequence, e.g. from `compute_advantages`, or [N, T] one
+        per token (REINFORCE++, `token_advantages`); constant.
       mask: [N, T] 1 on completion tokens, 0 elsewhere. Values of logp/old_logp/ref_logp at
         masked positions never reach the loss or its gradient (they may even be NaN).
       clip_eps_low, clip_eps_high: the ratio is clipped to [1 − ε_low, 1 + ε_high]. A larger
@@ -205,12 +257,21 @@ def policy_loss(
         whole-batch denominator from `loss_normalizer`, for exact gradient accumulation.
       objective: name in `POLICY_OBJECTIVES`, the per-token surrogate of ρ and A; the default
         "ppo_clip" is the clipped term below.
+      dual_clip_c: c of the "dual_clip" objective; cispo_eps_low/high: the weight bounds of the
+        "cispo" objective (see each objective's docstring).
+      sampler_logp: [N, T] the sampler's log-probs of the tokens under the plain policy, for a
+        mismatch ``correction`` against ``old_logp`` (the trainer's rescoring of them).
+      correction: name in `CORRECTIONS` ("none": off); its constant per-token weight w
+        multiplies the objective's term (not the KL term), for any objective. Rejected tokens
+        (w = 0) give no gradient and stay in the denominator, as clipped tokens do.
+      correction_cap: C > 1 of the correction (`core.corrections`).
 
     Per-token loss, with A_i the advantage of sequence i and ρ_it the importance ratio:
 
         ℓ_it = −min(ρ_it·A_i, clip(ρ_it, 1 − ε_low, 1 + ε_high)·A_i) + β·KL(logp_it, ref_logp_it)
 
-    (the first term is the "ppo_clip" objective; another registered objective replaces it).
+    (the first term is the "ppo_clip" objective; another registered objective replaces it, and a
+    mismatch correction multiplies it by w_it).
 
     - ratio_level="token" [PPO, GRPO]: ρ_it = exp(logp_it − old_logp_it).
     - ratio_level="sequence" [GSPO]: s_i = exp(Σ_t m_it (logp_it − old_logp_it) / Σ_t m_it), the
@@ -245,19 +306,25 @@ def policy_loss(
     Returns:
       (loss, metrics): loss a scalar; metrics a dict with keys `METRIC_NAMES`, all without
       gradient. Each metric except ``tokens`` is a mean over this call's mask tokens (weights m):
-        clip_frac_low   fraction with A < 0 and ρ < 1 − ε_low (clipped, no gradient)
+        clip_frac_low   fraction with A < 0 and ρ < 1 − ε_low (clipped, no gradient; the PPO
+                        bounds ε_low/ε_high, whatever the objective)
         clip_frac_high  fraction with A > 0 and ρ > 1 + ε_high (clipped, no gradient)
         ratio_mean      mean ρ (the sequence ratio s_i on each token for ratio_level="sequence")
         kl_ref          mean KL(π ‖ π_ref) by ``kl_estimator`` (0 without ref_logp)
         approx_kl_old   mean k3 estimate of KL(π_old ‖ π) = ρ − 1 − log ρ with the token ratio
-        tokens          Σ m, the weight of this call's means.
-      Across microbatches, combine them weighted by ``tokens``: `merge_metrics` does this, and
-      gives exactly the whole-batch metrics.
+        mismatch_token_frac, mismatch_seq_frac  the fraction of tokens / of sequences (a mean
+                        over the sequences with a mask token) the correction touched
+        tokens          Σ m, the weight of this call's means
+        sequences       the number of sequences with a mask token (the weight of
+                        `SEQUENCE_METRICS`).
+      Across microbatches, combine them weighted by ``tokens`` (``sequences``): `merge_metrics`
+      does this, and gives exactly the whole-batch metrics.
     """
     check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     check_choice("aggregation", aggregation, AGGREGATIONS)
     KL_ESTIMATORS.check(kl_estimator)
     POLICY_OBJECTIVES.check(objective)
+    CORRECTIONS.check(correction)
     logp = jnp.asarray(logp)
     old_logp = jnp.asarray(old_logp)
     advantages = jnp.asarray(advantages)
@@ -268,10 +335,20 @@ def policy_loss(
     for name, x in (("old_logp", old_logp), ("mask", mask)):
         if x.shape != logp.shape:
             raise ValueError(f"{name} shape {x.shape} != logp shape {logp.shape} [N, T]")
-    if advantages.shape != (n,):
+    if advantages.shape not in ((n,), logp.shape):
         raise ValueError(
-            f"advantages must be [N] = ({n},), one per sequence, got shape {advantages.shape}"
+            f"advantages must be [N] = ({n},), one per sequence, or [N, T] = {logp.shape}, one "
+            f"per token, got shape {advantages.shape}"
         )
+    if correction != "none":
+        if sampler_logp is None:
+            raise ValueError(
+                f"correction={correction!r} needs sampler_logp (the sampler's log-probs of the "
+                "tokens); pass them or correction='none'"
+            )
+        sampler_logp = jnp.asarray(sampler_logp)
+        if sampler_logp.shape != logp.shape:
+            raise ValueError(f"sampler_logp shape {sampler_logp.shape} != logp {logp.shape}")
     if ref_logp is not None:
         ref_logp = jnp.asarray(ref_logp)
         if ref_logp.shape != logp.shape:
@@ -287,6 +364,14 @@ def policy_loss(
         raise ValueError(f"clip_eps_low must be in [0, 1), got {clip_eps_low}")
     if hi is not None and not hi >= 0:
         raise ValueError(f"clip_eps_high must be >= 0, got {clip_eps_high}")
+    c = concrete_float(dual_clip_c)
+    if c is not None and not c > 1:
+        raise ValueError(f"dual_clip_c must be > 1 (the bound c·A for A < 0), got {dual_clip_c}")
+    lo, hi = concrete_float(cispo_eps_low), concrete_float(cispo_eps_high)
+    if lo is not None and not 0 <= lo <= 1:
+        raise ValueError(f"cispo_eps_low must be in [0, 1], got {cispo_eps_low}")
+    if hi is not None and not hi >= 0:
+        raise ValueError(f"cispo_eps_high must be >= 0, got {cispo_eps_high}")
     if normalizer is None:
         if aggregation == "seq-mean-token-sum-norm":
             _check_max_len(max_len)
@@ -300,7 +385,8 @@ def policy_loss(
     # nor (through exp, whose derivative would multiply 0 by inf) the gradient.
     lp = jnp.where(on, logp.astype(dtype), 0)
     old = jnp.where(on, _sg(old_logp).astype(dtype), 0)
-    adv = _sg(advantages).astype(dtype)[:, None]
+    adv = _sg(advantages).astype(dtype)
+    adv = adv[:, None] if adv.ndim == 1 else jnp.where(on, adv, 0)
     tokens_N = jnp.sum(m, -1)
 
     log_ratio = lp - old
@@ -310,8 +396,23 @@ def policy_loss(
         seq_ratio_N = jnp.exp(safe_div(jnp.sum(m * log_ratio, -1), tokens_N))
         ratio = _sg(seq_ratio_N)[:, None] * jnp.exp(lp - _sg(lp))
     per_token = POLICY_OBJECTIVES[objective](
-        ObjectiveInputs(ratio, log_ratio, lp, adv, clip_eps_low, clip_eps_high)
+        ObjectiveInputs(
+            ratio,
+            log_ratio,
+            lp,
+            adv,
+            clip_eps_low,
+            clip_eps_high,
+            dual_clip_c,
+            cispo_eps_low,
+            cispo_eps_high,
+        )
     )
+    if correction != "none":
+        cor, cor_metrics = mismatch_correction(old, sampler_logp, mask, correction, correction_cap)
+        per_token = cor.weight.astype(dtype) * per_token
+    else:
+        cor_metrics = dict.fromkeys(("mismatch_token_frac", "mismatch_seq_frac"), jnp.zeros(()))
     if ref_logp is not None:
         ref = jnp.where(on, _sg(ref_logp).astype(dtype), 0)
         kl = KL_ESTIMATORS[kl_estimator](lp - ref)
@@ -338,7 +439,9 @@ def policy_loss(
         "approx_kl_old": _sg(_k3(old - lp)),
     }
     metrics = {k: safe_div(jnp.sum(m * v.astype(dtype)), total) for k, v in metrics.items()}
+    metrics.update({k: _sg(v).astype(dtype) for k, v in cor_metrics.items()})
     metrics["tokens"] = _sg(total)
+    metrics["sequences"] = jnp.sum(tokens_N > 0).astype(dtype)
     return loss, metrics
 
 
@@ -352,14 +455,19 @@ def merge_metrics(
         (what `jax.lax.scan` over microbatches returns).
 
     Returns:
-      One metrics dict: each mean weighted by its microbatch's ``tokens``, and ``tokens`` summed.
+      One metrics dict: each mean weighted by its microbatch's ``tokens`` (those in
+      `SEQUENCE_METRICS` by ``sequences``), and ``tokens`` and ``sequences`` summed.
     """
     if not isinstance(metrics, Mapping):
         metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
     if "tokens" not in metrics:
         raise ValueError(f"metrics need a 'tokens' entry to weight by; got keys {list(metrics)}")
-    w = jnp.asarray(metrics["tokens"])
-    total = jnp.sum(w)
-    out = {k: safe_div(jnp.sum(w * jnp.asarray(v)), total) for k, v in metrics.items()}
-    out["tokens"] = total
+    weights = {"tokens": jnp.asarray(metrics["tokens"])}
+    if "sequences" in metrics:
+        weights["sequences"] = jnp.asarray(metrics["sequences"])
+    out = {}
+    for k, v in metrics.items():
+        w = weights["sequences" if k in SEQUENCE_METRICS and "sequences" in weights else "tokens"]
+        out[k] = safe_div(jnp.sum(w * jnp.asarray(v)), jnp.sum(w))
+    out.update({k: jnp.sum(w) for k, w in weights.items()})
     return out

@@ -35,7 +35,10 @@ class Batch:
     mask: jax.Array  # [B, N] float32: completion tokens that enter the loss
     old_logp: jax.Array  # [B, N] float32
     ref_logp: jax.Array  # [B, N] float32 (zeros when there is no KL term)
-    advantages: jax.Array  # [B] float32
+    advantages: jax.Array  # [B] float32, or [B, N] per token (REINFORCE++)
+    # [B, N] float32: the sampler's own log-probs, when a mismatch correction compares them
+    # with old_logp (the trainer's rescoring); None otherwise.
+    sampler_logp: jax.Array | None = None
 
 
 def learning_rate_fn(opts: OptimOptions, total_steps: int) -> optax.Schedule:
@@ -135,6 +138,12 @@ def _loss_and_metrics(params, frozen, graphdef, mb: Batch, normalizer, cfg: Loss
         kl_estimator=cfg.kl_estimator,
         normalizer=normalizer,
         objective=cfg.objective,
+        dual_clip_c=cfg.dual_clip_c,
+        cispo_eps_low=cfg.cispo_eps_low,
+        cispo_eps_high=cfg.cispo_eps_high,
+        sampler_logp=mb.sampler_logp,
+        correction=cfg.correction,
+        correction_cap=cfg.correction_cap,
     )
     tokens = jnp.maximum(jnp.sum(mb.mask), 1.0)
     metrics = dict(metrics, entropy=jnp.sum(jax.lax.stop_gradient(ent) * mb.mask) / tokens)
@@ -218,14 +227,20 @@ def _logprobs_impl(
     )
 
 
-def _batch_impl(mask_truncated: bool, rollouts, rows_B, advantages_B) -> Batch:
+def _batch_impl(cfg: LossOptions, rollouts, rows_B, advantages_B) -> Batch:
     """Training rows from sampling rounds (`RolloutArrays` each); rows_B picks rows of their
-    concatenation (None: all, in order)."""
+    concatenation (None: all, in order).
+
+    With a token-level estimator (REINFORCE++) the [B] outcome returns become [B, N] per-token
+    advantages here, normalised over the whole batch: it holds every row of the step (all
+    processes' rows, as one global array), so no minibatch, microbatch or process sees
+    another normalisation.
+    """
     parts = []
     for r in rollouts:
         g = r.tokens.shape[0] // r.prompt_ids.shape[0]
         mask = r.loss_mask.astype(jnp.float32)
-        if mask_truncated:
+        if cfg.mask_truncated:
             mask = mask * (~r.truncated)[:, None]
         ref = jnp.zeros(r.tokens.shape, jnp.float32) if r.ref_logprobs is None else r.ref_logprobs
         parts.append(
@@ -236,12 +251,22 @@ def _batch_impl(mask_truncated: bool, rollouts, rows_B, advantages_B) -> Batch:
                 mask,
                 r.ratio_logprobs,
                 ref,
+                r.policy_logprobs,
             )
         )
     fields = [jnp.concatenate(column, axis=0) for column in zip(*parts, strict=True)]
     if rows_B is not None:
         fields = [x[rows_B] for x in fields]
-    return Batch(*fields, advantages=advantages_B.astype(jnp.float32))
+    *fields, sampler = fields
+    advantages = advantages_B.astype(jnp.float32)
+    if losses.is_token_level(cfg.advantage_estimator):
+        mask, old, ref = fields[3], fields[4], fields[5]
+        kl = None
+        if cfg.reward_kl_coef > 0:
+            kl = losses.kl_penalty(old, ref, cfg.reward_kl_estimator)
+        advantages = losses.token_advantages(advantages, mask, kl, cfg.reward_kl_coef)
+    sampler = sampler if cfg.correction != "none" else None
+    return Batch(*fields, advantages=advantages, sampler_logp=sampler)
 
 
 @jax.jit
@@ -291,22 +316,22 @@ class StepFns:
         rows = lambda rank: NamedSharding(
             mesh, PartitionSpec(partitioning.BATCH_AXES, *[None] * (rank - 1))
         )
-        batch = Batch(*([rows(2)] * 6), advantages=rows(1))
-        self._rows, self._repl, self._batch = rows, repl, batch
-        self._mask_truncated = loss.mask_truncated
+        self._rows, self._repl, self._loss = rows, repl, loss
+        # The batch the loop makes: advantages per token for a token-level estimator, and the
+        # sampler's log-probs when a correction needs them.
+        token_level = losses.is_token_level(loss.advantage_estimator)
+        self._batch = Batch(
+            *([rows(2)] * 6),
+            advantages=rows(2 if token_level else 1),
+            sampler_logp=rows(2) if loss.correction != "none" else None,
+        )
         self._batch_fns: dict[tuple, Callable] = {}
-        self._take = jax.jit(
-            lambda b, idx: jax.tree.map(lambda x: x[idx], b),
-            in_shardings=(batch, repl),
-            out_shardings=batch,
-        )
+        # Jitted per batch layout (which fields, per-sequence or per-token advantages).
+        self._take_fns: dict[tuple, Callable] = {}
+        self._update_fns: dict[tuple, Callable] = {}
         self._init = jax.jit(optimizer.init, out_shardings=self.opt_shardings)
-        self._update = jax.jit(
-            functools.partial(_update_impl, graphdef, optimizer, loss, max_len, microbatches, mesh),
-            in_shardings=(self.param_shardings, self.opt_shardings, batch, frozen_sh),
-            out_shardings=(self.param_shardings, self.opt_shardings, repl),
-            donate_argnums=(0, 1),
-        )
+        self._update_args = (graphdef, optimizer, loss, max_len, microbatches, mesh)
+        self._frozen_sh = frozen_sh
         self._logprobs = jax.jit(
             functools.partial(_logprobs_impl, graphdef, loss.logprob_chunk_size),
             in_shardings=(self.param_shardings, rows(2), rows(2), rows(2), rows(2), frozen_sh),
@@ -316,11 +341,29 @@ class StepFns:
     def init_opt_state(self, params):
         return self._init(params)
 
+    def _layout(self, batch: Batch) -> tuple[tuple, Batch]:
+        leaves, tree = jax.tree.flatten(batch)
+        shardings = jax.tree.unflatten(tree, [self._rows(x.ndim) for x in leaves])
+        return (tree, tuple(x.ndim for x in leaves)), shardings
+
     def update(self, params, opt_state, batch: Batch):
         rows = batch.advantages.shape[0]
         if rows % self.microbatches:
             raise ValueError(f"{rows} rows do not split into {self.microbatches} microbatches")
-        return self._update(params, opt_state, batch, self.frozen)
+        if self._loss.correction != "none" and batch.sampler_logp is None:
+            raise ValueError(
+                f"loss.correction={self._loss.correction!r} needs the batch's sampler_logp (the "
+                "sampler's log-probs; make_batch fills it in)"
+            )
+        key, batch_sh = self._layout(batch)
+        if key not in self._update_fns:
+            self._update_fns[key] = jax.jit(
+                functools.partial(_update_impl, *self._update_args),
+                in_shardings=(self.param_shardings, self.opt_shardings, batch_sh, self._frozen_sh),
+                out_shardings=(self.param_shardings, self.opt_shardings, self._repl),
+                donate_argnums=(0, 1),
+            )
+        return self._update_fns[key](params, opt_state, batch, self.frozen)
 
     def logprobs(self, params, prompt_ids_PT, prompt_mask_PT, tokens, mask) -> jax.Array:
         return self._logprobs(params, prompt_ids_PT, prompt_mask_PT, tokens, mask, self.frozen)
@@ -333,7 +376,7 @@ class StepFns:
         if key not in self._batch_fns:
             shard = lambda x: None if x is None else self._rows(x.ndim)
             self._batch_fns[key] = jax.jit(
-                functools.partial(_batch_impl, self._mask_truncated),
+                functools.partial(_batch_impl, self._loss),
                 in_shardings=(
                     tuple(jax.tree.map(shard, r) for r in rollouts),
                     None if rows_B is None else self._repl,
@@ -344,4 +387,11 @@ class StepFns:
         return self._batch_fns[key](rollouts, rows_B, advantages_B)
 
     def take_rows(self, batch: Batch, idx) -> Batch:
-        return self._take(batch, idx)
+        key, batch_sh = self._layout(batch)
+        if key not in self._take_fns:
+            self._take_fns[key] = jax.jit(
+                lambda b, idx: jax.tree.map(lambda x: x[idx], b),
+                in_shardings=(batch_sh, self._repl),
+                out_shardings=batch_sh,
+            )
+        return self._take_fns[key](batch, idx)

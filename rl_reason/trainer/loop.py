@@ -5,7 +5,7 @@ One step, in the order it runs (`GRPOTrainer.step`):
   1. P examples -> prompts -> token ids (host).
   2. G samples per prompt in one jitted call (`rollout.sampling.sample`), prompt prefilled once.
   3. Completions -> text -> the verifier pool (host worker processes). While the pool works, the
-     device computes the reference log-probs (when kl_coef > 0) and, if asked, rescored old
+     device computes the reference log-probs (with a KL term) and, if asked, rescored old
      log-probs; JAX dispatch is asynchronous, so the two overlap (`rollout.rounds`).
   4. Rewards (+ DAPO overlong penalty, + optional format reward) -> group advantages. With
      dynamic sampling, groups whose rewards are all equal are dropped and more prompts sampled.

@@ -48,7 +48,7 @@ def init(t, params) -> None:
     t.params = jax.device_put(params, t.fns.param_shardings)
     t.opt_state = t.fns.init_opt_state(t.params)
     t.ref_params = None  # the frozen reference policy (only with a KL term)
-    if cfg.loss.kl_coef > 0:
+    if cfg.loss.needs_reference:
         # LoRA: the base model is the reference (zero adapters over the same frozen arrays);
         # otherwise a copy of the initial weights.
         copy = lora.lora_off if t.frozen else lambda p: jax.tree.map(jnp.copy, p)

@@ -62,6 +62,9 @@ def step_metrics(
         # Mean fraction of the engine's decoded slots that held a live sample.
         slots = sum(int(c[0]) for c in counts)
         metrics["slot_occupancy"] = sum(int(c[1]) for c in counts) / max(slots, 1)
+    if cfg.loss.correction != "none":
+        metrics["mismatch_token_frac"] = train["mismatch_token_frac"]
+        metrics["mismatch_seq_frac"] = train["mismatch_seq_frac"]
     if "logprob_gap" in host:
         metrics["logprob_gap_sampler_trainer"] = float(
             np.mean([float(g) for g in host["logprob_gap"]])

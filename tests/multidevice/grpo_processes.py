@@ -18,6 +18,15 @@ import numpy as np
 
 from rl_reason.infra import sharding
 
+# The loss options of each --algorithm: GRPO with a KL term, and REINFORCE++-baseline (its KL
+# folded into per-token returns normalised over the global batch) with dual-clip PPO.
+LOSSES = {
+    "grpo": dict(kl_coef=0.05),
+    "reinforce_pp": dict(
+        advantage_estimator="reinforce_pp_baseline", reward_kl_coef=0.05, objective="dual_clip"
+    ),
+}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -26,6 +35,7 @@ def main() -> None:
     ap.add_argument("--num_processes", type=int, default=1)
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--mesh", default="2,2,2", help="data,fsdp,tensor")
+    ap.add_argument("--algorithm", default="grpo", choices=sorted(LOSSES))
     args = ap.parse_args()
     if args.num_processes > 1:
         sharding.initialize_distributed(
@@ -64,7 +74,7 @@ def main() -> None:
         max_new_tokens=16,
         eval_samples=2,
         verifier_workers=1,
-        loss=dict(kl_coef=0.05),
+        loss=LOSSES[args.algorithm],
         optim=dict(
             learning_rate=1e-3,
             minibatches=2,

@@ -1,0 +1,186 @@
+"""The parity gate and the new objectives on one mesh; results written for the test to compare.
+
+One computation of the shared 8-device process (tests/multidevice/runner.py) per mesh, for
+tests/test_parity_gate.py. For each sampling configuration it samples with the static sampler
+and scores the same tokens as the trainer does (`StepFns.logprobs`, the function behind the
+rescored old log-probs) and from the full forward pass's logits, filtered in numpy by the
+definition of temperature / top-k / top-p; it writes the largest gaps. Then one update per
+algorithm configuration (REINFORCE++ advantages, CISPO / dual-clip, a mismatch correction)
+with two microbatches, whose advantages, loss, grad norm and params the test compares with the
+one-device run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from models import get_config
+from rl_reason import losses
+from rl_reason.core import update as train_step
+from rl_reason.core.config import LossOptions
+from rl_reason.core.record import RolloutArrays
+from rl_reason.infra import sharding
+from rl_reason.rollout import sampling
+
+MESHES = {"1x1x1": (1, 1, 1), "8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2)}
+CFG = get_config("tiny").replace(num_layers=2, max_seq_len=128)
+P, G, NEW = 8, 4, 10
+PROMPTS = [[1 + (11 * i + j) % 500 for j in range(2 + i % 4)] for i in range(P)]
+# (name, temperature, top_k, top_p)
+SAMPLING = (
+    ("t1", 1.0, 0, 1.0),
+    ("t0.7", 0.7, 0, 1.0),
+    ("topk", 1.0, 20, 1.0),
+    ("topp", 0.8, 0, 0.9),
+    ("topk_topp", 0.7, 30, 0.8),
+)
+ALGORITHMS = {
+    "reinforce_pp_baseline+cispo+tis_token": LossOptions(
+        advantage_estimator="reinforce_pp_baseline",
+        reward_kl_coef=0.05,
+        objective="cispo",
+        correction="tis_token",
+        correction_cap=1.5,
+        recompute_old_logprobs=True,
+    ),
+    "reinforce_pp+dual_clip+geo_mask": LossOptions(
+        advantage_estimator="reinforce_pp",
+        reward_kl_coef=0.02,
+        objective="dual_clip",
+        correction="geo_mask",
+        correction_cap=1.08,
+        recompute_old_logprobs=True,
+    ),
+}
+
+
+def filtered_logprobs(logits_BV: np.ndarray, temperature: float, top_k: int, top_p: float):
+    """log-probs [B, V] of the sampling distribution, in float64, by the definitions: divide by
+    the temperature; keep the k largest logits (and ties with the k-th); keep the smallest set
+    of most likely tokens whose probability reaches top_p (and ties with its last); renormalise.
+    Removed entries are -inf."""
+    x = np.asarray(logits_BV, np.float64) / temperature
+    keep = np.ones(x.shape, bool)
+    for b in range(x.shape[0]):
+        if top_k > 0:
+            keep[b] &= x[b] >= np.sort(x[b])[::-1][top_k - 1]
+        if top_p < 1.0:
+            z = np.where(keep[b], x[b], -np.inf)
+            p = np.exp(z - z.max())
+            p /= p.sum()
+            order = np.argsort(-z, kind="stable")
+            mass, last = 0.0, None
+            for v in order:
+                last = v
+                mass += p[v]
+                if mass >= top_p:
+                    break
+            keep[b] &= z >= z[last]
+    z = np.where(keep, x, -np.inf)
+    top = z.max(-1, keepdims=True)
+    return z - top - np.log(np.exp(z - top).sum(-1, keepdims=True))
+
+
+def sharpen(params, scale: float = 2.0):
+    # The default init gives near-uniform logits over 512 ids (|logit| < 3), where top-p cuts
+    # little; x2 gives |logit| up to ~5. Sharper models need a gate relative to float32's
+    # rounding floor, which grows with the logits (tests/test_parity_gate.py).
+    return jax.tree.map(lambda x: x * scale, params)
+
+
+def sample_round(graphdef, params, mesh, temperature, top_k, top_p, seed=0):
+    cfg = sampling.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    return sampling.sample(
+        (graphdef, params),
+        PROMPTS,
+        jax.random.key(seed),
+        group_size=G,
+        max_new_tokens=NEW,
+        config=cfg,
+        mesh=mesh,
+    )
+
+
+def parity_gaps(graphdef, params, mesh, fns, temperature, top_k, top_p, seed=0) -> dict:
+    """Largest gaps over completion tokens between the sampler's log-probs and the trainer's."""
+    out = sample_round(graphdef, params, mesh, temperature, top_k, top_p, seed)
+    prompt_ids = jnp.repeat(out.prompt_ids, G, axis=0)
+    prompt_mask = jnp.repeat(out.prompt_mask, G, axis=0)
+    trainer = fns.logprobs(params, out.prompt_ids, out.prompt_mask, out.tokens, out.mask)
+    ids = jnp.concatenate([prompt_ids, out.tokens], axis=1)
+    full_mask = jnp.concatenate([prompt_mask, out.mask], axis=1)
+    forward = jax.jit(lambda p, i, k: nnx.merge(graphdef, p)(i, mask_BT=k))
+    logits = np.asarray(forward(params, ids, full_mask))
+    tp, width = prompt_ids.shape[1], out.tokens.shape[1]
+    logits = logits[:, tp - 1 : tp - 1 + width]  # position tp - 1 + t predicts token t
+    tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+    b, n, v = logits.shape
+    full = filtered_logprobs(logits.reshape(b * n, v), temperature, top_k, top_p)
+    ref = np.take_along_axis(full, tokens.reshape(-1, 1), -1).reshape(b, n)
+    m = mask.astype(bool)
+    assert np.isfinite(ref[m]).all(), "a sampled token lies outside the reference's kept set"
+    gap = lambda a, c: float(np.max(np.abs(np.float64(a) - np.float64(c))[m]))
+    return {
+        "policy_vs_trainer": gap(out.policy_logprobs, trainer),
+        "sample_vs_filtered": gap(out.sample_logprobs, ref),
+        "tokens": int(m.sum()),
+        # The share of the vocabulary the filters keep where tokens were sampled.
+        "kept_fraction": float(np.isfinite(full.reshape(b, n, v))[m].mean()),
+    }
+
+
+def algorithm_update(graphdef, params, mesh, loss_cfg: LossOptions) -> dict[str, np.ndarray]:
+    """One update of `loss_cfg` on a sampled round whose sampler log-probs carry a fixed gap."""
+    ref_graphdef, ref_params = sharding.create_model(CFG, mesh, seed=1)
+    out = sampling.sample(
+        (graphdef, params), PROMPTS, jax.random.key(5), group_size=G, max_new_tokens=NEW, mesh=mesh
+    )
+    fns = train_step.StepFns(
+        graphdef, params, optax.sgd(0.5, momentum=0.9), loss_cfg, mesh, microbatches=2
+    )
+    args = (out.prompt_ids, out.prompt_mask, out.tokens, out.mask)
+    old = fns.logprobs(params, *args)
+    ref = fns.logprobs(sharpen(ref_params), *args)
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.3, out.tokens.shape).astype(np.float32)
+    rec = RolloutArrays.from_sample(out, ref_logprobs=ref, old_logprobs=old)
+    sampler_lp = jax.device_put(np.asarray(old) + noise, out.policy_logprobs.sharding)
+    rec = rec.replace(policy_logprobs=sampler_lp)
+    lengths, first = np.asarray(out.lengths), np.asarray(out.tokens)[:, 0]
+    rewards = ((lengths % 2) + (first % 3 == 0)).astype(np.float32)
+    returns = np.asarray(losses.compute_advantages(rewards, G, loss_cfg.advantage_estimator))
+    batch = fns.make_batch([rec], None, returns)
+    params = jax.tree.map(jnp.copy, params)  # the update donates them
+    new_params, _, metrics = fns.update(params, fns.init_opt_state(params), batch)
+    metrics = jax.device_get(metrics)
+    record = {k: np.asarray(metrics[k]) for k in ("loss", "grad_norm", "mismatch_token_frac")}
+    record["mismatch_seq_frac"] = np.asarray(metrics["mismatch_seq_frac"])
+    record["advantages"] = np.asarray(batch.advantages)
+    record["advantages_spec"] = np.asarray(repr(tuple(batch.advantages.sharding.spec)))
+    record["tokens"] = np.asarray(out.tokens)
+    for i, leaf in enumerate(jax.tree.leaves(new_params)):
+        record[f"param{i}"] = np.asarray(leaf)
+    return record
+
+
+def compute(name: str, out_dir: str) -> None:
+    devices = jax.devices()[: int(np.prod(MESHES[name]))]
+    mesh = sharding.make_mesh(sharding.MeshConfig(*MESHES[name]), devices)
+    graphdef, params = sharding.create_model(CFG, mesh, seed=0)
+    params = sharpen(params)
+    fns = train_step.StepFns(graphdef, params, optax.sgd(1.0), LossOptions(), mesh)
+    record: dict[str, np.ndarray] = {}
+    for label, temperature, top_k, top_p in SAMPLING:
+        gaps = parity_gaps(graphdef, params, mesh, fns, temperature, top_k, top_p)
+        for k, v in gaps.items():
+            record[f"gap/{label}/{k}"] = np.asarray(v)
+    for label, loss_cfg in ALGORITHMS.items():
+        for k, v in algorithm_update(graphdef, params, mesh, loss_cfg).items():
+            record[f"update/{label}/{k}"] = v
+    np.savez(os.path.join(out_dir, f"{name}.npz"), **record)
