@@ -1,7 +1,8 @@
-"""The parity gate: in float32 the static sampler's log-probs of its own tokens are the
-trainer's to 1e-5, at temperature 1 and under temperature / top-k / top-p once the truncation
-is accounted for, on one device and sharded on 8 fake CPU devices; and the new objectives,
-REINFORCE++ advantages and a mismatch correction give the one-device update on every mesh.
+"""The parity gate: in float32 the static sampler's and the continuous-batching engine's
+log-probs of their own tokens are the trainer's to 1e-5, at temperature 1 and under
+temperature / top-k / top-p once the truncation is accounted for, on one device and sharded
+on 8 fake CPU devices; and the new objectives, REINFORCE++ advantages and a mismatch
+correction give the one-device update on every mesh.
 
 The sampler returns two log-probs per token: under the plain policy (`policy_logprobs`), which
 must equal the trainer's rescoring (`StepFns.logprobs`, the function behind
@@ -53,9 +54,10 @@ def test_the_reference_filter_by_hand():
     )
 
 
+@pytest.mark.parametrize("sampler", ["static", "engine"])
 @pytest.mark.parametrize("label,temperature,top_k,top_p", am.SAMPLING)
-def test_sampler_and_trainer_logprobs_agree(policy, label, temperature, top_k, top_p):
-    gaps = am.parity_gaps(*policy, temperature, top_k, top_p)
+def test_sampler_and_trainer_logprobs_agree(policy, label, temperature, top_k, top_p, sampler):
+    gaps = am.parity_gaps(*policy, temperature, top_k, top_p, sampler=sampler)
     print(f"parity {label}: {gaps}")
     assert gaps["tokens"] > 100
     assert gaps["policy_vs_trainer"] <= GATE
@@ -113,10 +115,11 @@ def results(multidevice):
 def test_parity_gate_sharded(results, mesh):
     record = results(mesh)
     for label, *_ in am.SAMPLING:
-        for what in ("policy_vs_trainer", "sample_vs_filtered"):
-            gap = float(record[f"gap/{label}/{what}"])
-            print(f"parity {mesh} {label} {what}: {gap:.2e}")
-            assert gap <= GATE, f"{mesh} {label} {what}: {gap:.2e}"
+        for sampler in ("", "engine/"):
+            for what in ("policy_vs_trainer", "sample_vs_filtered"):
+                gap = float(record[f"gap/{sampler}{label}/{what}"])
+                print(f"parity {mesh} {sampler}{label} {what}: {gap:.2e}")
+                assert gap <= GATE, f"{mesh} {sampler}{label} {what}: {gap:.2e}"
 
 
 @pytest.mark.slow

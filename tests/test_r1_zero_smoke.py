@@ -163,3 +163,32 @@ def test_r1_zero_tiny_smoke_with_every_loop_option(tmp_path):
     # reference, so its KL grows from 0.
     assert rows[-1]["kl_ref"] > 0
     assert summary["rl_param_change_l2"] > 0
+
+
+# Metrics that depend only on the sampled tokens and the verifiers: equal when the engine draws
+# the static sampler's tokens. The update's statistics see the sampler's log-probs, which the
+# two compute with differently batched matmuls (float32 rounding).
+_FROM_TOKENS = ("reward", "accuracy", "zero_std", "response_length", "truncated", "rollout_")
+
+
+@pytest.mark.slow
+def test_the_engine_runs_the_static_samplers_experiment(scratch_run, tmp_path):
+    static_config, static_dir, static_summary = scratch_run
+    config = r1_zero_tiny.get_config("smoke")
+    with config.unlocked():
+        config.workdir = str(tmp_path)
+        # 16 samples on 8 slots: refilled once over, then the tail packed into 4.
+        config.grpo.sampling.update(engine="continuous", engine_slots=8, engine_min_slots=4)
+    summary = r1_zero.run(config)
+    static, engine = _metrics(static_dir), _metrics(tmp_path)
+    assert len(engine) == len(static) == config.grpo.steps
+    for a, b in zip(static, engine, strict=True):
+        assert 0.0 < b.pop("slot_occupancy") <= 1.0
+        assert set(a) == set(b)
+        for name, value in a.items():
+            if name.startswith(_FROM_TOKENS) or name in ("step", "sampling_rounds"):
+                assert b[name] == value, name
+            else:
+                assert b[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    for stage in ("before", "after"):
+        assert summary[stage] == static_summary[stage]

@@ -10,8 +10,10 @@ busy while the long samples finish, instead of most rows idling behind them.
 * Each prompt is prefilled once (all prompts of the call, in one batched pass, before decoding);
   its keys and values are stored once, [P, K, Tp, H] per layer. While slot i holds sample i
   (a slot per sample, before the tail is packed) the G slots of a prompt read it in one matmul,
-  as in the static sampler; otherwise each step gathers the prompt of each slot's sample by
-  index (a per-step copy of [S, K, Tp, H], the engine's main overhead on the CPU).
+  as in the static sampler. With fewer slots than samples, each step gathers the prompt of
+  each slot's sample by index (a per-step copy of [S, K, Tp, H], the engine's main overhead on
+  the CPU). In the packed tail no slot changes sample, so each slot's prompt is gathered once
+  per packing.
 * A slot's own tokens live in a per-slot suffix cache [S, K, W, H] that the next sample of the
   slot overwrites from slot 0 (entries past a row's index are masked): cache memory grows with
   `slots`, not with the P * G samples of the call. W grows in segments as the longest live
@@ -178,23 +180,30 @@ def _engine_impl(
     segments = sampling.decode_segments(buffer_len, cfg.max_decode_segments)
     rope_table_PN = rope_table(prompt_len_P[:, None] + jnp.arange(buffer_len)[None], model.cfg)
 
-    def body(state, grouped: bool):
-        slots, next_D, layers, outputs, (steps, slot_steps, live_steps) = state
+    def slot_prompts(prompt_S):
+        """Each slot's prompt keys, values, mask and positions: (layers, mask, positions)."""
+        take = lambda x: jnp.take(x, prompt_S, axis=0, mode="clip")
+        pre = tuple(kv_cache.LayerKV(take(kv.k), take(kv.v)) for kv in prefix)
+        return pre, take(prompt_mask_PT).astype(bool), take(positions_PT)
+
+    def body(state, mode: str):
+        slots, next_D, layers, outputs, (steps, slot_steps, live_steps), held = state
         tokens, slp, plp, lengths, stopped = outputs
         live = slots.live
         row = jnp.maximum(slots.sample, 0)
         prompt = row // group_size
         # A slot feeds its last token (token emitted - 1) at cache slot emitted - 1.
         index = jnp.where(live, jnp.maximum(slots.emitted - 1, 0), 0)
-        if grouped:
+        if mode == "grouped":
             # Slot i holds sample i: the group layout of the static sampler, whose G rows of a
             # prompt read its keys once, in one matmul.
             pre, pre_mask, pre_positions = prefix, prompt_mask_PT.astype(bool), positions_PT
+        elif mode == "held":
+            # Packed tail: no slot changes sample any more, its prompt was gathered once.
+            pre, pre_mask, pre_positions = held
         else:
-            # Each slot reads its own sample's prompt (a gather of its keys and values).
-            take = lambda x: jnp.take(x, prompt, axis=0, mode="clip")
-            pre = tuple(kv_cache.LayerKV(take(kv.k), take(kv.v)) for kv in prefix)
-            pre_mask, pre_positions = take(prompt_mask_PT).astype(bool), take(positions_PT)
+            # Slots refilled as they go: each reads its sample's prompt, gathered every step.
+            pre, pre_mask, pre_positions = slot_prompts(prompt)
         cache = kv_cache.KVCache(
             prefix=pre,
             prefix_mask=pre_mask,
@@ -229,7 +238,7 @@ def _engine_impl(
             slot_steps + live.shape[0],
             live_steps + jnp.sum(live, dtype=jnp.int32),
         )
-        return slots, next_D, layers, outputs, counts
+        return slots, next_D, layers, outputs, counts, held
 
     def working(state) -> jax.Array:
         slots, next_D = state[0], state[1]
@@ -275,15 +284,16 @@ def _engine_impl(
     )
     layers = _pin_layers(tuple(empty_layer(kv, segments[0]) for kv in prefix), mesh)
     zero = jnp.zeros((), jnp.int32)
-    state = (slots, next_D, layers, outputs, (zero, zero, zero))
+    state = (slots, next_D, layers, outputs, (zero, zero, zero), ())
     # Static shapes, so each (slot count, cache width) is its own loop: widths grow while the
     # slots are full; once nothing is pending, the live samples are packed into half as many
     # slots whenever they fit (the long tail then runs on a smaller, cheaper batch).
     levels = slot_levels(num_slots, min_slots, shards)
     for level, fewer in enumerate((*levels[1:], None)):
         # With a slot per sample nothing is refilled: until the first packing, slot i holds
-        # sample i.
-        step = functools.partial(body, grouped=level == 0 and num_slots == b)
+        # sample i. Once packed, nothing is pending, so no slot changes sample.
+        mode = "held" if level else "grouped" if num_slots == b else "gather"
+        step = functools.partial(body, mode=mode)
         for width in segments:
             have = state[2][0].k.shape[kv_cache.SEQ_AXIS]
             if width < have:
@@ -303,7 +313,9 @@ def _engine_impl(
             state = jax.lax.while_loop(cond, step, state)
         if fewer is not None:
             state = _shrink(state, fewer, shards, mesh)
-    _, _, _, outputs, counts = state
+            prompt_S = jnp.maximum(state[0].sample, 0) // group_size
+            state = (*state[:5], slot_prompts(prompt_S))
+    _, _, _, outputs, counts, _ = state
     tokens, slp, plp, lengths, stopped = outputs
     mask = jnp.arange(buffer_len)[None, :] < lengths[:, None]
     out = SampleOutput(

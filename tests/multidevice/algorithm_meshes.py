@@ -26,7 +26,7 @@ from rl_reason.core import update as train_step
 from rl_reason.core.config import LossOptions
 from rl_reason.core.record import RolloutArrays
 from rl_reason.infra import sharding
-from rl_reason.rollout import sampling
+from rl_reason.rollout import engine, sampling
 
 MESHES = {"1x1x1": (1, 1, 1), "8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2)}
 CFG = get_config("tiny").replace(num_layers=2, max_seq_len=128)
@@ -94,22 +94,27 @@ def sharpen(params, scale: float = 2.0):
     return jax.tree.map(lambda x: x * scale, params)
 
 
-def sample_round(graphdef, params, mesh, temperature, top_k, top_p, seed=0):
+# The continuous-batching engine's slots in the parity gate: 8 for the 32 samples (one or two
+# per batch shard on the sharded meshes), so slots are refilled and the tail packed.
+ENGINE_SLOTS = 8
+
+
+def sample_round(graphdef, params, mesh, temperature, top_k, top_p, seed=0, sampler="static"):
     cfg = sampling.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    return sampling.sample(
-        (graphdef, params),
-        PROMPTS,
-        jax.random.key(seed),
-        group_size=G,
-        max_new_tokens=NEW,
-        config=cfg,
-        mesh=mesh,
-    )
+    kw = dict(group_size=G, max_new_tokens=NEW, config=cfg, mesh=mesh)
+    if sampler == "engine":
+        eng = engine.EngineConfig(slots=ENGINE_SLOTS)
+        return engine.sample(
+            (graphdef, params), PROMPTS, jax.random.key(seed), engine=eng, **kw
+        ).sample
+    return sampling.sample((graphdef, params), PROMPTS, jax.random.key(seed), **kw)
 
 
-def parity_gaps(graphdef, params, mesh, fns, temperature, top_k, top_p, seed=0) -> dict:
+def parity_gaps(
+    graphdef, params, mesh, fns, temperature, top_k, top_p, seed=0, sampler="static"
+) -> dict:
     """Largest gaps over completion tokens between the sampler's log-probs and the trainer's."""
-    out = sample_round(graphdef, params, mesh, temperature, top_k, top_p, seed)
+    out = sample_round(graphdef, params, mesh, temperature, top_k, top_p, seed, sampler)
     prompt_ids = jnp.repeat(out.prompt_ids, G, axis=0)
     prompt_mask = jnp.repeat(out.prompt_mask, G, axis=0)
     trainer = fns.logprobs(params, out.prompt_ids, out.prompt_mask, out.tokens, out.mask)
@@ -180,6 +185,9 @@ def compute(name: str, out_dir: str) -> None:
         gaps = parity_gaps(graphdef, params, mesh, fns, temperature, top_k, top_p)
         for k, v in gaps.items():
             record[f"gap/{label}/{k}"] = np.asarray(v)
+        gaps = parity_gaps(graphdef, params, mesh, fns, temperature, top_k, top_p, sampler="engine")
+        for k, v in gaps.items():
+            record[f"gap/engine/{label}/{k}"] = np.asarray(v)
     for label, loss_cfg in ALGORITHMS.items():
         for k, v in algorithm_update(graphdef, params, mesh, loss_cfg).items():
             record[f"update/{label}/{k}"] = v
