@@ -89,7 +89,9 @@ def test_uniform_lengths_fill_every_slot(model):
     key = jax.random.key(2)
     static = _np(sampling.sample(model, PROMPTS, key, **kw))
     for slots, steps in [(0, 23), (8, 46)]:
-        out = engine.sample(model, PROMPTS, key, engine=engine.EngineConfig(slots=slots), **kw)
+        # Nothing to pack when every sample ends at the same step: one slot level.
+        eng = engine.EngineConfig(slots=slots, min_slots=slots or 16)
+        out = engine.sample(model, PROMPTS, key, engine=eng, **kw)
         _assert_same(static, _np(out.sample))
         # 16 samples of 24 tokens, the first of each from the prefill: 23 steps on 16 slots,
         # or 2 x 23 on 8, every slot always live.

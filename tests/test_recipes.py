@@ -318,7 +318,9 @@ def test_countdown_resumes_after_step_1_to_the_same_step_2(countdown_run, tmp_pa
 @pytest.mark.slow
 def test_gsm8k_smoke(tmp_path):
     summary = recipe.run(_smoke(gsm8k_qwen2_5_0_5b, tmp_path))
-    _check_run(tmp_path, summary, None)
+    rows = _check_run(tmp_path, summary, None)
+    # The recipe samples with the continuous-batching engine: 16 slots, some ending early.
+    assert all(0 < r["slot_occupancy"] < 1 for r in rows)
     tokenizer = load_tokenizer(tmp_path / model_path.TINY_DIR)
     ends = [tokenizer.eos_id, tokenizer.piece_to_id("<|im_end|>")]
     assert summary["stop_token_ids"] == ends and summary["eval_size"] == 2

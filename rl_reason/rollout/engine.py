@@ -42,7 +42,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models import kv_cache, partitioning
-from models.transformer import Transformer, positions_from_mask, rope_table
+from models.transformer import Transformer, rope_table
 from rl_reason.infra import sharding
 from rl_reason.rollout import sampling
 from rl_reason.rollout.sampling import SampleOutput, SamplingConfig
@@ -162,16 +162,7 @@ def _engine_impl(
     p = prompt_ids_PT.shape[0]
     b = p * group_size
     per_shard = b // shards
-    positions_PT = positions_from_mask(prompt_mask_PT)
-    hidden, kvs = model(
-        prompt_ids_PT,
-        mask_BT=prompt_mask_PT,
-        positions_BT=positions_PT,
-        return_hidden=True,
-        return_kv=True,
-    )
-    # Left padding puts every prompt's last real token in the last column.
-    first_logits_PV = model.logits(hidden[:, -1:])[:, 0]
+    positions_PT, first_logits_PV, kvs = sampling.prefill(model, prompt_ids_PT, prompt_mask_PT)
     prefix = tuple(kv_cache.heads_first(kv) for kv in kvs)  # [P, K, Tp, H], stored once
     prompt_len_P = jnp.sum(prompt_mask_PT, axis=-1, dtype=jnp.int32)
     keys_B = sampling.sample_keys(key, jnp.arange(b, dtype=jnp.int32))

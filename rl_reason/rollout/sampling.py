@@ -247,6 +247,21 @@ def _constrain_cache(cache: kv_cache.KVCache, mesh: Mesh) -> kv_cache.KVCache:
     )
 
 
+def prefill(model: Transformer, prompt_ids_PT: jax.Array, prompt_mask_PT: jax.Array):
+    """One pass over the left-padded prompts: (positions [P, Tp] counting real tokens only, the
+    logits after each prompt's last token [P, V], the per-layer keys/values [P, Tp, K, H])."""
+    positions_PT = positions_from_mask(prompt_mask_PT)
+    hidden, kvs = model(
+        prompt_ids_PT,
+        mask_BT=prompt_mask_PT,
+        positions_BT=positions_PT,
+        return_hidden=True,
+        return_kv=True,
+    )
+    # Left padding puts every prompt's last real token in the last column.
+    return positions_PT, model.logits(hidden[:, -1:])[:, 0], kvs
+
+
 def _sample_impl(
     graphdef,
     params,
@@ -266,16 +281,8 @@ def _sample_impl(
     p = prompt_ids_PT.shape[0]
     b = p * group_size
     row_keys = sample_keys(key, jnp.arange(b, dtype=jnp.int32))
-    positions_PT = positions_from_mask(prompt_mask_PT)
-    hidden, kvs = model(
-        prompt_ids_PT,
-        mask_BT=prompt_mask_PT,
-        positions_BT=positions_PT,
-        return_hidden=True,
-        return_kv=True,
-    )
-    # Left padding puts every prompt's last real token in the last column.
-    first_logits = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], group_size, axis=0)
+    positions_PT, last_logits_PV, kvs = prefill(model, prompt_ids_PT, prompt_mask_PT)
+    first_logits = jnp.repeat(last_logits_PV, group_size, axis=0)
     segments = decode_segments(buffer_len, cfg.max_decode_segments)
     cache = kv_cache.from_prefill(kvs, prompt_mask_PT, positions_PT, group_size, segments[0])
     prompt_len_B = jnp.repeat(jnp.sum(prompt_mask_PT, axis=-1, dtype=jnp.int32), group_size)
