@@ -54,8 +54,12 @@ def test_the_reference_filter_by_hand():
     )
 
 
-@pytest.mark.parametrize("sampler", ["static", "engine"])
-@pytest.mark.parametrize("label,temperature,top_k,top_p", am.SAMPLING)
+SETTINGS = [("static", *s) for s in am.SAMPLING] + [
+    ("engine", *s) for s in am.SAMPLING if s[0] in am.SHARDED_SAMPLING
+]
+
+
+@pytest.mark.parametrize("sampler,label,temperature,top_k,top_p", SETTINGS)
 def test_sampler_and_trainer_logprobs_agree(policy, label, temperature, top_k, top_p, sampler):
     gaps = am.parity_gaps(*policy, temperature, top_k, top_p, sampler=sampler)
     print(f"parity {label}: {gaps}")
@@ -114,8 +118,8 @@ def results(multidevice):
 @pytest.mark.parametrize("mesh", SHARDED)
 def test_parity_gate_sharded(results, mesh):
     record = results(mesh)
-    for label, *_ in am.SAMPLING:
-        for sampler in ("", "engine/") if label in am.ENGINE_SHARDED else ("",):
+    for label in am.SHARDED_SAMPLING:
+        for sampler in ("", "engine/"):
             for what in ("policy_vs_trainer", "sample_vs_filtered"):
                 gap = float(record[f"gap/{sampler}{label}/{what}"])
                 print(f"parity {mesh} {sampler}{label} {what}: {gap:.2e}")

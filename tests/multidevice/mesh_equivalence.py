@@ -69,7 +69,7 @@ def run(name: str, shape: tuple[int, int, int], out_dir: str) -> None:
     record["policy_logprobs"] = np.asarray(out.policy_logprobs)
     record["tokens_spec"] = np.asarray(repr(tuple(out.tokens.sharding.spec)))
     # The continuous-batching engine on the same mesh: 16 slots (2 or 4 per batch shard) for
-    # the 32 samples, refilled within each shard.
+    # the 32 samples, refilled within each shard, the tail packed once into 8.
     eng = engine.sample(
         (graphdef, params),
         PROMPTS,
@@ -78,7 +78,7 @@ def run(name: str, shape: tuple[int, int, int], out_dir: str) -> None:
         max_new_tokens=NEW,
         config=cfg,
         mesh=mesh,
-        engine=engine.EngineConfig(slots=16),
+        engine=engine.EngineConfig(slots=16, min_slots=8),
     )
     record["engine_tokens"] = np.asarray(eng.sample.tokens)
     record["engine_lengths"] = np.asarray(eng.sample.lengths)
