@@ -74,3 +74,15 @@ def test_rl_step_smoke(tmp_path):
     assert _positive(parts["step_s"], parts["sample_device_s"], parts["train_device_s"])
     assert 0 <= parts["outside_fraction"] <= 1
     assert parts["verify_hidden_s"] <= parts["verify_s"] + 1e-9
+
+
+@pytest.mark.slow
+def test_rollout_smoke(tmp_path):
+    rec = _run("benchmarks.rollout", tmp_path)
+    assert rec["smoke"] and rec["engine_slots"] == 4
+    for case in rec["cases"].values():
+        # Both samplers' log-probs of their own tokens were checked against a forward pass.
+        assert max(case["max_logprob_gap_vs_forward"].values()) < 1e-4
+        assert _positive(case["static_tokens_per_s"], case["engine_tokens_per_s"], case["ratio"])
+        assert 0 < case["slot_occupancy"] <= 1
+    assert rec["uniform_slot_occupancy"] == 1.0 and rec["p99_over_median"] >= 1
