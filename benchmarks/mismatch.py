@@ -61,7 +61,7 @@ def _model(path: str, dtype: str):
     return nnx.split(from_pretrained(path, dtype=dtype, param_dtype="float32"))
 
 
-def _self_gap(fns, params, out, whole, group, rows=16) -> float:
+def self_gap(fns, params, out, whole, group, rows=16) -> float:
     """Largest change of the trainer's own log-probs when rows are scored one at a time instead
     of in the batch: float32 rounding's floor for this model (other shapes, other sums)."""
     gap = 0.0
@@ -106,7 +106,7 @@ def measure(path, prompts, group, new_tokens, temperature, sampler_dtype, traine
         "token_gap_p99": float(np.quantile(np.abs(u)[m], 0.99)),
         "token_gap_max": float(np.abs(u)[m].max()),
         "sequence_log_ratio_abs_mean": float(np.abs(u.sum(-1))[m.any(-1)].mean()),
-        "trainer_self_gap_max": _self_gap(fns, t_params, out, np.asarray(trainer), group),
+        "trainer_self_gap_max": self_gap(fns, t_params, out, np.asarray(trainer), group),
     }
     for kind, cap in CAPS.items():
         cor, metrics = losses.mismatch_correction(trainer, sampler, mask, kind, cap)

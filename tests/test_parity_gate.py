@@ -86,18 +86,9 @@ def test_a_sharper_model_agrees_to_the_forward_passs_own_rounding():
     gaps = am.parity_gaps(graphdef, params, mesh, fns, 1.0, 0, 1.0)
     out = am.sample_round(graphdef, params, mesh, 1.0, 0, 1.0)
     whole = np.asarray(fns.logprobs(params, out.prompt_ids, out.prompt_mask, out.tokens, out.mask))
-    floor = 0.0
-    for i in range(len(whole)):
-        p = i // am.G
-        one = fns.logprobs(
-            params,
-            out.prompt_ids[p : p + 1],
-            out.prompt_mask[p : p + 1],
-            out.tokens[i : i + 1],
-            out.mask[i : i + 1],
-        )
-        m = np.asarray(out.mask[i]).astype(bool)
-        floor = max(floor, float(np.abs(np.asarray(one)[0] - whole[i])[m].max()))
+    from benchmarks import mismatch
+
+    floor = mismatch.self_gap(fns, params, out, whole, am.G, rows=len(whole))
     print(f"sharper model: sampler-trainer {gaps['policy_vs_trainer']:.2e}, floor {floor:.2e}")
     assert 1e-6 < floor and gaps["policy_vs_trainer"] <= 4 * floor
     assert gaps["sample_vs_filtered"] <= 4 * floor

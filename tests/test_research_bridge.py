@@ -11,12 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import get_config as model_preset
-from rl_reason.infra import sharding
-from rl_reason.infra.tokenizer import train_sentencepiece
 from rl_reason.pipelines.research import bridge, corruption
 from rl_reason.tasks import arithmetic, templates
 from rl_reason.verifiers.arithmetic_steps import apply_op
+from tests.test_research_measures import build_tiny_model
 
 # 17 + 8 = 25, 25 - 5 = 20, 20 + 3 = 23.
 PROBLEM = {
@@ -133,26 +131,7 @@ def test_answer_context_is_the_text_before_the_answer():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    corpus = arithmetic.pretraining_corpus(0, 300, frac_worked=0.5)
-    tok = train_sentencepiece(
-        corpus,
-        tmp_path_factory.mktemp("tok") / "t.model",
-        vocab_size=96,
-        user_defined_symbols=templates.SPECIAL_TOKENS,
-    )
-    cfg = model_preset(
-        "tiny",
-        vocab_size=tok.vocab_size,
-        num_layers=1,
-        embed_dim=32,
-        num_heads=2,
-        num_kv_heads=2,
-        head_dim=16,
-        mlp_dim=64,
-        max_seq_len=256,
-    )
-    mesh = sharding.make_mesh(sharding.MeshConfig())
-    graphdef, params = sharding.create_model(cfg, mesh, seed=3)
+    tok, _, _, graphdef, params = build_tiny_model(tmp_path_factory.mktemp("tok"))
     return tok, graphdef, params
 
 

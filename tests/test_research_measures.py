@@ -231,12 +231,13 @@ def test_summarize_tables_seeds_with_mean_and_sd(tmp_path):
     assert json.loads((out / "results.json").read_text())["experiment"] == "research_cold_start"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def build_tiny_model(directory):
+    """A 1-layer random model and a sentencepiece tokenizer trained on a small arithmetic corpus
+    in `directory`: (tokenizer, model config, mesh, graphdef, params)."""
     corpus = arithmetic.pretraining_corpus(0, 300, frac_worked=0.5)
     tok = train_sentencepiece(
         corpus,
-        tmp_path_factory.mktemp("tok") / "t.model",
+        directory / "t.model",
         vocab_size=96,
         user_defined_symbols=templates.SPECIAL_TOKENS,
     )
@@ -254,6 +255,11 @@ def tiny_model(tmp_path_factory):
     mesh = sharding.make_mesh(sharding.MeshConfig())
     graphdef, params = sharding.create_model(cfg, mesh, seed=3)
     return tok, cfg, mesh, graphdef, params
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tok"))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -18,7 +18,7 @@ busy while the long samples finish, instead of most rows idling behind them.
   slot overwrites from slot 0 (entries past a row's index are masked): cache memory grows with
   `slots`, not with the P * G samples of the call. W grows in segments as the longest live
   sample needs it (`sampling.decode_segments`, as in the static sampler).
-* Exact: token t of sample i is drawn with a key folded from i and t (`sampling.sample_keys`),
+* Exact: token t of sample i is drawn with a key folded from i and t (`token_choice.sample_keys`),
   so a sample's tokens do not depend on its slot, its neighbours or the refill order; for the
   same key this gives the static sampler's tokens and log-probs (up to float32 rounding of the
   differently batched matmuls).
@@ -44,8 +44,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from models import kv_cache, partitioning
 from models.transformer import Transformer, rope_table
 from rl_reason.infra import sharding
-from rl_reason.rollout import sampling
-from rl_reason.rollout.sampling import SampleOutput, SamplingConfig
+from rl_reason.rollout import sampling, token_choice
+from rl_reason.rollout.sampling import SampleOutput
+from rl_reason.rollout.token_choice import SamplingConfig
 
 
 @struct.dataclass
@@ -165,7 +166,7 @@ def _engine_impl(
     positions_PT, first_logits_PV, kvs = sampling.prefill(model, prompt_ids_PT, prompt_mask_PT)
     prefix = tuple(kv_cache.heads_first(kv) for kv in kvs)  # [P, K, Tp, H], stored once
     prompt_len_P = jnp.sum(prompt_mask_PT, axis=-1, dtype=jnp.int32)
-    keys_B = sampling.sample_keys(key, jnp.arange(b, dtype=jnp.int32))
+    keys_B = token_choice.sample_keys(key, jnp.arange(b, dtype=jnp.int32))
     stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
     max_new = jnp.minimum(max_new_tokens, buffer_len)
     segments = sampling.decode_segments(buffer_len, cfg.max_decode_segments)
@@ -204,7 +205,7 @@ def _engine_impl(
         )
         rope = tuple(x[prompt, index][:, None] for x in rope_table_PN)
         logits, cache = model.decode(slots.token, prompt_len_P[prompt] + index, cache, rope)
-        token, s_lp, p_lp = sampling.choose_tokens(logits, keys_B[row], slots.emitted, cfg)
+        token, s_lp, p_lp = token_choice.choose_tokens(logits, keys_B[row], slots.emitted, cfg)
         # Rows of slots without a live sample are written out of bounds, i.e. dropped.
         out_row = jnp.where(live, row, b)
         col = slots.emitted
@@ -260,7 +261,7 @@ def _engine_impl(
     # Every sample's first token at once, from its prompt's prefill logits (as the static
     # sampler draws them): a refilled slot then starts by feeding it, and no decode step needs
     # the [slots, V] prefill logits.
-    first_B, first_slp, first_plp = sampling.choose_tokens(
+    first_B, first_slp, first_plp = token_choice.choose_tokens(
         jnp.repeat(first_logits_PV, group_size, axis=0), keys_B, jnp.zeros((b,), jnp.int32), cfg
     )
     stopped = jnp.isin(first_B, stop_ids)
