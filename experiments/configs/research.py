@@ -119,6 +119,28 @@ ALGORITHM_ARMS = {
     "GRPO, 1-step off-policy": {"config.grpo.off_policy_steps": 1},
 }
 
+# The algorithms other frameworks run, beside GRPO: REINFORCE++ (with its per-token KL to the
+# base folded into the return, OpenRLHF's default beta), CISPO, and a bfloat16 sampler feeding a
+# float32 trainer with and without truncated importance sampling.
+FIELD_ARMS = {
+    "GRPO": {},
+    "REINFORCE++": {
+        "config.grpo.loss.advantage_estimator": "reinforce_pp",
+        "config.grpo.loss.reward_kl_coef": 0.01,
+    },
+    "REINFORCE++-baseline": {
+        "config.grpo.loss.advantage_estimator": "reinforce_pp_baseline",
+        "config.grpo.loss.reward_kl_coef": 0.01,
+    },
+    "CISPO": {"config.grpo.loss.objective": "cispo"},
+    "GRPO, bf16 sampler": {"config.grpo.sampling.compute_dtype": "bfloat16"},
+    "GRPO, bf16 sampler + TIS": {
+        "config.grpo.sampling.compute_dtype": "bfloat16",
+        "config.grpo.loss.recompute_old_logprobs": True,
+        "config.grpo.loss.correction": "tis_token",
+    },
+}
+
 
 def arms(hyper, table: dict) -> list:
     return hyper.chain([hyper.arm(label, overrides) for label, overrides in table.items()])

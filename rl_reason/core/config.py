@@ -41,6 +41,10 @@ class SamplingOptions:
     engine: str = "static"
     engine_slots: int = 0  # rows decoded at once; 0: one per sample (only the tail is packed)
     engine_min_slots: int = 0  # the fewest slots the tail is packed into; 0: slots / 16
+    # The training rounds' compute dtype ("": the policy's own). "bfloat16" samples as a
+    # low-precision inference engine would, from the same float32 weights: the sampler's
+    # log-probs then differ from the trainer's (loss.correction is what corrects for it).
+    compute_dtype: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +192,7 @@ def finite(x) -> bool:
 
 
 ENGINES = ("static", "continuous")
+COMPUTE_DTYPES = ("", "float32", "bfloat16")
 
 # field -> (test, the bound it states, why the bound exists)
 _Rule = tuple[Callable[[Any, Any], bool], str, str]
@@ -215,6 +220,11 @@ _RULES: dict[str, _Rule] = {
     "sampling.engine": (lambda v, c: v in ENGINES, f"one of {list(ENGINES)}", "the samplers"),
     "sampling.engine_slots": (lambda v, c: v >= 0, ">= 0", "0 gives one slot per sample"),
     "sampling.engine_min_slots": (lambda v, c: v >= 0, ">= 0", "0 takes the default"),
+    "sampling.compute_dtype": (
+        lambda v, c: v in COMPUTE_DTYPES,
+        f"one of {list(COMPUTE_DTYPES)}",
+        "'' keeps the policy's dtype",
+    ),
     "loss.clip_eps_low": (lambda v, c: finite(v) and 0 <= v < 1, "in [0, 1)", "1 - eps > 0"),
     "loss.clip_eps_high": (lambda v, c: finite(v) and v >= 0, ">= 0", "the ratio's upper bound"),
     "loss.kl_coef": (lambda v, c: finite(v) and v >= 0, ">= 0", "a penalty, not a reward"),

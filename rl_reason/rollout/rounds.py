@@ -16,6 +16,9 @@ from typing import Protocol
 
 import jax
 import numpy as np
+from flax import nnx
+
+from models.transformer import Transformer
 
 from rl_reason.core.config import GRPOConfig, overlong_penalty
 from rl_reason.core.record import Rollout, RolloutArrays
@@ -91,6 +94,18 @@ class Rounds:
             else None
         )
         check_verifier(task.verifier_name)
+        self._cast: tuple | None = None  # (policy graphdef, its compute_dtype twin)
+
+    def training_policy(self, policy: tuple) -> tuple:
+        """`policy` as the training rounds sample with it: the same weights computing in
+        `sampling.compute_dtype` when one is set (evaluation keeps the policy's own dtype)."""
+        dtype = self.cfg.sampling.compute_dtype
+        if not dtype:
+            return policy
+        graphdef, *states = policy
+        if self._cast is None or self._cast[0] is not graphdef:
+            self._cast = (graphdef, with_compute_dtype(graphdef, states, dtype))
+        return (self._cast[1], *states)
 
     # -- the parts every round is made of ------------------------------------------------------
 
@@ -162,7 +177,13 @@ class Rounds:
         """Sample on the device and queue the reference / rescored old log-probs after it;
         returns at once (JAX dispatch is asynchronous)."""
         cfg = self.cfg
-        out = self.generate(policy, examples, key, group_size=cfg.group_size, config=self.sampling)
+        out = self.generate(
+            self.training_policy(policy),
+            examples,
+            key,
+            group_size=cfg.group_size,
+            config=self.sampling,
+        )
         counts = None
         if isinstance(out, engine.EngineOutput):
             out, counts = out.sample, (out.slot_steps, out.live_slot_steps)
@@ -231,6 +252,27 @@ class Rounds:
             if len(verified) >= opts.max_sampling_rounds:
                 break
         return select_informative(verified, self.cfg.prompts_per_step), len(verified)
+
+
+def with_compute_dtype(graphdef, states: Sequence, dtype: str):
+    """The graphdef of `graphdef`'s Transformer with compute dtype `dtype`, for the same states.
+
+    The compute dtype is static (part of the graph), so a twin graph is built from the model's
+    config; the weights keep their dtype and are cast inside the matmuls as always.
+    """
+    model = nnx.merge(graphdef, *states)
+    if type(model) is not Transformer or len(states) != 1:
+        raise ValueError(
+            "sampling.compute_dtype needs a plain Transformer policy (one state, no LoRA "
+            f"adapters); got {type(model).__name__} with {len(states)} states: set "
+            "sampling.compute_dtype='' or train without LoRA"
+        )
+    cfg = dataclasses.replace(model.cfg, dtype=dtype)
+    twin, twin_state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    same = jax.tree.structure(twin_state) == jax.tree.structure(states[0])
+    if not same:
+        raise ValueError(f"the {dtype} twin of the policy has other parameters than the policy")
+    return twin
 
 
 def select_informative(rounds: list[Rollout], prompts: int) -> list[Rollout]:

@@ -112,6 +112,7 @@ class GRPOTrainer:
             logprobs=self.fns.logprobs,
             rollout_stats=rollout_stats,
         )
+        self.rounds.training_policy(self.policy)  # a bad sampling.compute_dtype fails here
         self.evaluator = Evaluator(self.rounds, response_stats=response_stats)
         self.step_count = self.updates = 0
         self.in_flight: Rollout | None = None  # off_policy_steps=1: next step's round

@@ -138,6 +138,7 @@ EXPERIMENTS = (
     "research_bridge",
     "research_cold_start",
     "research_algorithms",
+    "research_field_algorithms",
 )
 
 
