@@ -49,8 +49,10 @@ from rl_reason.core.advantages import (
     compute_advantages,
     gae,
     is_token_level,
+    needs_critic,
     register_advantage_estimator,
     token_advantages,
+    whiten,
 )
 from rl_reason.core.corrections import (
     CORRECTIONS,
@@ -107,6 +109,7 @@ __all__ = [
     "loss_normalizer",
     "merge_metrics",
     "mismatch_correction",
+    "needs_critic",
     "policy_loss",
     "ppo_clip",
     "register_advantage_estimator",
@@ -116,4 +119,5 @@ __all__ = [
     "token_advantages",
     "token_logprobs",
     "token_logprobs_from_hidden",
+    "whiten",
 ]

@@ -38,6 +38,7 @@ def test_registries_list_names():
         "rloo",
         "reinforce_pp",
         "reinforce_pp_baseline",
+        "gae",
     }
     assert set(L.POLICY_OBJECTIVES) == {"ppo_clip", "dual_clip", "cispo"}
     assert set(L.CORRECTIONS) == {

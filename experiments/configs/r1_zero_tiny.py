@@ -109,6 +109,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 minibatches=1,
                 microbatches=1,
             ),
+            # PPO's critic, used with loss.advantage_estimator="gae": a copy of the policy's
+            # trunk learning faster than the policy (its head starts at zero).
+            critic=dict(learning_rate=1e-3, warmup_steps=5),
         )
     )
 

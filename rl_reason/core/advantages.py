@@ -67,10 +67,39 @@ def _reinforce_pp_baseline(r_PG: Array, w_PG: Array, n_P1: Array, eps: float) ->
 _reinforce_pp_baseline.token_level = True
 
 
+@register_advantage_estimator("gae")
+def _gae_returns(r_PG: Array, w_PG: Array, n_P1: Array, eps: float) -> Array:
+    del w_PG, n_P1, eps
+    return r_PG  # the outcome reward; `gae` with the critic's values makes the advantages
+
+
+_gae_returns.group_relative = False
+_gae_returns.token_level = True
+_gae_returns.needs_critic = True
+
+
 def is_token_level(estimator: str) -> bool:
     """Whether `estimator`'s advantages become per-token ones by `token_advantages`."""
     ADVANTAGE_ESTIMATORS.check(estimator)
     return bool(getattr(ADVANTAGE_ESTIMATORS[estimator], "token_level", False))
+
+
+def needs_critic(estimator: str) -> bool:
+    """Whether `estimator`'s advantages need a learned value function (PPO's critic, "gae")."""
+    ADVANTAGE_ESTIMATORS.check(estimator)
+    return bool(getattr(ADVANTAGE_ESTIMATORS[estimator], "needs_critic", False))
+
+
+def whiten(x_NT: ArrayLike, mask_NT: ArrayLike, eps: float = 1e-6) -> Array:
+    """(x − mean) / (std + eps) over the mask tokens (population std), 0 elsewhere."""
+    m = jnp.asarray(mask_NT).astype(jnp.float32)
+    on = m != 0
+    g = jnp.asarray(x_NT).astype(jnp.float32)
+    total = jnp.sum(m)
+    mean = safe_div(jnp.sum(m * g), total)
+    var = safe_div(jnp.sum(m * (g - mean) ** 2), total)
+    std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1)), 0)
+    return jnp.where(on, (g - mean) / (std + eps), 0)
 
 
 def token_advantages(
@@ -108,11 +137,7 @@ def token_advantages(
         if kl.shape != m.shape:
             raise ValueError(f"kl shape {kl.shape} != mask shape {m.shape}")
         g = g - kl_coef * jnp.flip(jnp.cumsum(jnp.flip(kl, -1), -1), -1)
-    total = jnp.sum(m)
-    mean = safe_div(jnp.sum(m * g), total)
-    var = safe_div(jnp.sum(m * (g - mean) ** 2), total)
-    std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1)), 0)
-    return jnp.where(on, (g - mean) / (std + eps), 0)
+    return whiten(g, m, eps)
 
 
 def gae(
@@ -121,12 +146,16 @@ def gae(
     mask_NT: ArrayLike,
     gamma: float = 1.0,
     lam: float = 1.0,
+    kl_NT: ArrayLike | None = None,
+    kl_coef: float = 0.0,
 ) -> tuple[Array, Array]:
     """GAE(γ, λ) per token for an outcome reward at each sequence's last token [GAE].
 
     With the mask tokens of a row taken in order (masked positions, e.g. a tool's output, are
     skipped: the next value of the token before them is the one after them), reward r_t = R_i
-    on the last mask token and 0 elsewhere, and V = 0 after the last token:
+    on the last mask token and 0 elsewhere, minus β·KL_t at every token when ``kl_NT`` (the
+    sampling policy's KL to the reference) and ``kl_coef`` β are given, and V = 0 after the
+    last token:
 
         δ_t = r_t + γ·V_{t+1} − V_t,    A_t = Σ_{l ≥ 0} (γλ)^l δ_{t+l},    returns_t = A_t + V_t.
 
@@ -148,6 +177,11 @@ def gae(
     t = m.shape[1]
     last_N = t - 1 - jnp.argmax(jnp.flip(on, -1), -1)  # the last mask token of each row
     reward_NT = jnp.where(jnp.arange(t)[None] == last_N[:, None], r[:, None], 0) * m
+    if kl_NT is not None:
+        kl = jnp.asarray(kl_NT).astype(jnp.float32)
+        if kl.shape != m.shape:
+            raise ValueError(f"kl shape {kl.shape} != mask shape {m.shape}")
+        reward_NT = reward_NT - kl_coef * jnp.where(on, kl, 0)
 
     def back(carry, x):
         next_v, next_a = carry

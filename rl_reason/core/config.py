@@ -112,6 +112,27 @@ class RewardOptions:
     format_reward: float = 0.0  # weight of the `format` verifier's reward
 
 
+@dataclasses.dataclass(frozen=True)
+class CriticOptions:
+    """PPO's critic (`core.critic`), used when loss.advantage_estimator is "gae": a value model
+    trained beside the policy on the same minibatches, and GAE's gamma and lambda."""
+
+    # "policy": the policy's trunk, weights copied, with a zero value head; otherwise the path
+    # of a model directory (models.from_pretrained) whose trunk gets the head.
+    init: str = "policy"
+    learning_rate: float = 1e-5
+    warmup_steps: int = 0  # updates of linear learning-rate warmup
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    value_clip: float = 0.2  # the value may move this far from the sampled one per step; 0: off
+    gamma: float = 1.0  # GAE's discount
+    lam: float = 1.0  # GAE's lambda: 1 is Monte Carlo (A = R - V), 0 one-step TD
+    whiten_advantages: bool = True  # z-score the advantages over the whole global batch
+    # Steps at the start of the run that train only the critic (the policy waits for values
+    # better than the zero head's).
+    policy_delay_steps: int = 0
+
+
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -128,6 +149,7 @@ class GRPOConfig:
     loss: LossOptions = dataclasses.field(default_factory=LossOptions)
     optim: OptimOptions = dataclasses.field(default_factory=OptimOptions)
     reward: RewardOptions = dataclasses.field(default_factory=RewardOptions)
+    critic: CriticOptions = dataclasses.field(default_factory=CriticOptions)
     # 1: sample step k+1's rollouts with the weights before step k's update, while step k
     # trains and step k+1's completions are verified (one-step-off-policy; the ratio is taken
     # against the sampler's log-probs). 0: on-policy.
@@ -166,6 +188,14 @@ class GRPOConfig:
         return self.prompts_per_step * self.group_size
 
     @property
+    def uses_critic(self) -> bool:
+        """Whether the advantage estimator needs PPO's value model (`core.critic`)."""
+        from rl_reason import losses
+
+        est = self.loss.advantage_estimator
+        return est in losses.ADVANTAGE_ESTIMATORS and losses.needs_critic(est)
+
+    @property
     def total_updates(self) -> int:
         """Optimizer updates over the run (the schedule's length)."""
         return max(self.steps * self.optim.inner_iterations * self.optim.minibatches, 1)
@@ -199,7 +229,11 @@ _Rule = tuple[Callable[[Any, Any], bool], str, str]
 _RULES: dict[str, _Rule] = {
     "steps": (lambda v, c: v >= 0, ">= 0", "the number of GRPO steps"),
     "prompts_per_step": (lambda v, c: v >= 1, ">= 1", "each step needs a prompt"),
-    "group_size": (lambda v, c: v >= 2, ">= 2", "advantages are relative to the group"),
+    "group_size": (
+        lambda v, c: v >= 2 or (v == 1 and c.uses_critic),
+        ">= 2 (1 only with a critic, loss.advantage_estimator='gae')",
+        "group advantages are relative to the group",
+    ),
     "max_prompt_len": (lambda v, c: v >= 1, ">= 1", "the prompt width"),
     "max_new_tokens": (lambda v, c: v >= 1, ">= 1", "the response budget"),
     "off_policy_steps": (lambda v, c: v in (0, 1), "0 or 1", "only one-step-off-policy exists"),
@@ -258,6 +292,27 @@ _RULES: dict[str, _Rule] = {
     ),
     "reward.overlong_penalty": (lambda v, c: finite(v) and v >= 0, ">= 0", "a penalty"),
     "reward.format_reward": (lambda v, c: finite(v), "finite", "a reward weight"),
+    "critic.init": (lambda v, c: bool(v), "'policy' or a model directory", "the critic's trunk"),
+    "critic.learning_rate": (
+        lambda v, c: finite(v) and 0 < v <= MAX_LEARNING_RATE,
+        f"in (0, {MAX_LEARNING_RATE:g}]",
+        "a negative rate climbs the value loss",
+    ),
+    "critic.warmup_steps": (lambda v, c: v >= 0, ">= 0", "updates of linear warmup"),
+    "critic.weight_decay": (lambda v, c: finite(v) and v >= 0, ">= 0", "decay, not growth"),
+    "critic.max_grad_norm": (
+        lambda v, c: v is None or (finite(v) and v > 0),
+        "None or > 0",
+        "the clipping norm",
+    ),
+    "critic.value_clip": (lambda v, c: finite(v) and v >= 0, ">= 0", "0 turns the clip off"),
+    "critic.gamma": (lambda v, c: finite(v) and 0 <= v <= 1, "in [0, 1]", "a discount"),
+    "critic.lam": (lambda v, c: finite(v) and 0 <= v <= 1, "in [0, 1]", "GAE's lambda"),
+    "critic.policy_delay_steps": (
+        lambda v, c: 0 <= v < max(c.steps, 1),
+        "in [0, steps)",
+        "the policy must train at some step",
+    ),
 }
 
 
@@ -300,7 +355,8 @@ def _problems(cfg: GRPOConfig) -> list[str]:
         if not getattr(estimators[loss.advantage_estimator], "token_level", False):
             problems.append(
                 f"loss.reward_kl_coef={loss.reward_kl_coef} folds the KL into per-token returns, "
-                f"which only a token-level estimator has (reinforce_pp, reinforce_pp_baseline), "
+                f"which only a token-level estimator has (reinforce_pp, reinforce_pp_baseline, "
+                f"gae), "
                 f"not loss.advantage_estimator={loss.advantage_estimator!r}; use loss.kl_coef "
                 "for a KL term in the loss"
             )

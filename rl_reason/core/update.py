@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from models import partitioning
 from models.transformer import Transformer
 from rl_reason import losses
-from rl_reason.core.config import LossOptions, OptimOptions
+from rl_reason.core.config import CriticOptions, LossOptions, OptimOptions
 from rl_reason.infra import sharding
 
 
@@ -39,6 +39,10 @@ class Batch:
     # [B, N] float32: the sampler's own log-probs, when a mismatch correction compares them
     # with old_logp (the trainer's rescoring); None otherwise.
     sampler_logp: jax.Array | None = None
+    # [B, N] float32, with PPO's critic: GAE's returns (the value targets) and the critic's
+    # values of the sampled states (the clipped value loss's anchor); None otherwise.
+    returns: jax.Array | None = None
+    old_values: jax.Array | None = None
 
 
 def learning_rate_fn(opts: OptimOptions, total_steps: int) -> optax.Schedule:
@@ -150,7 +154,7 @@ def _loss_and_metrics(params, frozen, graphdef, mb: Batch, normalizer, cfg: Loss
     return loss, metrics
 
 
-def _split_microbatches(batch: Batch, microbatches: int, mesh: Mesh) -> Batch:
+def split_microbatches(batch: Batch, microbatches: int, mesh: Mesh) -> Batch:
     """[B, ...] -> [microbatches, B / microbatches, ...], row i going to microbatch i % M.
 
     Strided rather than contiguous: each device holds a contiguous block of rows, so every
@@ -178,8 +182,12 @@ def _update_impl(
     opt_state,
     batch: Batch,
     frozen: tuple = (),
+    apply: bool = True,
 ):
     """One optimizer update on a [B, ...] minibatch, accumulated over `microbatches`.
+
+    With `apply` False (static) the loss, gradient and metrics are computed and params and
+    optimizer state left as they are (a policy that waits for its critic).
 
     Only `params` are trained; `frozen` states (e.g. a LoRA policy's base weights) complete the
     model and receive no gradient.
@@ -196,14 +204,15 @@ def _update_impl(
         return jax.tree.map(jnp.add, grad_sum, grads), (loss, metrics)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    stacked = _split_microbatches(batch, microbatches, mesh)
+    stacked = split_microbatches(batch, microbatches, mesh)
     grads, (loss_parts, metric_parts) = jax.lax.scan(micro, zeros, stacked)
     loss = jnp.sum(loss_parts)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jnp.where(finite, new, old)
+    take = finite & apply
+    keep = lambda new, old: jnp.where(take, new, old)
     params = jax.tree.map(keep, new_params, params)
     opt_state = jax.tree.map(keep, new_opt_state, opt_state)
     metrics = losses.merge_metrics(metric_parts)
@@ -227,14 +236,18 @@ def _logprobs_impl(
     )
 
 
-def _batch_impl(cfg: LossOptions, rollouts, rows_B, advantages_B) -> Batch:
+def _batch_impl(
+    cfg: LossOptions, critic: CriticOptions | None, rollouts, rows_B, advantages_B, values
+) -> Batch:
     """Training rows from sampling rounds (`RolloutArrays` each); rows_B picks rows of their
     concatenation (None: all, in order).
 
     With a token-level estimator (REINFORCE++) the [B] outcome returns become [B, N] per-token
     advantages here, normalised over the whole batch: it holds every row of the step (all
     processes' rows, as one global array), so no minibatch, microbatch or process sees
-    another normalisation.
+    another normalisation. With PPO's critic ("gae") the [B] rewards and the critic's `values`
+    (one [rows, N] array per round) give GAE's advantages (whitened over the batch likewise)
+    and returns.
     """
     parts = []
     for r in rollouts:
@@ -255,17 +268,34 @@ def _batch_impl(cfg: LossOptions, rollouts, rows_B, advantages_B) -> Batch:
             )
         )
     fields = [jnp.concatenate(column, axis=0) for column in zip(*parts, strict=True)]
+    if values is not None:
+        fields.append(jnp.concatenate(values, axis=0))
     if rows_B is not None:
         fields = [x[rows_B] for x in fields]
+    if values is not None:
+        *fields, old_values = fields
     *fields, sampler = fields
     advantages = advantages_B.astype(jnp.float32)
+    sampler = sampler if cfg.correction != "none" else None
+    if critic is not None:
+        mask, old, ref = fields[3], fields[4], fields[5]
+        kl = None
+        if cfg.reward_kl_coef > 0:
+            kl = losses.kl_penalty(old, ref, cfg.reward_kl_estimator)
+        adv, returns = losses.gae(
+            advantages, old_values, mask, critic.gamma, critic.lam, kl, cfg.reward_kl_coef
+        )
+        if critic.whiten_advantages:
+            adv = losses.whiten(adv, mask)
+        return Batch(
+            *fields, advantages=adv, sampler_logp=sampler, returns=returns, old_values=old_values
+        )
     if losses.is_token_level(cfg.advantage_estimator):
         mask, old, ref = fields[3], fields[4], fields[5]
         kl = None
         if cfg.reward_kl_coef > 0:
             kl = losses.kl_penalty(old, ref, cfg.reward_kl_estimator)
         advantages = losses.token_advantages(advantages, mask, kl, cfg.reward_kl_coef)
-    sampler = sampler if cfg.correction != "none" else None
     return Batch(*fields, advantages=advantages, sampler_logp=sampler)
 
 
@@ -303,6 +333,7 @@ class StepFns:
         max_len: int | None = None,
         microbatches: int = 1,
         frozen: tuple = (),
+        critic: CriticOptions | None = None,
     ):
         if microbatches < 1:
             raise ValueError(f"microbatches must be >= 1, got {microbatches}")
@@ -320,10 +351,19 @@ class StepFns:
         # The batch the loop makes: advantages per token for a token-level estimator, and the
         # sampler's log-probs when a correction needs them.
         token_level = losses.is_token_level(loss.advantage_estimator)
+        if losses.needs_critic(loss.advantage_estimator) != (critic is not None):
+            raise ValueError(
+                f"advantage estimator {loss.advantage_estimator!r} "
+                + ("needs" if critic is None else "takes no")
+                + " critic options"
+            )
+        self._critic = critic
         self._batch = Batch(
             *([rows(2)] * 6),
             advantages=rows(2 if token_level else 1),
             sampler_logp=rows(2) if loss.correction != "none" else None,
+            returns=rows(2) if critic is not None else None,
+            old_values=rows(2) if critic is not None else None,
         )
         self._batch_fns: dict[tuple, Callable] = {}
         # Jitted per batch layout (which fields, per-sequence or per-token advantages).
@@ -346,7 +386,8 @@ class StepFns:
         shardings = jax.tree.unflatten(tree, [self._rows(x.ndim) for x in leaves])
         return (tree, tuple(x.ndim for x in leaves)), shardings
 
-    def update(self, params, opt_state, batch: Batch):
+    def update(self, params, opt_state, batch: Batch, *, apply: bool = True):
+        """One update of `params` on `batch`; with ``apply=False`` only its metrics."""
         rows = batch.advantages.shape[0]
         if rows % self.microbatches:
             raise ValueError(f"{rows} rows do not split into {self.microbatches} microbatches")
@@ -356,9 +397,10 @@ class StepFns:
                 "sampler's log-probs; make_batch fills it in)"
             )
         key, batch_sh = self._layout(batch)
+        key = (key, apply)
         if key not in self._update_fns:
             self._update_fns[key] = jax.jit(
-                functools.partial(_update_impl, *self._update_args),
+                functools.partial(_update_impl, *self._update_args, apply=apply),
                 in_shardings=(self.param_shardings, self.opt_shardings, batch_sh, self._frozen_sh),
                 out_shardings=(self.param_shardings, self.opt_shardings, self._repl),
                 donate_argnums=(0, 1),
@@ -368,23 +410,28 @@ class StepFns:
     def logprobs(self, params, prompt_ids_PT, prompt_mask_PT, tokens, mask) -> jax.Array:
         return self._logprobs(params, prompt_ids_PT, prompt_mask_PT, tokens, mask, self.frozen)
 
-    def make_batch(self, rollouts, rows_B, advantages_B) -> Batch:
-        """Batch from rounds (`RolloutArrays` each, see `_batch_impl`); `rows_B` numpy or None."""
+    def make_batch(self, rollouts, rows_B, advantages_B, values=None) -> Batch:
+        """Batch from rounds (`RolloutArrays` each, see `_batch_impl`); `rows_B` numpy or None;
+        `values` the critic's [rows, N] values of each round (PPO's critic only)."""
         rollouts = tuple(rollouts)
+        if (values is None) != (self._critic is None):
+            raise ValueError("make_batch takes the critic's values exactly when a critic runs")
+        values = None if values is None else tuple(values)
         present = lambda r: tuple(getattr(r, f.name) is not None for f in dataclasses.fields(r))
         key = (tuple(present(r) for r in rollouts), rows_B is None)
         if key not in self._batch_fns:
             shard = lambda x: None if x is None else self._rows(x.ndim)
             self._batch_fns[key] = jax.jit(
-                functools.partial(_batch_impl, self._loss),
+                functools.partial(_batch_impl, self._loss, self._critic),
                 in_shardings=(
                     tuple(jax.tree.map(shard, r) for r in rollouts),
                     None if rows_B is None else self._repl,
                     self._repl,
+                    None if values is None else tuple(self._rows(2) for _ in values),
                 ),
                 out_shardings=self._batch,
             )
-        return self._batch_fns[key](rollouts, rows_B, advantages_B)
+        return self._batch_fns[key](rollouts, rows_B, advantages_B, values)
 
     def take_rows(self, batch: Batch, idx) -> Batch:
         key, batch_sh = self._layout(batch)

@@ -19,7 +19,6 @@ import numpy as np
 from flax import nnx
 
 from models.transformer import Transformer
-
 from rl_reason.core.config import GRPOConfig, overlong_penalty
 from rl_reason.core.record import Rollout, RolloutArrays
 from rl_reason.infra import sharding

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from rl_reason import losses
+from rl_reason.core import critic as critic_lib
 from rl_reason.core import update
 from rl_reason.core.config import GRPOConfig
 from rl_reason.core.record import Rollout
@@ -100,7 +101,11 @@ class GRPOTrainer:
         sharding.check_batch_split(
             cfg.prompts_per_step, cfg.rows // cfg.optim.minibatches, self.mesh, self.processes
         )
-        state_lib.init(self, params)  # optimizer, jitted step, params, reference, key
+        state_lib.init(self, params)  # optimizer, jitted step, params, reference, critic, key
+        if self.critic is not None:
+            tokenizer.assert_fits(
+                nnx.merge(self.critic.graphdef, self.critic_params["trunk"]).cfg.vocab_size
+            )
         stops = (tokenizer.eos_id,) if stop_token_ids is None else tuple(stop_token_ids)
         self.rounds = Rounds(
             cfg,
@@ -194,10 +199,19 @@ class GRPOTrainer:
         advantages = losses.compute_advantages(
             jnp.asarray(host["rewards"]), cfg.group_size, estimator=cfg.loss.advantage_estimator
         )
+        values = None
+        if self.critic is not None:
+            values = [
+                self.critic.values(
+                    self.critic_params, a.prompt_ids, a.prompt_mask, a.tokens, a.mask
+                )
+                for a in (r.arrays for r in parts)
+            ]
         batch = self.fns.make_batch(
             [r.arrays for r in parts],
             None if identity else rows_B,
             np.asarray(advantages, np.float32),
+            values,
         )
         if cfg.loss.recompute_old_logprobs:
             # The same tokens under the same weights, scored by the sampler (decode with a KV
@@ -211,6 +225,9 @@ class GRPOTrainer:
     def _train_on(self, batch: update.Batch) -> dict[str, float]:
         cfg, o = self.cfg, self.cfg.optim
         rows_per_mb = cfg.rows // o.minibatches
+        # PPO's critic may train alone for the first steps; the policy's update then only
+        # reports its metrics.
+        apply = self.critic is None or self.step_count >= cfg.critic.policy_delay_steps
         collected = []
         for epoch in range(o.inner_iterations):
             # One minibatch is the whole batch: its gradient does not depend on row order, so
@@ -225,16 +242,24 @@ class GRPOTrainer:
                     idx = perm[m * rows_per_mb : (m + 1) * rows_per_mb].astype(np.int32)
                     mb = self.fns.take_rows(batch, idx)
                 self.params, self.opt_state, metrics = self.fns.update(
-                    self.params, self.opt_state, mb
+                    self.params, self.opt_state, mb, apply=apply
                 )
+                if self.critic is not None:
+                    self.critic_params, self.critic_opt_state, value_metrics = self.critic.update(
+                        self.critic_params, self.critic_opt_state, mb
+                    )
+                    metrics = {**metrics, **value_metrics}
                 # Fetching the metrics blocks on each update: it keeps the host honest about step
                 # time and avoids the CPU collective stalls seen with unblocked sharded loops.
                 collected.append(jax.device_get(metrics))
-                self.updates += 1
+                self.updates += int(apply)
         means = {k: float(np.mean([m[k] for m in collected])) for k in collected[-1]}
-        why = self.health.observe(
-            self.step_count + 1, [m["finite"] for m in collected], means["entropy"]
-        )
+        if self.critic is not None:
+            means["value_explained_variance"] = float(
+                critic_lib.batch_explained_variance(batch.returns, batch.old_values, batch.mask)
+            )
+        finite = [m["finite"] * m.get("value_finite", 1.0) for m in collected]
+        why = self.health.observe(self.step_count + 1, finite, means["entropy"])
         if self.health.should_stop:
             stop_diverged(self.health, why, self.checkpointer)
         return means

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import lora
-from rl_reason.core import update
+from rl_reason.core import critic, update
 from rl_reason.core.record import Rollout, RolloutArrays
 from rl_reason.infra import sharding
 from rl_reason.rollout.rounds import check_verifier
@@ -43,10 +43,29 @@ def init(t, params) -> None:
         max_len=cfg.max_new_tokens,
         microbatches=cfg.optim.microbatches,
         frozen=t.frozen,
+        critic=cfg.critic if cfg.uses_critic else None,
     )
     # The trainer owns (and donates) these arrays from here on.
     t.params = jax.device_put(params, t.fns.param_shardings)
     t.opt_state = t.fns.init_opt_state(t.params)
+    t.critic = t.critic_params = t.critic_opt_state = None
+    if cfg.uses_critic:
+        if t.frozen and cfg.critic.init == "policy":
+            raise ValueError(
+                "critic.init='policy' copies the policy's weights, but a LoRA policy trains "
+                "adapters over frozen weights: give critic.init a model directory instead"
+            )
+        graphdef, params = critic.init_params(t.graphdef, t.params, cfg.critic, t.mesh)
+        t.critic = critic.CriticFns(
+            graphdef,
+            params,
+            cfg.critic,
+            t.mesh,
+            microbatches=cfg.optim.microbatches,
+            total_updates=cfg.total_updates,
+        )
+        t.critic_params = t.critic.place(params)
+        t.critic_opt_state = t.critic.init_opt_state(t.critic_params)
     t.ref_params = None  # the frozen reference policy (only with a KL term)
     if cfg.loss.needs_reference:
         # LoRA: the base model is the reference (zero adapters over the same frozen arrays);
@@ -59,7 +78,8 @@ def init(t, params) -> None:
 
 
 def state(t) -> dict:
-    """The arrays a resumed run needs: params, optimizer state, step, key (+ reference)."""
+    """The arrays a resumed run needs: params, optimizer state, step, key (+ reference, + the
+    critic's params and optimizer state)."""
     tree = {
         "params": t.params,
         "opt_state": t.opt_state,
@@ -68,6 +88,8 @@ def state(t) -> dict:
     }
     if t.ref_params is not None and not t.frozen:
         tree["ref_params"] = t.ref_params
+    if t.critic is not None:
+        tree["critic"] = {"params": t.critic_params, "opt_state": t.critic_opt_state}
     if t.in_flight is not None:
         # The round sampled for the next step with weights no longer held: saved so a
         # resumed run trains on exactly it (its examples come back from the data position).
@@ -88,6 +110,11 @@ def abstract_state(t) -> dict:
     }
     if t.ref_params is not None and not t.frozen:
         target["ref_params"] = params
+    if t.critic is not None:
+        target["critic"] = {
+            "params": jax.tree.map(as_target, t.critic_params, t.critic.param_shardings),
+            "opt_state": jax.tree.map(as_target, t.critic_opt_state, t.critic.opt_shardings),
+        }
     if t.cfg.off_policy_steps:  # every checkpoint (step >= 1) has a round in flight
         target["in_flight"] = _abstract_in_flight(t)
     return target
@@ -173,6 +200,9 @@ def resume(t) -> dict | None:
     t.params, t.opt_state, t.key = tree["params"], tree["opt_state"], tree["key"]
     if t.ref_params is not None and not t.frozen:
         t.ref_params = tree["ref_params"]
+    if t.critic is not None:
+        t.critic_params = tree["critic"]["params"]
+        t.critic_opt_state = tree["critic"]["opt_state"]
     t.step_count = step
     if "in_flight" in tree:
         # The data position is the one before the in-flight round's examples were drawn.

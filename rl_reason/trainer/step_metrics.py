@@ -65,6 +65,8 @@ def step_metrics(
     if cfg.loss.correction != "none":
         metrics["mismatch_token_frac"] = train["mismatch_token_frac"]
         metrics["mismatch_seq_frac"] = train["mismatch_seq_frac"]
+    # PPO's critic: value_loss, value_explained_variance, value_clip_frac, value_grad_norm, ...
+    metrics.update({k: v for k, v in train.items() if k.startswith("value_")})
     if "logprob_gap" in host:
         metrics["logprob_gap_sampler_trainer"] = float(
             np.mean([float(g) for g in host["logprob_gap"]])

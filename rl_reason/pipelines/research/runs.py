@@ -23,7 +23,17 @@ def run_settings(config) -> dict[str, Any]:
         settings.pop(name, None)
     if not settings.get("plugins", True):
         settings.pop("plugins")  # none: the hash of the runs made before the field existed
+    grpo = settings.get("grpo", {})
+    if "critic" in grpo and not _uses_critic(grpo):
+        grpo.pop("critic")  # unused without PPO's critic (and the runs before it existed)
     return settings
+
+
+def _uses_critic(grpo: dict[str, Any]) -> bool:
+    from rl_reason import losses
+
+    name = grpo.get("loss", {}).get("advantage_estimator", "grpo")
+    return name in losses.ADVANTAGE_ESTIMATORS and losses.needs_critic(name)
 
 
 def run_key(config) -> str:
