@@ -119,9 +119,9 @@ ALGORITHM_ARMS = {
     "GRPO, 1-step off-policy": {"config.grpo.off_policy_steps": 1},
 }
 
-# The algorithms other frameworks run, beside GRPO: PPO with a critic, REINFORCE++ (with its per-token KL to the
-# base folded into the return, OpenRLHF's default beta), CISPO, and a bfloat16 sampler feeding a
-# float32 trainer with and without truncated importance sampling.
+# The algorithms other frameworks run, beside GRPO: PPO with a critic, REINFORCE++ (with its
+# per-token KL to the base folded into the return, OpenRLHF's default beta), CISPO, and a
+# bfloat16 sampler feeding a float32 trainer with and without truncated importance sampling.
 FIELD_ARMS = {
     "GRPO": {},
     # PPO with a learned critic (GAE, gamma = lambda = 1): the default experiment's critic.

@@ -22,8 +22,9 @@ from flax import nnx
 
 from models import get_config
 from rl_reason import losses
+from rl_reason.core import critic
 from rl_reason.core import update as train_step
-from rl_reason.core.config import LossOptions
+from rl_reason.core.config import CriticOptions, LossOptions
 from rl_reason.core.record import RolloutArrays
 from rl_reason.infra import sharding
 from rl_reason.rollout import engine, sampling
@@ -45,6 +46,15 @@ ALGORITHMS = {
         advantage_estimator="reinforce_pp_baseline",
         reward_kl_coef=0.05,
         objective="cispo",
+        correction="tis_token",
+        correction_cap=1.5,
+        recompute_old_logprobs=True,
+    ),
+    # PPO with a critic: GAE over values of a critic with a non-zero head, then the critic's
+    # own update (its params are compared too).
+    "gae+ppo_clip+tis_token": LossOptions(
+        advantage_estimator="gae",
+        reward_kl_coef=0.03,
         correction="tis_token",
         correction_cap=1.5,
         recompute_old_logprobs=True,
@@ -148,8 +158,13 @@ def algorithm_update(graphdef, params, mesh, loss_cfg: LossOptions) -> dict[str,
     out = sampling.sample(
         (graphdef, params), PROMPTS, jax.random.key(5), group_size=G, max_new_tokens=NEW, mesh=mesh
     )
+    opts = (
+        CriticOptions(gamma=0.97, lam=0.9)
+        if losses.needs_critic(loss_cfg.advantage_estimator)
+        else None
+    )
     fns = train_step.StepFns(
-        graphdef, params, optax.sgd(0.5, momentum=0.9), loss_cfg, mesh, microbatches=2
+        graphdef, params, optax.sgd(0.5, momentum=0.9), loss_cfg, mesh, microbatches=2, critic=opts
     )
     args = (out.prompt_ids, out.prompt_mask, out.tokens, out.mask)
     old = fns.logprobs(params, *args)
@@ -162,11 +177,21 @@ def algorithm_update(graphdef, params, mesh, loss_cfg: LossOptions) -> dict[str,
     lengths, first = np.asarray(out.lengths), np.asarray(out.tokens)[:, 0]
     rewards = ((lengths % 2) + (first % 3 == 0)).astype(np.float32)
     returns = np.asarray(losses.compute_advantages(rewards, G, loss_cfg.advantage_estimator))
-    batch = fns.make_batch([rec], None, returns)
+    values, record = None, {}
+    if opts is not None:
+        cfns, cparams = _critic(graphdef, params, opts, mesh)
+        values = [cfns.values(cparams, *args)]
+    batch = fns.make_batch([rec], None, returns, values)
+    if opts is not None:
+        new_critic, _, value_metrics = cfns.update(cparams, cfns.init_opt_state(cparams), batch)
+        record["value_loss"] = np.asarray(value_metrics["value_loss"])
+        record["values"] = np.asarray(values[0])
+        for i, leaf in enumerate(jax.tree.leaves(new_critic)):
+            record[f"param_critic{i}"] = np.asarray(leaf)
     params = jax.tree.map(jnp.copy, params)  # the update donates them
     new_params, _, metrics = fns.update(params, fns.init_opt_state(params), batch)
     metrics = jax.device_get(metrics)
-    record = {k: np.asarray(metrics[k]) for k in ("loss", "grad_norm", "mismatch_token_frac")}
+    record.update({k: np.asarray(metrics[k]) for k in ("loss", "grad_norm", "mismatch_token_frac")})
     record["mismatch_seq_frac"] = np.asarray(metrics["mismatch_seq_frac"])
     record["advantages"] = np.asarray(batch.advantages)
     record["advantages_spec"] = np.asarray(repr(tuple(batch.advantages.sharding.spec)))
@@ -174,6 +199,18 @@ def algorithm_update(graphdef, params, mesh, loss_cfg: LossOptions) -> dict[str,
     for i, leaf in enumerate(jax.tree.leaves(new_params)):
         record[f"param{i}"] = np.asarray(leaf)
     return record
+
+
+def _critic(graphdef, params, opts, mesh):
+    """A critic on a copy of the policy with a fixed non-zero head, updated by SGD."""
+    cgd, cparams = critic.init_params(graphdef, params, opts, mesh)
+    d = cparams["head"]["w"].shape[0]
+    cparams["head"] = {
+        "w": 0.3 * jnp.sin(jnp.arange(d, dtype=jnp.float32)),
+        "b": jnp.asarray(0.05, jnp.float32),
+    }
+    cfns = critic.CriticFns(cgd, cparams, opts, mesh, microbatches=2, optimizer=optax.sgd(0.05))
+    return cfns, cfns.place(cparams)
 
 
 def compute(name: str, out_dir: str) -> None:
