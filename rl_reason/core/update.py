@@ -277,11 +277,11 @@ def _batch_impl(
     *fields, sampler = fields
     advantages = advantages_B.astype(jnp.float32)
     sampler = sampler if cfg.correction != "none" else None
+    if not losses.is_token_level(cfg.advantage_estimator):
+        return Batch(*fields, advantages=advantages, sampler_logp=sampler)
+    mask, old, ref = fields[3], fields[4], fields[5]
+    kl = losses.kl_penalty(old, ref, cfg.reward_kl_estimator) if cfg.reward_kl_coef > 0 else None
     if critic is not None:
-        mask, old, ref = fields[3], fields[4], fields[5]
-        kl = None
-        if cfg.reward_kl_coef > 0:
-            kl = losses.kl_penalty(old, ref, cfg.reward_kl_estimator)
         adv, returns = losses.gae(
             advantages, old_values, mask, critic.gamma, critic.lam, kl, cfg.reward_kl_coef
         )
@@ -290,12 +290,7 @@ def _batch_impl(
         return Batch(
             *fields, advantages=adv, sampler_logp=sampler, returns=returns, old_values=old_values
         )
-    if losses.is_token_level(cfg.advantage_estimator):
-        mask, old, ref = fields[3], fields[4], fields[5]
-        kl = None
-        if cfg.reward_kl_coef > 0:
-            kl = losses.kl_penalty(old, ref, cfg.reward_kl_estimator)
-        advantages = losses.token_advantages(advantages, mask, kl, cfg.reward_kl_coef)
+    advantages = losses.token_advantages(advantages, mask, kl, cfg.reward_kl_coef)
     return Batch(*fields, advantages=advantages, sampler_logp=sampler)
 
 
