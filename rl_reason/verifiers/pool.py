@@ -31,6 +31,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -135,6 +136,10 @@ class _Worker:
         default_factory=collections.deque
     )
     head_started: float = 0.0  # when the oldest task started (as far as we can observe)
+
+    def exited(self) -> bool:
+        # A pidfd polls readable once its process has ended (zombie or reaped).
+        return bool(select.select([self.pidfd], [], [], 0)[0])
 
     def kill(self) -> None:
         try:
@@ -500,6 +505,13 @@ class VerifierPool:
         self, slot: int, handle: VerifyHandle, index: int, item: Item, message: bytes
     ) -> None:
         worker = self._workers[slot]
+        # An idle worker already dead (killed with another, its death not yet read) would take
+        # the item down with it and count as the item's second strike: replace it first. (One
+        # with items in hand is found dead when their answers do not come.)
+        if not worker.tasks and worker.exited():
+            self._pending.appendleft((handle, index, item))
+            self._replace(slot, "it died while idle")
+            return
         try:
             worker.conn.send_bytes(message)
         except OSError:  # the worker died: retry its items and this one on a replacement
