@@ -1,6 +1,6 @@
 """Two JAX processes on localhost (jax.distributed, CPU collectives), four fake devices each,
-run two GRPO steps of a tiny model and agree with one process holding all eight devices, and
-with one process on a single device.
+run two GRPO steps of a tiny model and agree with one process on a single device (one process
+on eight fake devices is tests/test_sharding.py's; it is not run again here, for time).
 
 Each process feeds its own half of every batch, verifies only its own completions in its own
 verifier pool and gathers rewards; with KL, two minibatches and two microbatches, every
@@ -92,7 +92,6 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multihost")
     return {
         "two_processes": _run_two(tmp / "two.npz"),
-        "one_process": _run_single(tmp / "one.npz", 8, "2,2,2"),
         "one_device": _run_single(tmp / "dev.npz", 1, "1,1,1"),
     }
 
@@ -109,10 +108,6 @@ def _assert_same(a: dict, b: dict, params_atol: float) -> None:
         np.testing.assert_allclose(value, b["params"][key], atol=params_atol, err_msg=key)
 
 
-def test_two_processes_agree_with_one_process(runs):
-    _assert_same(runs["two_processes"], runs["one_process"], params_atol=1e-6)
-
-
 def test_two_processes_agree_with_one_device(runs):
     # Adam divides by the root of the second moment, so a gradient entry near zero that differs
     # in its 7th digit between reduction orders can move its weight by a visible fraction of
@@ -122,7 +117,7 @@ def test_two_processes_agree_with_one_device(runs):
 
 def test_the_run_did_real_work(runs):
     # The comparison above means something only if rewards varied and the policy moved.
-    metrics = runs["one_process"]["metrics"]
+    metrics = runs["one_device"]["metrics"]
     assert all(m["reward_std"] > 0.1 and m["zero_std_groups"] < 1 for m in metrics)
     assert all(m["grad_norm"] > 0.1 and m["kl_ref"] >= 0 for m in metrics)
     assert metrics[1]["kl_ref"] > 0

@@ -18,8 +18,7 @@ ARMS = [
     ("supervision", "outcome"),
     ("supervision", "both"),
     ("cold_start", "cold start (R1)"),
-    ("algorithms", "DAPO"),
-    ("algorithms", "GSPO"),
+    ("algorithms", "DAPO"),  # (its other arms are loss options, tests/test_losses.py's)
 ]
 # What each experiment finds done after ARMS ran: the baseline and the cold start are shared.
 FINISHED = {
@@ -27,7 +26,7 @@ FINISHED = {
     "fidelity": {"outcome", "both"},
     "bridge": {"outcome", "both", "cold start + outcome"},
     "cold_start": {"zero (R1-Zero)", "cold start (R1)"},
-    "algorithms": {"GRPO", "DAPO", "GSPO"},
+    "algorithms": {"GRPO", "DAPO"},
 }
 
 

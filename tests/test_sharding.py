@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from rl_reason.infra import sharding
-from tests.multidevice.mesh_equivalence import MESHES
+from tests.multidevice.mesh_equivalence import COMPUTED, MESHES
 
 pytestmark = pytest.mark.slow
 
 SHARDED = [name for name in MESHES if name != "1x1x1"]
+SHARDED_COMPUTED = [name for name in SHARDED if name in COMPUTED]
 
 
 def multidevice_needs(params: dict) -> list[str]:
@@ -96,8 +97,8 @@ def test_parameter_shardings_are_the_rules(results, mesh):
         got_spec = tuple(got_spec) + (None,) * (len(spec) - len(got_spec))
         assert got_spec == spec, (mesh, path, got_spec)
         assert tuple(record["shard" + path]) == shard, (mesh, path)
-        # The update keeps them where they were.
-        assert eval(str(record["updated_spec" + path])) == eval(str(record["spec" + path]))
+        if "updated_spec" + path in record:  # the update keeps them where they were
+            assert eval(str(record["updated_spec" + path])) == eval(str(record["spec" + path]))
     # Momentum is sharded like its parameter, the schedule counter replicated.
     momentum = [k for k in record if k.startswith("opt_spec") and Q in k]
     assert momentum and all(str(record[k]) == str(record["spec" + Q]) for k in momentum)
@@ -118,7 +119,7 @@ def test_every_parameter_follows_the_rules_table(results, mesh):
         assert tuple(record["shard" + path]) == tuple(expect), (mesh, path)
 
 
-@pytest.mark.parametrize("mesh", SHARDED)
+@pytest.mark.parametrize("mesh", SHARDED_COMPUTED)
 def test_sampling_matches_one_device(results, mesh):
     ref, got = results("1x1x1"), results(mesh)
     assert got["tokens_spec"] == ref["tokens_spec"]
@@ -130,7 +131,7 @@ def test_sampling_matches_one_device(results, mesh):
     assert len(set(ref["lengths"].tolist())) > 3
 
 
-@pytest.mark.parametrize("mesh", SHARDED)
+@pytest.mark.parametrize("mesh", SHARDED_COMPUTED)
 def test_engine_matches_the_static_sampler_and_one_device(results, mesh):
     ref, got = results("1x1x1"), results(mesh)
     assert eval(str(got["engine_tokens_spec"]))[0] == ("data", "fsdp")
@@ -144,7 +145,7 @@ def test_engine_matches_the_static_sampler_and_one_device(results, mesh):
     assert int(got["engine_decode_steps"]) >= int(got["lengths"].max()) - 1
 
 
-@pytest.mark.parametrize("mesh", SHARDED)
+@pytest.mark.parametrize("mesh", SHARDED_COMPUTED)
 def test_grpo_update_matches_one_device(results, mesh):
     ref, got = results("1x1x1"), results(mesh)
     init = _params(ref, "init")

@@ -29,7 +29,9 @@ from rl_reason.core.record import RolloutArrays
 from rl_reason.infra import sharding
 from rl_reason.rollout import engine, sampling
 
-MESHES = {"1x1x1": (1, 1, 1), "8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2)}
+# 2 x 2 x 2 splits the batch over data and fsdp and the heads over tensor: every collective
+# of the step; the meshes with one axis are tests/test_sharding.py's.
+MESHES = {"1x1x1": (1, 1, 1), "2x2x2": (2, 2, 2)}
 CFG = get_config("tiny").replace(num_layers=2, max_seq_len=128)
 P, G, NEW = 8, 4, 10
 PROMPTS = [[1 + (11 * i + j) % 500 for j in range(2 + i % 4)] for i in range(P)]

@@ -32,6 +32,10 @@ MESHES = {
     "1x4x2": (1, 4, 2),
     "2x2x2": (2, 2, 2),
 }
+# The meshes whose sampling, engine and update are compared with one device: every axis at
+# once, and the batch over 8 shards (fsdp alone). The others are only sharded and read (specs,
+# shard shapes, the optimizer state's): their computations are these with other axis sizes.
+COMPUTED = ("1x1x1", "1x8x1", "2x2x2")
 # Every parameter axis divides 8 (or 2 for kv heads over tensor), so the rules shard everything
 # they name: vocab 512, width 128, 4 query / 2 kv heads, MLP 384.
 CFG = get_config("tiny").replace(num_layers=2, max_seq_len=128)
@@ -53,6 +57,13 @@ def run(name: str, shape: tuple[int, int, int], out_dir: str) -> None:
         record[f"init{path}"] = np.asarray(x)
         record[f"spec{path}"] = np.asarray(repr(tuple(x.sharding.spec)))
         record[f"shard{path}"] = np.asarray(x.addressable_shards[0].data.shape)
+    optimizer = optax.sgd(0.5, momentum=0.9)
+    if name not in COMPUTED:
+        fns = train_step.StepFns(graphdef, params, optimizer, LossOptions(kl_coef=0.0), mesh)
+        for path, x in _flat(fns.init_opt_state(params)).items():
+            record[f"opt_spec{path}"] = np.asarray(repr(tuple(x.sharding.spec)))
+        np.savez(os.path.join(out_dir, f"{name}.npz"), **record)
+        return
 
     cfg = sampling.SamplingConfig(temperature=1.0, stop_token_ids=tuple(range(3, 512, 6)))
     out = sampling.sample(
@@ -93,7 +104,6 @@ def run(name: str, shape: tuple[int, int, int], out_dir: str) -> None:
     # SGD with momentum: the updated params are the gradient itself (Adam would turn 1e-8
     # differences of near-zero gradients into lr-sized ones), and the momentum is state that
     # must be sharded like the params.
-    optimizer = optax.sgd(0.5, momentum=0.9)
     fns = train_step.StepFns(
         graphdef, params, optimizer, LossOptions(kl_coef=0.0), mesh, microbatches=2
     )
