@@ -41,8 +41,8 @@ def _assert_same(static, eng):
     np.testing.assert_allclose(eng.policy_logprobs, static.policy_logprobs, rtol=1e-5, atol=1e-5)
 
 
+# (Temperature 1 without filters, refilled: tests/test_sharding.py, on one device too.)
 CONFIGS = {
-    "plain": SamplingConfig(stop_token_ids=STOPS),
     "truncated": SamplingConfig(temperature=0.7, top_k=20, top_p=0.9, stop_token_ids=STOPS),
     "greedy": SamplingConfig(temperature=0.0, stop_token_ids=STOPS),
 }
@@ -67,6 +67,30 @@ def test_engine_gives_the_static_samplers_tokens(model, name):
         if slots:
             # Refilled slots: more decode steps than the longest sample, fewer than one a token.
             assert lengths.max() - 1 <= int(out.decode_steps) < lengths.sum() - lengths.size
+
+
+def test_streamed_samples_come_once_as_they_finish_and_change_nothing(model):
+    # Finished samples handed to the host every 8 decode steps while the others decode: the
+    # same tokens and log-probs as the one-call engine, each sample once with its final
+    # tokens, and the short ones long before the call ends.
+    cfg, key = CONFIGS["truncated"], jax.random.key(11)
+    kw = dict(group_size=G, max_new_tokens=120, config=cfg, buffer_len=128)
+    eng = engine.EngineConfig(slots=4, min_slots=2, stream_steps=8)
+    whole = _np(engine.sample(model, PROMPTS, key, engine=eng, **kw))
+    got = []
+    out = _np(engine.sample(model, PROMPTS, key, engine=eng, on_finished=got.append, **kw))
+    _assert_same(whole.sample, out.sample)
+    assert int(out.decode_steps) == int(whole.decode_steps)
+    rows = np.concatenate([f.rows for f in got])
+    assert sorted(rows.tolist()) == list(range(len(PROMPTS) * G))  # each sample exactly once
+    for f in got:
+        np.testing.assert_array_equal(f.tokens, out.sample.tokens[f.rows])
+        np.testing.assert_array_equal(f.lengths, out.sample.lengths[f.rows])
+        np.testing.assert_array_equal(f.truncated, out.sample.truncated[f.rows])
+        assert f.decode_steps <= int(out.decode_steps)
+    assert len(got) >= 4 and got[0].decode_steps <= int(out.decode_steps) // 4
+    steps = [f.decode_steps for f in got]
+    assert steps == sorted(set(steps))  # one hand-over per look that found new ones
 
 
 def test_thousands_of_tokens_with_a_long_tail():
@@ -114,6 +138,8 @@ def test_bad_engine_options_fail_early(model):
         engine.EngineConfig(slots=-1)
     with pytest.raises(ValueError, match="min_slots"):
         engine.EngineConfig(min_slots=-2)
+    with pytest.raises(ValueError, match="stream_steps must be >= 1"):
+        engine.EngineConfig(stream_steps=0)
     with pytest.raises(ValueError, match="group_size"):
         engine.sample(model, PROMPTS, jax.random.key(0), group_size=0, max_new_tokens=4)
 

@@ -177,13 +177,17 @@ def test_the_engine_runs_the_static_samplers_experiment(scratch_run, tmp_path):
     config = r1_zero_tiny.get_config("smoke")
     with config.unlocked():
         config.workdir = str(tmp_path)
-        # 16 samples on 8 slots: refilled once over, then the tail packed into 4.
-        config.grpo.sampling.update(engine="continuous", engine_slots=8, engine_min_slots=4)
+        # 16 samples on 8 slots: refilled once over, then the tail packed into 4; finished
+        # samples go to the verifiers every 4 decode steps while the others decode.
+        config.grpo.sampling.update(
+            engine="continuous", engine_slots=8, engine_min_slots=4, engine_stream_steps=4
+        )
     summary = r1_zero.run(config)
     static, engine = _metrics(static_dir), _metrics(tmp_path)
     assert len(engine) == len(static) == config.grpo.steps
     for a, b in zip(static, engine, strict=True):
         assert 0.0 < b.pop("slot_occupancy") <= 1.0
+        assert 0.0 < b.pop("verify_streamed_frac") < 1.0  # some verified while others decoded
         assert set(a) == set(b)
         for name, value in a.items():
             if name.startswith(_FROM_TOKENS) or name in ("step", "sampling_rounds"):

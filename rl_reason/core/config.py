@@ -41,6 +41,9 @@ class SamplingOptions:
     engine: str = "static"
     engine_slots: int = 0  # rows decoded at once; 0: one per sample (only the tail is packed)
     engine_min_slots: int = 0  # the fewest slots the tail is packed into; 0: slots / 16
+    # > 0: every that many decode steps, the engine's finished samples go to the verifiers
+    # while the others decode (host round trips); 0: a round is verified once it is sampled.
+    engine_stream_steps: int = 0
     # The training rounds' compute dtype ("": the policy's own). "bfloat16" samples as a
     # low-precision inference engine would, from the same float32 weights: the sampler's
     # log-probs then differ from the trainer's (loss.correction is what corrects for it).
@@ -231,8 +234,9 @@ _RULES: dict[str, _Rule] = {
     "prompts_per_step": (lambda v, c: v >= 1, ">= 1", "each step needs a prompt"),
     "group_size": (
         lambda v, c: v >= 2 or (v == 1 and c.uses_critic),
-        ">= 2 (1 only with a critic, loss.advantage_estimator='gae')",
-        "group advantages are relative to the group",
+        ">= 2",
+        "advantages are relative to the group; 1 works only with a critic, "
+        "loss.advantage_estimator='gae'",
     ),
     "max_prompt_len": (lambda v, c: v >= 1, ">= 1", "the prompt width"),
     "max_new_tokens": (lambda v, c: v >= 1, ">= 1", "the response budget"),
@@ -254,6 +258,11 @@ _RULES: dict[str, _Rule] = {
     "sampling.engine": (lambda v, c: v in ENGINES, f"one of {list(ENGINES)}", "the samplers"),
     "sampling.engine_slots": (lambda v, c: v >= 0, ">= 0", "0 gives one slot per sample"),
     "sampling.engine_min_slots": (lambda v, c: v >= 0, ">= 0", "0 takes the default"),
+    "sampling.engine_stream_steps": (
+        lambda v, c: v == 0 or (v > 0 and c.sampling.engine == "continuous"),
+        ">= 0, and 0 unless sampling.engine='continuous'",
+        "only the engine streams finished samples to the verifiers",
+    ),
     "sampling.compute_dtype": (
         lambda v, c: v in COMPUTE_DTYPES,
         f"one of {list(COMPUTE_DTYPES)}",

@@ -93,6 +93,9 @@ class Rollout:
     submitted_at: float = 0.0
     # The continuous-batching engine's (slot steps, live slot steps) of this round, if it sampled.
     engine_counts: tuple[Any, Any] | None = None
+    # Streamed to the verifiers by the engine: the share of samples submitted while others
+    # were still decoding (None: verified after sampling).
+    streamed_frac: float | None = None
 
     @property
     def groups(self) -> int:

@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -141,6 +142,258 @@ def _shrink(state, fewer: int, shards: int, mesh: Mesh):
     return (jax.tree.map(take, slots), next_D, layers, *rest)
 
 
+@struct.dataclass
+class _Context:
+    """What every decode step of a call reads and none changes."""
+
+    prefix: tuple  # per layer, LayerKV [P, K, Tp, H]: each prompt's keys and values, once
+    prompt_mask: jax.Array  # [P, Tp] bool
+    positions: jax.Array  # [P, Tp]
+    prompt_len: jax.Array  # [P] int32
+    key_data: jax.Array  # [B, ...] each sample's key (token_choice.sample_keys), as raw bits
+    max_new: jax.Array  # int32 scalar: the call's budget (<= buffer_len)
+    rope: tuple  # (sin, cos) [P, buffer_len, 1, H/2] at each prompt's new positions
+    first: jax.Array  # [B] each sample's first token, drawn from its prompt's prefill
+    ended: jax.Array  # [B] bool: ... which ended it (stop token, or a budget of 1)
+
+
+def _setup(
+    model: Transformer,
+    prompt_ids_PT,
+    prompt_mask_PT,
+    key_data,
+    max_new_tokens,
+    *,
+    group_size: int,
+    num_slots: int,
+    shards: int,
+    buffer_len: int,
+    cfg: SamplingConfig,
+    pad_id: int,
+    mesh: Mesh,
+):
+    """Prefill every prompt, draw every sample's first token, fill the slots: (context, state).
+
+    The state is (slots, next_D, layers, outputs, counts, held): the slots, the next pending
+    sample of each batch shard, the slots' own cache, the output buffers (tokens, sample and
+    policy log-probs, lengths, stopped), the counters (decode steps, slot steps, live slot
+    steps) and, once packed, each slot's gathered prompt."""
+    key = jax.random.wrap_key_data(key_data)
+    b = prompt_ids_PT.shape[0] * group_size
+    per_shard = b // shards
+    positions_PT, first_logits_PV, kvs = sampling.prefill(model, prompt_ids_PT, prompt_mask_PT)
+    prompt_len_P = jnp.sum(prompt_mask_PT, axis=-1, dtype=jnp.int32)
+    keys_B = token_choice.sample_keys(key, jnp.arange(b, dtype=jnp.int32))
+    stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
+    max_new = jnp.minimum(max_new_tokens, buffer_len)
+    # Every sample's first token at once, from its prompt's prefill logits (as the static
+    # sampler draws them): a refilled slot then starts by feeding it, and no decode step needs
+    # the [slots, V] prefill logits.
+    first_B, first_slp, first_plp = token_choice.choose_tokens(
+        jnp.repeat(first_logits_PV, group_size, axis=0), keys_B, jnp.zeros((b,), jnp.int32), cfg
+    )
+    stopped = jnp.isin(first_B, stop_ids)
+    ended_B = stopped | (max_new <= 1)
+    ctx = _Context(
+        prefix=tuple(kv_cache.heads_first(kv) for kv in kvs),
+        prompt_mask=prompt_mask_PT.astype(bool),
+        positions=positions_PT,
+        prompt_len=prompt_len_P,
+        key_data=jax.random.key_data(keys_B),
+        max_new=max_new,
+        rope=rope_table(prompt_len_P[:, None] + jnp.arange(buffer_len)[None], model.cfg),
+        first=first_B,
+        ended=ended_B,
+    )
+    empty = _Slots(
+        sample=jnp.full((num_slots,), -1, jnp.int32),
+        emitted=jnp.zeros((num_slots,), jnp.int32),
+        token=jnp.full((num_slots,), pad_id, jnp.int32),
+        done=jnp.zeros((num_slots,), bool),
+    )
+    slots, next_D = _refill(empty, jnp.zeros((shards,), jnp.int32), per_shard, first_B, ended_B)
+    outputs = (
+        jnp.full((b, buffer_len), pad_id, jnp.int32).at[:, 0].set(first_B),
+        jnp.zeros((b, buffer_len), jnp.float32).at[:, 0].set(first_slp),
+        jnp.zeros((b, buffer_len), jnp.float32).at[:, 0].set(first_plp),
+        jnp.ones((b,), jnp.int32),
+        stopped,
+    )
+    width = sampling.decode_segments(buffer_len, cfg.max_decode_segments)[0]
+
+    def empty_layer(kv: kv_cache.LayerKV) -> kv_cache.LayerKV:
+        _, k, _, h = kv.k.shape
+        shape = (num_slots, k, width, h)
+        return kv_cache.LayerKV(jnp.zeros(shape, kv.k.dtype), jnp.zeros(shape, kv.v.dtype))
+
+    layers = _pin_layers(tuple(empty_layer(kv) for kv in ctx.prefix), mesh)
+    zero = jnp.zeros((), jnp.int32)
+    return ctx, (slots, next_D, layers, outputs, (zero, zero, zero), ())
+
+
+def _slot_prompts(ctx: _Context, prompt_S):
+    """Each slot's prompt keys, values, mask and positions: (layers, mask, positions)."""
+    take = lambda x: jnp.take(x, prompt_S, axis=0, mode="clip")
+    pre = tuple(kv_cache.LayerKV(take(kv.k), take(kv.v)) for kv in ctx.prefix)
+    return pre, take(ctx.prompt_mask), take(ctx.positions)
+
+
+def _decode_step(model, ctx: _Context, state, *, mode, group_size, cfg, mesh):
+    """One decode step of every slot; ended slots are refilled from their shard's pending."""
+    slots, next_D, layers, outputs, (steps, slot_steps, live_steps), held = state
+    tokens, slp, plp, lengths, stopped = outputs
+    b = ctx.first.shape[0]
+    shards = next_D.shape[0]
+    live = slots.live
+    row = jnp.maximum(slots.sample, 0)
+    prompt = row // group_size
+    # A slot feeds its last token (token emitted - 1) at cache slot emitted - 1.
+    index = jnp.where(live, jnp.maximum(slots.emitted - 1, 0), 0)
+    if mode == "grouped":
+        # Slot i holds sample i: the group layout of the static sampler, whose G rows of a
+        # prompt read its keys once, in one matmul.
+        pre, pre_mask, pre_positions = ctx.prefix, ctx.prompt_mask, ctx.positions
+    elif mode == "held":
+        # Packed tail: no slot changes sample any more, its prompt was gathered once.
+        pre, pre_mask, pre_positions = held
+    else:
+        # Slots refilled as they go: each reads its sample's prompt, gathered every step.
+        pre, pre_mask, pre_positions = _slot_prompts(ctx, prompt)
+    cache = kv_cache.KVCache(
+        prefix=pre,
+        prefix_mask=pre_mask,
+        prefix_positions=pre_positions,
+        layers=layers,
+        index=index,
+    )
+    rope = tuple(x[prompt, index][:, None] for x in ctx.rope)
+    logits, cache = model.decode(slots.token, ctx.prompt_len[prompt] + index, cache, rope)
+    keys = jax.random.wrap_key_data(ctx.key_data[row])
+    token, s_lp, p_lp = token_choice.choose_tokens(logits, keys, slots.emitted, cfg)
+    # Rows of slots without a live sample are written out of bounds, i.e. dropped.
+    out_row = jnp.where(live, row, b)
+    col = slots.emitted
+    tokens = tokens.at[out_row, col].set(token, mode="drop")
+    slp = slp.at[out_row, col].set(s_lp, mode="drop")
+    plp = plp.at[out_row, col].set(p_lp, mode="drop")
+    lengths = lengths.at[out_row].set(col + 1, mode="drop")
+    stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
+    hit_stop = live & jnp.isin(token, stop_ids)
+    stopped = stopped.at[out_row].set(hit_stop, mode="drop")
+    emitted = jnp.where(live, slots.emitted + 1, slots.emitted)
+    slots = _Slots(
+        sample=slots.sample,
+        emitted=emitted,
+        token=jnp.where(live, token, slots.token),
+        done=slots.done | (live & (hit_stop | (emitted >= ctx.max_new))),
+    )
+    slots, next_D = _refill(slots, next_D, b // shards, ctx.first, ctx.ended)
+    outputs = (tokens, slp, plp, lengths, stopped)
+    counts = (
+        steps + 1,
+        slot_steps + live.shape[0],
+        live_steps + jnp.sum(live, dtype=jnp.int32),
+    )
+    return slots, next_D, _pin_layers(cache.layers, mesh), outputs, counts, held
+
+
+def _working(state) -> jax.Array:
+    slots, next_D = state[0], state[1]
+    per_shard = state[3][3].shape[0] // next_D.shape[0]
+    return jnp.any(slots.live) | jnp.any(next_D < per_shard)
+
+
+def _in_stage(state, width: int, fewer: int | None) -> jax.Array:
+    """Whether the stage (slot count, cache width) has steps left: work remains, every live
+    slot's next cache slot (emitted - 1) fits the width, and (before the last level) the live
+    samples do not yet fit `fewer` slots with nothing pending."""
+    slots, next_D = state[0], state[1]
+    shards = next_D.shape[0]
+    fits = jnp.all(~slots.live | (slots.emitted - 1 < width))
+    go = _working(state) & fits
+    if fewer is None:
+        return go
+    per_shard = state[3][3].shape[0] // shards
+    live_D = jnp.sum(slots.live.reshape(shards, -1), axis=1)
+    can_shrink = jnp.all(next_D >= per_shard) & jnp.all(live_D <= fewer // shards)
+    return go & ~can_shrink
+
+
+def _stage(model, ctx, state, step_limit, *, mode, width, fewer, group_size, cfg, mesh):
+    """Decode at one (slot count, cache width) while the stage has steps left, and (when
+    `step_limit` is given) until the call's decode steps reach it."""
+    have = state[2][0].k.shape[kv_cache.SEQ_AXIS]
+    if width > have:
+        pad = [(0, 0)] * 4
+        pad[kv_cache.SEQ_AXIS] = (0, width - have)
+        grown = tuple(kv_cache.LayerKV(jnp.pad(x.k, pad), jnp.pad(x.v, pad)) for x in state[2])
+        state = (*state[:2], _pin_layers(grown, mesh), *state[3:])
+    step = functools.partial(
+        _decode_step, model, ctx, mode=mode, group_size=group_size, cfg=cfg, mesh=mesh
+    )
+
+    def cond(s):
+        go = _in_stage(s, width, fewer)
+        return go if step_limit is None else go & (s[4][0] < step_limit)
+
+    return jax.lax.while_loop(cond, step, state)
+
+
+def _pack(ctx, state, fewer: int, *, group_size: int, mesh: Mesh):
+    """The live slots packed into `fewer`, each with its prompt gathered once (the tail)."""
+    shards = state[1].shape[0]
+    state = _shrink(state, fewer, shards, mesh)
+    prompt_S = jnp.maximum(state[0].sample, 0) // group_size
+    return (*state[:5], _slot_prompts(ctx, prompt_S))
+
+
+def _stages(num_slots: int, min_slots: int, shards: int, b: int, buffer_len: int, cfg):
+    """The engine's program: [(mode, width, fewer)] in order, `fewer` the slot count packed
+    into after the level's last width (None at the last level). Static shapes, so each (slot
+    count, cache width) is its own loop: widths grow while the slots are full; once nothing
+    is pending, the live samples are packed into half as many slots whenever they fit (the
+    long tail then runs on a smaller, cheaper batch)."""
+    levels = slot_levels(num_slots, min_slots, shards)
+    segments = sampling.decode_segments(buffer_len, cfg.max_decode_segments)
+    out = []
+    for level, fewer in enumerate((*levels[1:], None)):
+        # With a slot per sample nothing is refilled: until the first packing, slot i holds
+        # sample i. Once packed, nothing is pending, so no slot changes sample.
+        mode = "held" if level else "grouped" if num_slots == b else "gather"
+        out.append([(mode, width, fewer) for width in segments])
+    return out
+
+
+def _output(ctx, state, prompt_ids_PT, prompt_mask_PT) -> EngineOutput:
+    _, _, _, outputs, counts, _ = state
+    tokens, slp, plp, lengths, stopped = outputs
+    mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    out = SampleOutput(
+        tokens=tokens,
+        mask=mask,
+        sample_logprobs=slp,
+        policy_logprobs=plp,
+        lengths=lengths,
+        truncated=~stopped,
+        prompt_ids=prompt_ids_PT,
+        prompt_mask=prompt_mask_PT,
+    )
+    return EngineOutput(out, *counts)
+
+
+def _finished(state) -> jax.Array:
+    """[B] bool: the samples that have ended (taken from pending and no longer live)."""
+    slots, next_D, outputs = state[0], state[1], state[3]
+    b = outputs[3].shape[0]
+    per_shard = b // next_D.shape[0]
+    ids = jnp.arange(b, dtype=jnp.int32)
+    taken = (ids % per_shard) < next_D[ids // per_shard]
+    live_rows = jnp.zeros((b,), bool).at[jnp.where(slots.live, slots.sample, b)].set(
+        True, mode="drop"
+    )
+    return taken & ~live_rows
+
+
 def _engine_impl(
     graphdef,
     params,
@@ -159,178 +412,53 @@ def _engine_impl(
     mesh: Mesh,
 ):
     model: Transformer = nnx.merge(graphdef, *params)
-    key = jax.random.wrap_key_data(key_data)
-    p = prompt_ids_PT.shape[0]
-    b = p * group_size
-    per_shard = b // shards
-    positions_PT, first_logits_PV, kvs = sampling.prefill(model, prompt_ids_PT, prompt_mask_PT)
-    prefix = tuple(kv_cache.heads_first(kv) for kv in kvs)  # [P, K, Tp, H], stored once
-    prompt_len_P = jnp.sum(prompt_mask_PT, axis=-1, dtype=jnp.int32)
-    keys_B = token_choice.sample_keys(key, jnp.arange(b, dtype=jnp.int32))
-    stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
-    max_new = jnp.minimum(max_new_tokens, buffer_len)
-    segments = sampling.decode_segments(buffer_len, cfg.max_decode_segments)
-    rope_table_PN = rope_table(prompt_len_P[:, None] + jnp.arange(buffer_len)[None], model.cfg)
-
-    def slot_prompts(prompt_S):
-        """Each slot's prompt keys, values, mask and positions: (layers, mask, positions)."""
-        take = lambda x: jnp.take(x, prompt_S, axis=0, mode="clip")
-        pre = tuple(kv_cache.LayerKV(take(kv.k), take(kv.v)) for kv in prefix)
-        return pre, take(prompt_mask_PT).astype(bool), take(positions_PT)
-
-    def body(state, mode: str):
-        slots, next_D, layers, outputs, (steps, slot_steps, live_steps), held = state
-        tokens, slp, plp, lengths, stopped = outputs
-        live = slots.live
-        row = jnp.maximum(slots.sample, 0)
-        prompt = row // group_size
-        # A slot feeds its last token (token emitted - 1) at cache slot emitted - 1.
-        index = jnp.where(live, jnp.maximum(slots.emitted - 1, 0), 0)
-        if mode == "grouped":
-            # Slot i holds sample i: the group layout of the static sampler, whose G rows of a
-            # prompt read its keys once, in one matmul.
-            pre, pre_mask, pre_positions = prefix, prompt_mask_PT.astype(bool), positions_PT
-        elif mode == "held":
-            # Packed tail: no slot changes sample any more, its prompt was gathered once.
-            pre, pre_mask, pre_positions = held
-        else:
-            # Slots refilled as they go: each reads its sample's prompt, gathered every step.
-            pre, pre_mask, pre_positions = slot_prompts(prompt)
-        cache = kv_cache.KVCache(
-            prefix=pre,
-            prefix_mask=pre_mask,
-            prefix_positions=pre_positions,
-            layers=layers,
-            index=index,
-        )
-        rope = tuple(x[prompt, index][:, None] for x in rope_table_PN)
-        logits, cache = model.decode(slots.token, prompt_len_P[prompt] + index, cache, rope)
-        token, s_lp, p_lp = token_choice.choose_tokens(logits, keys_B[row], slots.emitted, cfg)
-        # Rows of slots without a live sample are written out of bounds, i.e. dropped.
-        out_row = jnp.where(live, row, b)
-        col = slots.emitted
-        tokens = tokens.at[out_row, col].set(token, mode="drop")
-        slp = slp.at[out_row, col].set(s_lp, mode="drop")
-        plp = plp.at[out_row, col].set(p_lp, mode="drop")
-        lengths = lengths.at[out_row].set(col + 1, mode="drop")
-        hit_stop = live & jnp.isin(token, stop_ids)
-        stopped = stopped.at[out_row].set(hit_stop, mode="drop")
-        emitted = jnp.where(live, slots.emitted + 1, slots.emitted)
-        slots = _Slots(
-            sample=slots.sample,
-            emitted=emitted,
-            token=jnp.where(live, token, slots.token),
-            done=slots.done | (live & (hit_stop | (emitted >= max_new))),
-        )
-        slots, next_D = _refill(slots, next_D, per_shard, first_B, ended_B)
-        outputs = (tokens, slp, plp, lengths, stopped)
-        layers = _pin_layers(cache.layers, mesh)
-        counts = (
-            steps + 1,
-            slot_steps + live.shape[0],
-            live_steps + jnp.sum(live, dtype=jnp.int32),
-        )
-        return slots, next_D, layers, outputs, counts, held
-
-    def working(state) -> jax.Array:
-        slots, next_D = state[0], state[1]
-        return jnp.any(slots.live) | jnp.any(next_D < per_shard)
-
-    def fits(state, width: int) -> jax.Array:
-        # Feeding a slot's last token needs cache slot emitted - 1 < width.
-        slots = state[0]
-        return jnp.all(~slots.live | (slots.emitted - 1 < width))
-
-    def can_shrink(state, fewer: int) -> jax.Array:
-        # Nothing pending and at most `fewer` live samples in every batch shard.
-        slots, next_D = state[0], state[1]
-        live_D = jnp.sum(slots.live.reshape(shards, -1), axis=1)
-        return jnp.all(next_D >= per_shard) & jnp.all(live_D <= fewer // shards)
-
-    def empty_layer(kv: kv_cache.LayerKV, width: int) -> kv_cache.LayerKV:
-        _, k, _, h = kv.k.shape
-        shape = (num_slots, k, width, h)
-        return kv_cache.LayerKV(jnp.zeros(shape, kv.k.dtype), jnp.zeros(shape, kv.v.dtype))
-
-    empty = _Slots(
-        sample=jnp.full((num_slots,), -1, jnp.int32),
-        emitted=jnp.zeros((num_slots,), jnp.int32),
-        token=jnp.full((num_slots,), pad_id, jnp.int32),
-        done=jnp.zeros((num_slots,), bool),
+    ctx, state = _setup(
+        model,
+        prompt_ids_PT,
+        prompt_mask_PT,
+        key_data,
+        max_new_tokens,
+        group_size=group_size,
+        num_slots=num_slots,
+        shards=shards,
+        buffer_len=buffer_len,
+        cfg=cfg,
+        pad_id=pad_id,
+        mesh=mesh,
     )
-    # Every sample's first token at once, from its prompt's prefill logits (as the static
-    # sampler draws them): a refilled slot then starts by feeding it, and no decode step needs
-    # the [slots, V] prefill logits.
-    first_B, first_slp, first_plp = token_choice.choose_tokens(
-        jnp.repeat(first_logits_PV, group_size, axis=0), keys_B, jnp.zeros((b,), jnp.int32), cfg
-    )
-    stopped = jnp.isin(first_B, stop_ids)
-    ended_B = stopped | (max_new <= 1)
-    slots, next_D = _refill(empty, jnp.zeros((shards,), jnp.int32), per_shard, first_B, ended_B)
-    outputs = (
-        jnp.full((b, buffer_len), pad_id, jnp.int32).at[:, 0].set(first_B),
-        jnp.zeros((b, buffer_len), jnp.float32).at[:, 0].set(first_slp),
-        jnp.zeros((b, buffer_len), jnp.float32).at[:, 0].set(first_plp),
-        jnp.ones((b,), jnp.int32),
-        stopped,
-    )
-    layers = _pin_layers(tuple(empty_layer(kv, segments[0]) for kv in prefix), mesh)
-    zero = jnp.zeros((), jnp.int32)
-    state = (slots, next_D, layers, outputs, (zero, zero, zero), ())
-    # Static shapes, so each (slot count, cache width) is its own loop: widths grow while the
-    # slots are full; once nothing is pending, the live samples are packed into half as many
-    # slots whenever they fit (the long tail then runs on a smaller, cheaper batch).
-    levels = slot_levels(num_slots, min_slots, shards)
-    for level, fewer in enumerate((*levels[1:], None)):
-        # With a slot per sample nothing is refilled: until the first packing, slot i holds
-        # sample i. Once packed, nothing is pending, so no slot changes sample.
-        mode = "held" if level else "grouped" if num_slots == b else "gather"
-        step = functools.partial(body, mode=mode)
-        for width in segments:
-            have = state[2][0].k.shape[kv_cache.SEQ_AXIS]
-            if width < have:
+    b = prompt_ids_PT.shape[0] * group_size
+    for level in _stages(num_slots, min_slots, shards, b, buffer_len, cfg):
+        for mode, width, fewer in level:
+            if width < state[2][0].k.shape[kv_cache.SEQ_AXIS]:
                 continue
-            if width > have:
-                pad = [(0, 0)] * 4
-                pad[kv_cache.SEQ_AXIS] = (0, width - have)
-                grown = tuple(
-                    kv_cache.LayerKV(jnp.pad(x.k, pad), jnp.pad(x.v, pad)) for x in state[2]
-                )
-                state = (*state[:2], _pin_layers(grown, mesh), *state[3:])
-
-            def cond(s, width=width, fewer=fewer):
-                go = working(s) & fits(s, width)
-                return go if fewer is None else go & ~can_shrink(s, fewer)
-
-            state = jax.lax.while_loop(cond, step, state)
+            state = _stage(
+                model,
+                ctx,
+                state,
+                None,
+                mode=mode,
+                width=width,
+                fewer=fewer,
+                group_size=group_size,
+                cfg=cfg,
+                mesh=mesh,
+            )
         if fewer is not None:
-            state = _shrink(state, fewer, shards, mesh)
-            prompt_S = jnp.maximum(state[0].sample, 0) // group_size
-            state = (*state[:5], slot_prompts(prompt_S))
-    _, _, _, outputs, counts, _ = state
-    tokens, slp, plp, lengths, stopped = outputs
-    mask = jnp.arange(buffer_len)[None, :] < lengths[:, None]
-    out = SampleOutput(
-        tokens=tokens,
-        mask=mask,
-        sample_logprobs=slp,
-        policy_logprobs=plp,
-        lengths=lengths,
-        truncated=~stopped,
-        prompt_ids=prompt_ids_PT,
-        prompt_mask=prompt_mask_PT,
-    )
-    return EngineOutput(out, *counts)
+            state = _pack(ctx, state, fewer, group_size=group_size, mesh=mesh)
+    return _output(ctx, state, prompt_ids_PT, prompt_mask_PT)
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """`slots`: rows decoded at once (a multiple of the mesh's batch shards); 0 = as many as
     the call has samples (then nothing is refilled, only the tail is packed).
-    `min_slots`: the fewest slots the tail is packed into (0: `default_min_slots`)."""
+    `min_slots`: the fewest slots the tail is packed into (0: `default_min_slots`).
+    `stream_steps`: with an `on_finished` callback, the decode steps between two looks at
+    which samples have finished (each look is a host round trip; see `sample`)."""
 
     slots: int = 0
     min_slots: int = 0
+    stream_steps: int = 32
 
     def __post_init__(self) -> None:
         if self.slots < 0:
@@ -339,6 +467,8 @@ class EngineConfig:
             raise ValueError(
                 f"engine min_slots must be >= 0 (0: the default), got {self.min_slots}"
             )
+        if self.stream_steps < 1:
+            raise ValueError(f"engine stream_steps must be >= 1, got {self.stream_steps}")
 
 
 _PLAIN = SamplingConfig()
@@ -357,9 +487,16 @@ def sample(
     buffer_len: int | None = None,
     prompt_width: int | None = None,
     mesh: Mesh | None = None,
+    on_finished: Callable[[Finished], None] | None = None,
 ) -> EngineOutput:
     """`sampling.sample` through the continuous-batching engine (same arguments, plus
-    `engine`); `.sample` of the result is what `sampling.sample` returns for the same key."""
+    `engine`); `.sample` of the result is what `sampling.sample` returns for the same key.
+
+    `on_finished`: called on the host with each batch of this process's samples that have
+    finished (`Finished`), every `engine.stream_steps` decode steps while the others decode,
+    so that their verification overlaps decoding; every local sample is passed exactly once,
+    with its final tokens. The decoding is the same steps as without it (same tokens and
+    log-probs), cut into calls of at most `stream_steps` steps."""
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     graphdef, params, mesh, buffer_len, args = sampling.prepare(
@@ -380,14 +517,7 @@ def sample(
             f"engine slots {slots} do not split over the {shards} batch shards of mesh "
             f"{dict(mesh.shape)}: use a multiple of {shards}"
         )
-    repl = NamedSharding(mesh, PartitionSpec())
-    out_shardings = EngineOutput(sampling.sample_output_shardings(mesh), repl, repl, repl)
-    fn = sampling.compiled(
-        _engine_impl,
-        graphdef,
-        params,
-        mesh,
-        out_shardings,
+    static = dict(
         group_size=group_size,
         num_slots=slots,
         min_slots=engine.min_slots or default_min_slots(slots, shards),
@@ -396,4 +526,130 @@ def sample(
         cfg=config,
         pad_id=pad_id,
     )
+    if on_finished is not None:
+        return _streamed(graphdef, params, args, mesh, engine.stream_steps, on_finished, static)
+    repl = NamedSharding(mesh, PartitionSpec())
+    out_shardings = EngineOutput(sampling.sample_output_shardings(mesh), repl, repl, repl)
+    fn = sampling.compiled(_engine_impl, graphdef, params, mesh, out_shardings, **static)
     return fn(params, *args)
+
+
+@dataclasses.dataclass
+class Finished:
+    """Samples of this process that finished since the last call: `rows` index this
+    process's rows of the call's batch (prompt-major, as `SampleOutput`'s local rows);
+    `tokens` [n, buffer_len] (pad after each completion), `lengths` [n], `truncated` [n]
+    (ended by the budget, not a stop token); `decode_steps`: the call's steps so far."""
+
+    rows: np.ndarray
+    tokens: np.ndarray
+    lengths: np.ndarray
+    truncated: np.ndarray
+    decode_steps: int
+
+
+_STREAM_FNS: dict = {}
+
+
+def _stream_fn(name: str, graphdef, params, mesh: Mesh, static: dict, make: Callable):
+    key = (name, graphdef, jax.tree.structure(params), mesh, tuple(sorted(static.items())))
+    if key not in _STREAM_FNS:
+        _STREAM_FNS[key] = make()
+    return _STREAM_FNS[key]
+
+
+def _streamed(graphdef, params, args, mesh, stream_steps, on_finished, static) -> EngineOutput:
+    """The engine's stages as host-driven calls of at most `stream_steps` decode steps each;
+    after each, the newly finished local samples go to `on_finished`. The state is donated
+    from call to call; only the finished flags (and, when some are new, the output rows)
+    come back to the host."""
+    group_size, cfg = static["group_size"], static["cfg"]
+    batch = sharding.batch_sharding(mesh, 2)
+    batch1 = sharding.batch_sharding(mesh, 1)
+    merge = lambda p: nnx.merge(graphdef, *p)
+    setup_kw = {k: static[k] for k in ("group_size", "num_slots", "shards", "buffer_len", "pad_id")}
+
+    def make_setup():
+        def setup(p, ids, mask, key_data, max_new):
+            return _setup(merge(p), ids, mask, key_data, max_new, cfg=cfg, mesh=mesh, **setup_kw)
+
+        return jax.jit(setup)
+
+    def make_chunk(mode, width, fewer):
+        def chunk(p, ctx, state, limit):
+            state = _stage(
+                merge(p),
+                ctx,
+                state,
+                limit,
+                mode=mode,
+                width=width,
+                fewer=fewer,
+                group_size=group_size,
+                cfg=cfg,
+                mesh=mesh,
+            )
+            active = _in_stage(state, width, fewer)
+            finished = jax.lax.with_sharding_constraint(_finished(state), batch1)
+            return state, (active, state[4][0], finished)
+
+        return jax.jit(chunk, donate_argnums=(2,))
+
+    def make_rows():
+        def rows(state):
+            tokens, _, _, lengths, stopped = state[3]
+            pin = jax.lax.with_sharding_constraint
+            return pin(tokens, batch), pin(lengths, batch1), pin(stopped, batch1)
+
+        return jax.jit(rows)
+
+    ids, mask = args[0], args[1]
+    ctx, state = _stream_fn("setup", graphdef, params, mesh, static, make_setup)(params, *args)
+    rows_fn = _stream_fn("rows", graphdef, params, mesh, static, make_rows)
+    sent: np.ndarray | None = None
+
+    def emit(finished, steps: int) -> None:
+        nonlocal sent
+        done = sharding.local_rows(finished)
+        if sent is None:
+            sent = np.zeros(done.shape, bool)
+        new = np.flatnonzero(done & ~sent)
+        if len(new) == 0:
+            return
+        sent[new] = True
+        tokens, lengths, stopped = (sharding.local_rows(x) for x in rows_fn(state))
+        on_finished(Finished(new, tokens[new], lengths[new], ~stopped[new], steps))
+
+    b = ids.shape[0] * group_size
+    limit = stream_steps
+    levels = _stages(
+        static["num_slots"], static["min_slots"], static["shards"], b, static["buffer_len"], cfg
+    )
+    for level in levels:
+        for mode, width, fewer in level:
+            if width < state[2][0].k.shape[kv_cache.SEQ_AXIS]:
+                continue
+            make = functools.partial(make_chunk, mode, width, fewer)
+            chunk = _stream_fn(f"chunk/{mode}/{width}/{fewer}", graphdef, params, mesh, static, make)
+            while True:
+                state, (active, steps, finished) = chunk(params, ctx, state, np.int32(limit))
+                active, steps = bool(_scalar(active)), int(_scalar(steps))
+                emit(finished, steps)
+                if not active:
+                    break
+                limit = steps + stream_steps
+        if fewer is not None:
+            pack = lambda fewer=fewer: jax.jit(
+                lambda ctx, state: _pack(ctx, state, fewer, group_size=group_size, mesh=mesh)
+            )
+            state = _stream_fn(f"pack/{fewer}", graphdef, params, mesh, static, pack)(ctx, state)
+    repl = sharding.replicated(mesh)
+    shardings = EngineOutput(sampling.sample_output_shardings(mesh), repl, repl, repl)
+    output = lambda: jax.jit(_output, out_shardings=shardings)
+    return _stream_fn("output", graphdef, params, mesh, static, output)(ctx, state, ids, mask)
+
+
+def _scalar(x: jax.Array) -> np.ndarray:
+    # A replicated value: every process holds it whole (it is not fully addressable with
+    # several processes, so np.asarray of the global array would refuse).
+    return np.asarray(x.addressable_shards[0].data)

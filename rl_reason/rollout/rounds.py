@@ -88,10 +88,16 @@ class Rounds:
         # the training batch is Tp + buffer_len wide, and spare width costs compute.
         self.buffer_len = -(-cfg.max_new_tokens // 8) * 8
         self.engine = (
-            engine.EngineConfig(slots=s.engine_slots, min_slots=s.engine_min_slots)
+            engine.EngineConfig(
+                slots=s.engine_slots,
+                min_slots=s.engine_min_slots,
+                stream_steps=max(s.engine_stream_steps, 1),
+            )
             if s.engine == "continuous"
             else None
         )
+        # Verification of finished samples while the others decode (the engine's on_finished).
+        self.stream = self.engine is not None and s.engine_stream_steps > 0
         check_verifier(task.verifier_name)
         self._cast: tuple | None = None  # (policy graphdef, its compute_dtype twin)
 
@@ -120,9 +126,19 @@ class Rounds:
             )
         return ids
 
-    def generate(self, policy: tuple, examples, key, *, group_size: int, config: SamplingConfig):
+    def generate(
+        self,
+        policy: tuple,
+        examples,
+        key,
+        *,
+        group_size: int,
+        config: SamplingConfig,
+        on_finished: Callable | None = None,
+    ):
         """Sample with `policy` = (graphdef, params, *frozen): a `SampleOutput`, or with the
-        continuous-batching engine an `EngineOutput` (its `.sample` is the same record)."""
+        continuous-batching engine an `EngineOutput` (its `.sample` is the same record;
+        `on_finished` gets its finished samples as they finish, `engine.sample`)."""
         kw = dict(
             group_size=group_size,
             max_new_tokens=self.cfg.max_new_tokens,
@@ -135,7 +151,7 @@ class Rounds:
         prompts = self.encode_prompts(examples)
         if self.engine is None:
             return sampling.sample(policy, prompts, key, **kw)
-        return engine.sample(policy, prompts, key, engine=self.engine, **kw)
+        return engine.sample(policy, prompts, key, engine=self.engine, on_finished=on_finished, **kw)
 
     def sample(self, policy: tuple, examples, key, *, group_size: int, config: SamplingConfig):
         """`generate`'s `SampleOutput` whichever sampler runs (the evaluator's call)."""
@@ -176,12 +192,14 @@ class Rounds:
         """Sample on the device and queue the reference / rescored old log-probs after it;
         returns at once (JAX dispatch is asynchronous)."""
         cfg = self.cfg
+        streamed = _Streamed(self, examples, cfg.group_size) if self.stream else None
         out = self.generate(
             self.training_policy(policy),
             examples,
             key,
             group_size=cfg.group_size,
             config=self.sampling,
+            on_finished=streamed,
         )
         counts = None
         if isinstance(out, engine.EngineOutput):
@@ -190,10 +208,17 @@ class Rounds:
         ref = self.logprobs(ref_params, *args) if ref_params is not None else None
         old = self.logprobs(policy[1], *args) if cfg.loss.recompute_old_logprobs else None
         arrays = RolloutArrays.from_sample(out, ref_logprobs=ref, old_logprobs=old)
-        return Rollout(examples, arrays, cfg.group_size, engine_counts=counts)
+        r = Rollout(examples, arrays, cfg.group_size, engine_counts=counts)
+        if streamed is not None:  # already sent, sample by sample
+            r.texts, r.lengths, r.truncated, r.pending = streamed.collected()
+            r.submitted_at, r.streamed_frac = streamed.first_submitted, streamed.early_frac()
+        return r
 
     def send(self, r: Rollout) -> None:
-        """Decode this process's completions (waits for the sampler) and submit them."""
+        """Decode this process's completions (waits for the sampler) and submit them; a round
+        the engine streamed to the verifiers as it decoded was sent already."""
+        if r.pending is not None:
+            return
         r.texts, local_lengths, local_truncated = self.decode(r.arrays)
         r.lengths, r.truncated = local_lengths, local_truncated
         r.submitted_at = time.perf_counter()
@@ -251,6 +276,67 @@ class Rounds:
             if len(verified) >= opts.max_sampling_rounds:
                 break
         return select_informative(verified, self.cfg.prompts_per_step), len(verified)
+
+
+class _Streamed:
+    """The engine's `on_finished`: decodes and submits each batch of finished samples as it
+    comes, and gathers them back into this process's row order."""
+
+    def __init__(self, rounds: Rounds, examples: list[dict], group_size: int):
+        self.rounds, self.examples, self.group_size = rounds, examples, group_size
+        self.parts: list[tuple[np.ndarray, engine.Finished, list[str], object]] = []
+        self.first_submitted = 0.0
+
+    def __call__(self, f: engine.Finished) -> None:
+        texts = self.rounds.tokenizer.decode_batch(
+            [row[:n] for row, n in zip(f.tokens, f.lengths, strict=True)]
+        )
+        if not self.parts:
+            self.first_submitted = time.perf_counter()
+        per_row = [self.examples[i // self.group_size] for i in f.rows]
+        self.parts.append((f.rows, f, texts, self.rounds.submit(texts, per_row)))
+
+    def collected(self):
+        """(texts, lengths, truncated, handle) over this process's rows, in row order."""
+        n = sum(len(rows) for rows, *_ in self.parts)
+        texts: list[str] = [""] * n
+        lengths, truncated = np.zeros(n, np.int32), np.zeros(n, bool)
+        for rows, f, part_texts, _ in self.parts:
+            for i, t in zip(rows, part_texts, strict=True):
+                texts[i] = t
+            lengths[rows], truncated[rows] = f.lengths, f.truncated
+        with_format = bool(self.rounds.cfg.reward.format_reward)
+        handles = [(rows, h) for rows, _, _, h in self.parts]
+        return texts, lengths, truncated, _MergedHandle(handles, n, with_format)
+
+    def early_frac(self) -> float:
+        """The share of the samples handed over before the call's last look."""
+        if not self.parts:
+            return 0.0
+        last = self.parts[-1][1].decode_steps
+        early = sum(len(rows) for rows, f, *_ in self.parts if f.decode_steps < last)
+        return early / sum(len(rows) for rows, *_ in self.parts)
+
+
+class _MergedHandle:
+    """The results of a round submitted in parts, as one submission of every row would give
+    them: each row's verifier result in row order, then (with a format reward) each row's
+    format result."""
+
+    def __init__(self, parts: list, rows: int, with_format: bool):
+        self.parts, self.rows, self.with_format = parts, rows, with_format
+
+    def result(self, timeout: float | None = None) -> list:
+        main: list = [None] * self.rows
+        fmt: list = [None] * self.rows
+        for rows, handle in self.parts:
+            results = handle.result(timeout)
+            for i, r in zip(rows, results[: len(rows)], strict=True):
+                main[i] = r
+            if self.with_format:
+                for i, r in zip(rows, results[len(rows) :], strict=True):
+                    fmt[i] = r
+        return main + fmt if self.with_format else main
 
 
 def with_compute_dtype(graphdef, states: Sequence, dtype: str):

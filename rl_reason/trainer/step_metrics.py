@@ -62,6 +62,9 @@ def step_metrics(
         # Mean fraction of the engine's decoded slots that held a live sample.
         slots = sum(int(c[0]) for c in counts)
         metrics["slot_occupancy"] = sum(int(c[1]) for c in counts) / max(slots, 1)
+    streamed = [r.streamed_frac for r in parts if r.streamed_frac is not None]
+    if streamed:
+        metrics["verify_streamed_frac"] = float(np.mean(streamed))
     if cfg.loss.correction != "none":
         metrics["mismatch_token_frac"] = train["mismatch_token_frac"]
         metrics["mismatch_seq_frac"] = train["mismatch_seq_frac"]
