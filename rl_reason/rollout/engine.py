@@ -388,44 +388,20 @@ def _finished(state) -> jax.Array:
     per_shard = b // next_D.shape[0]
     ids = jnp.arange(b, dtype=jnp.int32)
     taken = (ids % per_shard) < next_D[ids // per_shard]
-    live_rows = jnp.zeros((b,), bool).at[jnp.where(slots.live, slots.sample, b)].set(
-        True, mode="drop"
+    live_rows = (
+        jnp.zeros((b,), bool).at[jnp.where(slots.live, slots.sample, b)].set(True, mode="drop")
     )
     return taken & ~live_rows
 
 
 def _engine_impl(
-    graphdef,
-    params,
-    prompt_ids_PT,
-    prompt_mask_PT,
-    key_data,
-    max_new_tokens,
-    *,
-    group_size: int,
-    num_slots: int,
-    min_slots: int,
-    shards: int,
-    buffer_len: int,
-    cfg: SamplingConfig,
-    pad_id: int,
-    mesh: Mesh,
+    graphdef, params, prompt_ids_PT, prompt_mask_PT, key_data, max_new_tokens, *, min_slots, **kw
 ):
+    """The whole call as one program (`_setup`'s keyword arguments in `kw`)."""
     model: Transformer = nnx.merge(graphdef, *params)
-    ctx, state = _setup(
-        model,
-        prompt_ids_PT,
-        prompt_mask_PT,
-        key_data,
-        max_new_tokens,
-        group_size=group_size,
-        num_slots=num_slots,
-        shards=shards,
-        buffer_len=buffer_len,
-        cfg=cfg,
-        pad_id=pad_id,
-        mesh=mesh,
-    )
+    ctx, state = _setup(model, prompt_ids_PT, prompt_mask_PT, key_data, max_new_tokens, **kw)
+    group_size, num_slots, shards = kw["group_size"], kw["num_slots"], kw["shards"]
+    buffer_len, cfg, mesh = kw["buffer_len"], kw["cfg"], kw["mesh"]
     b = prompt_ids_PT.shape[0] * group_size
     for level in _stages(num_slots, min_slots, shards, b, buffer_len, cfg):
         for mode, width, fewer in level:
@@ -630,7 +606,8 @@ def _streamed(graphdef, params, args, mesh, stream_steps, on_finished, static) -
             if width < state[2][0].k.shape[kv_cache.SEQ_AXIS]:
                 continue
             make = functools.partial(make_chunk, mode, width, fewer)
-            chunk = _stream_fn(f"chunk/{mode}/{width}/{fewer}", graphdef, params, mesh, static, make)
+            name = f"chunk/{mode}/{width}/{fewer}"
+            chunk = _stream_fn(name, graphdef, params, mesh, static, make)
             while True:
                 state, (active, steps, finished) = chunk(params, ctx, state, np.int32(limit))
                 active, steps = bool(_scalar(active)), int(_scalar(steps))
@@ -640,7 +617,7 @@ def _streamed(graphdef, params, args, mesh, stream_steps, on_finished, static) -
                 limit = steps + stream_steps
         if fewer is not None:
             pack = lambda fewer=fewer: jax.jit(
-                lambda ctx, state: _pack(ctx, state, fewer, group_size=group_size, mesh=mesh)
+                lambda c, st: _pack(c, st, fewer, group_size=group_size, mesh=mesh)
             )
             state = _stream_fn(f"pack/{fewer}", graphdef, params, mesh, static, pack)(ctx, state)
     repl = sharding.replicated(mesh)

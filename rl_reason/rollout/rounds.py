@@ -151,7 +151,9 @@ class Rounds:
         prompts = self.encode_prompts(examples)
         if self.engine is None:
             return sampling.sample(policy, prompts, key, **kw)
-        return engine.sample(policy, prompts, key, engine=self.engine, on_finished=on_finished, **kw)
+        return engine.sample(
+            policy, prompts, key, engine=self.engine, on_finished=on_finished, **kw
+        )
 
     def sample(self, policy: tuple, examples, key, *, group_size: int, config: SamplingConfig):
         """`generate`'s `SampleOutput` whichever sampler runs (the evaluator's call)."""
