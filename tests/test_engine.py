@@ -75,10 +75,11 @@ def test_streamed_samples_come_once_as_they_finish_and_change_nothing(model):
     # tokens, and the short ones long before the call ends.
     cfg, key = CONFIGS["truncated"], jax.random.key(11)
     kw = dict(group_size=G, max_new_tokens=120, config=cfg, buffer_len=128)
-    eng = engine.EngineConfig(slots=4, min_slots=2, stream_steps=8)
+    eng = engine.EngineConfig(slots=4, min_slots=2)
     whole = _np(engine.sample(model, PROMPTS, key, engine=eng, **kw))
     got = []
-    out = _np(engine.sample(model, PROMPTS, key, engine=eng, on_finished=got.append, **kw))
+    kw.update(engine=eng, on_finished=got.append, stream_steps=8)
+    out = _np(engine.sample(model, PROMPTS, key, **kw))
     _assert_same(whole.sample, out.sample)
     assert int(out.decode_steps) == int(whole.decode_steps)
     rows = np.concatenate([f.rows for f in got])
@@ -139,7 +140,8 @@ def test_bad_engine_options_fail_early(model):
     with pytest.raises(ValueError, match="min_slots"):
         engine.EngineConfig(min_slots=-2)
     with pytest.raises(ValueError, match="stream_steps must be >= 1"):
-        engine.EngineConfig(stream_steps=0)
+        kw = dict(max_new_tokens=4, on_finished=print, stream_steps=0)
+        engine.sample(model, PROMPTS, jax.random.key(0), **kw)
     with pytest.raises(ValueError, match="group_size"):
         engine.sample(model, PROMPTS, jax.random.key(0), group_size=0, max_new_tokens=4)
 

@@ -403,38 +403,39 @@ def _engine_impl(
     group_size, num_slots, shards = kw["group_size"], kw["num_slots"], kw["shards"]
     buffer_len, cfg, mesh = kw["buffer_len"], kw["cfg"], kw["mesh"]
     b = prompt_ids_PT.shape[0] * group_size
-    for level in _stages(num_slots, min_slots, shards, b, buffer_len, cfg):
-        for mode, width, fewer in level:
-            if width < state[2][0].k.shape[kv_cache.SEQ_AXIS]:
-                continue
-            state = _stage(
-                model,
-                ctx,
-                state,
-                None,
-                mode=mode,
-                width=width,
-                fewer=fewer,
-                group_size=group_size,
-                cfg=cfg,
-                mesh=mesh,
-            )
-        if fewer is not None:
-            state = _pack(ctx, state, fewer, group_size=group_size, mesh=mesh)
+    stage_kw = dict(group_size=group_size, cfg=cfg, mesh=mesh)
+    state = _drive(
+        _stages(num_slots, min_slots, shards, b, buffer_len, cfg),
+        state,
+        lambda st, mode, width, fewer: _stage(
+            model, ctx, st, None, mode=mode, width=width, fewer=fewer, **stage_kw
+        ),
+        lambda st, fewer: _pack(ctx, st, fewer, group_size=group_size, mesh=mesh),
+    )
     return _output(ctx, state, prompt_ids_PT, prompt_mask_PT)
+
+
+def _drive(stages, state, run: Callable, pack: Callable):
+    """The engine's stages in order: `run(state, mode, width, fewer)` at each cache width the
+    state has not passed (packing keeps the width), then `pack(state, fewer)` after each
+    level but the last. Shared by the one-call program and the streamed host loop."""
+    for level in stages:
+        for mode, width, fewer in level:
+            if width >= state[2][0].k.shape[kv_cache.SEQ_AXIS]:
+                state = run(state, mode, width, fewer)
+        if fewer is not None:
+            state = pack(state, fewer)
+    return state
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """`slots`: rows decoded at once (a multiple of the mesh's batch shards); 0 = as many as
     the call has samples (then nothing is refilled, only the tail is packed).
-    `min_slots`: the fewest slots the tail is packed into (0: `default_min_slots`).
-    `stream_steps`: with an `on_finished` callback, the decode steps between two looks at
-    which samples have finished (each look is a host round trip; see `sample`)."""
+    `min_slots`: the fewest slots the tail is packed into (0: `default_min_slots`)."""
 
     slots: int = 0
     min_slots: int = 0
-    stream_steps: int = 32
 
     def __post_init__(self) -> None:
         if self.slots < 0:
@@ -443,8 +444,6 @@ class EngineConfig:
             raise ValueError(
                 f"engine min_slots must be >= 0 (0: the default), got {self.min_slots}"
             )
-        if self.stream_steps < 1:
-            raise ValueError(f"engine stream_steps must be >= 1, got {self.stream_steps}")
 
 
 _PLAIN = SamplingConfig()
@@ -464,17 +463,21 @@ def sample(
     prompt_width: int | None = None,
     mesh: Mesh | None = None,
     on_finished: Callable[[Finished], None] | None = None,
+    stream_steps: int = 32,
 ) -> EngineOutput:
     """`sampling.sample` through the continuous-batching engine (same arguments, plus
     `engine`); `.sample` of the result is what `sampling.sample` returns for the same key.
 
     `on_finished`: called on the host with each batch of this process's samples that have
-    finished (`Finished`), every `engine.stream_steps` decode steps while the others decode,
+    finished (`Finished`), every `stream_steps` decode steps (each look is a host round
+    trip in which the device waits) while the others decode,
     so that their verification overlaps decoding; every local sample is passed exactly once,
     with its final tokens. The decoding is the same steps as without it (same tokens and
     log-probs), cut into calls of at most `stream_steps` steps."""
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if on_finished is not None and stream_steps < 1:
+        raise ValueError(f"stream_steps must be >= 1, got {stream_steps}")
     graphdef, params, mesh, buffer_len, args = sampling.prepare(
         model,
         prompts,
@@ -503,7 +506,7 @@ def sample(
         pad_id=pad_id,
     )
     if on_finished is not None:
-        return _streamed(graphdef, params, args, mesh, engine.stream_steps, on_finished, static)
+        return _streamed(graphdef, params, args, mesh, stream_steps, on_finished, static)
     repl = NamedSharding(mesh, PartitionSpec())
     out_shardings = EngineOutput(sampling.sample_output_shardings(mesh), repl, repl, repl)
     fn = sampling.compiled(_engine_impl, graphdef, params, mesh, out_shardings, **static)
@@ -524,22 +527,15 @@ class Finished:
     decode_steps: int
 
 
-_STREAM_FNS: dict = {}
-
-
-def _stream_fn(name: str, graphdef, params, mesh: Mesh, static: dict, make: Callable):
-    key = (name, graphdef, jax.tree.structure(params), mesh, tuple(sorted(static.items())))
-    if key not in _STREAM_FNS:
-        _STREAM_FNS[key] = make()
-    return _STREAM_FNS[key]
-
-
 def _streamed(graphdef, params, args, mesh, stream_steps, on_finished, static) -> EngineOutput:
     """The engine's stages as host-driven calls of at most `stream_steps` decode steps each;
     after each, the newly finished local samples go to `on_finished`. The state is donated
     from call to call; only the finished flags (and, when some are new, the output rows)
     come back to the host."""
     group_size, cfg = static["group_size"], static["cfg"]
+    jitted = lambda name, make: sampling.cached(
+        f"engine/{name}", graphdef, params, mesh, static, make
+    )
     batch = sharding.batch_sharding(mesh, 2)
     batch1 = sharding.batch_sharding(mesh, 1)
     merge = lambda p: nnx.merge(graphdef, *p)
@@ -580,11 +576,11 @@ def _streamed(graphdef, params, args, mesh, stream_steps, on_finished, static) -
         return jax.jit(rows)
 
     ids, mask = args[0], args[1]
-    ctx, state = _stream_fn("setup", graphdef, params, mesh, static, make_setup)(params, *args)
-    rows_fn = _stream_fn("rows", graphdef, params, mesh, static, make_rows)
+    ctx, state = jitted("setup", make_setup)(params, *args)
+    rows_fn = jitted("rows", make_rows)
     sent: np.ndarray | None = None
 
-    def emit(finished, steps: int) -> None:
+    def emit(state, finished, steps: int) -> None:
         nonlocal sent
         done = sharding.local_rows(finished)
         if sent is None:
@@ -596,34 +592,30 @@ def _streamed(graphdef, params, args, mesh, stream_steps, on_finished, static) -
         tokens, lengths, stopped = (sharding.local_rows(x) for x in rows_fn(state))
         on_finished(Finished(new, tokens[new], lengths[new], ~stopped[new], steps))
 
-    b = ids.shape[0] * group_size
+    def run(state, mode, width, fewer):
+        nonlocal limit
+        chunk = jitted(f"chunk/{mode}/{width}/{fewer}", lambda: make_chunk(mode, width, fewer))
+        while True:
+            state, (active, steps, finished) = chunk(params, ctx, state, np.int32(limit))
+            active, steps = bool(_scalar(active)), int(_scalar(steps))
+            emit(state, finished, steps)
+            if not active:
+                return state
+            limit = steps + stream_steps
+
+    def pack(state, fewer):
+        make = lambda: jax.jit(lambda c, st: _pack(c, st, fewer, group_size=group_size, mesh=mesh))
+        return jitted(f"pack/{fewer}", make)(ctx, state)
+
     limit = stream_steps
-    levels = _stages(
-        static["num_slots"], static["min_slots"], static["shards"], b, static["buffer_len"], cfg
-    )
-    for level in levels:
-        for mode, width, fewer in level:
-            if width < state[2][0].k.shape[kv_cache.SEQ_AXIS]:
-                continue
-            make = functools.partial(make_chunk, mode, width, fewer)
-            name = f"chunk/{mode}/{width}/{fewer}"
-            chunk = _stream_fn(name, graphdef, params, mesh, static, make)
-            while True:
-                state, (active, steps, finished) = chunk(params, ctx, state, np.int32(limit))
-                active, steps = bool(_scalar(active)), int(_scalar(steps))
-                emit(finished, steps)
-                if not active:
-                    break
-                limit = steps + stream_steps
-        if fewer is not None:
-            pack = lambda fewer=fewer: jax.jit(
-                lambda c, st: _pack(c, st, fewer, group_size=group_size, mesh=mesh)
-            )
-            state = _stream_fn(f"pack/{fewer}", graphdef, params, mesh, static, pack)(ctx, state)
+    b = ids.shape[0] * group_size
+    n_slots, min_slots, shards = static["num_slots"], static["min_slots"], static["shards"]
+    stages = _stages(n_slots, min_slots, shards, b, static["buffer_len"], cfg)
+    state = _drive(stages, state, run, pack)
     repl = sharding.replicated(mesh)
     shardings = EngineOutput(sampling.sample_output_shardings(mesh), repl, repl, repl)
     output = lambda: jax.jit(_output, out_shardings=shardings)
-    return _stream_fn("output", graphdef, params, mesh, static, output)(ctx, state, ids, mask)
+    return jitted("output", output)(ctx, state, ids, mask)
 
 
 def _scalar(x: jax.Array) -> np.ndarray:

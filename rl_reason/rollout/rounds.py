@@ -88,16 +88,10 @@ class Rounds:
         # the training batch is Tp + buffer_len wide, and spare width costs compute.
         self.buffer_len = -(-cfg.max_new_tokens // 8) * 8
         self.engine = (
-            engine.EngineConfig(
-                slots=s.engine_slots,
-                min_slots=s.engine_min_slots,
-                stream_steps=max(s.engine_stream_steps, 1),
-            )
+            engine.EngineConfig(slots=s.engine_slots, min_slots=s.engine_min_slots)
             if s.engine == "continuous"
             else None
         )
-        # Verification of finished samples while the others decode (the engine's on_finished).
-        self.stream = self.engine is not None and s.engine_stream_steps > 0
         check_verifier(task.verifier_name)
         self._cast: tuple | None = None  # (policy graphdef, its compute_dtype twin)
 
@@ -151,9 +145,9 @@ class Rounds:
         prompts = self.encode_prompts(examples)
         if self.engine is None:
             return sampling.sample(policy, prompts, key, **kw)
-        return engine.sample(
-            policy, prompts, key, engine=self.engine, on_finished=on_finished, **kw
-        )
+        if on_finished is not None:
+            kw.update(on_finished=on_finished, stream_steps=self.cfg.sampling.engine_stream_steps)
+        return engine.sample(policy, prompts, key, engine=self.engine, **kw)
 
     def sample(self, policy: tuple, examples, key, *, group_size: int, config: SamplingConfig):
         """`generate`'s `SampleOutput` whichever sampler runs (the evaluator's call)."""
@@ -163,10 +157,13 @@ class Rounds:
     def decode(self, out) -> tuple[list[str], np.ndarray, np.ndarray]:
         """This process's completions as text, with their lengths and truncation flags."""
         tokens, lengths = sharding.local_rows(out.tokens), sharding.local_rows(out.lengths)
-        texts = self.tokenizer.decode_batch(
+        return self.texts(tokens, lengths), lengths, sharding.local_rows(out.truncated)
+
+    def texts(self, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
+        """Completions [n, width] (pad after each) as text, each cut at its length."""
+        return self.tokenizer.decode_batch(
             [row[:n] for row, n in zip(tokens, lengths, strict=True)]
         )
-        return texts, lengths, sharding.local_rows(out.truncated)
 
     def submit(self, texts: list[str], examples_per_row: list[dict]):
         items = [
@@ -192,9 +189,12 @@ class Rounds:
 
     def dispatch(self, policy: tuple, ref_params, examples: list[dict], key) -> Rollout:
         """Sample on the device and queue the reference / rescored old log-probs after it;
-        returns at once (JAX dispatch is asynchronous)."""
+        returns at once (JAX dispatch is asynchronous), or, when the engine streams finished
+        samples to the verifiers (sampling.engine_stream_steps; the config allows it only with
+        the engine), once the sampling is done and every sample submitted."""
         cfg = self.cfg
-        streamed = _Streamed(self, examples, cfg.group_size) if self.stream else None
+        stream = cfg.sampling.engine_stream_steps > 0
+        streamed = _Streamed(self, examples, cfg.group_size) if stream else None
         out = self.generate(
             self.training_policy(policy),
             examples,
@@ -290,9 +290,7 @@ class _Streamed:
         self.first_submitted = 0.0
 
     def __call__(self, f: engine.Finished) -> None:
-        texts = self.rounds.tokenizer.decode_batch(
-            [row[:n] for row, n in zip(f.tokens, f.lengths, strict=True)]
-        )
+        texts = self.rounds.texts(f.tokens, f.lengths)
         if not self.parts:
             self.first_submitted = time.perf_counter()
         per_row = [self.examples[i // self.group_size] for i in f.rows]

@@ -200,19 +200,29 @@ def sample_output_shardings(mesh: Mesh) -> SampleOutput:
     return SampleOutput(*([batch(2)] * 4), batch(1), batch(1), batch(2), batch(2))
 
 
+def cached(name, graphdef, params, mesh: Mesh, static: dict, make: Callable[[], Callable]):
+    """The jitted function `make()` builds, built once per (name, model graph, params
+    structure, mesh, static arguments)."""
+    key = (name, graphdef, jax.tree.structure(params), mesh, tuple(sorted(static.items())))
+    if key not in _COMPILED:
+        _COMPILED[key] = make()
+    return _COMPILED[key]
+
+
 def compiled(impl: Callable, graphdef, params, mesh: Mesh, out_shardings, **static) -> Callable:
     """`impl(graphdef, params, prompt_ids, prompt_mask, key_data, max_new_tokens, **static)`
     jitted for one mesh with explicit in/out shardings (cached per shape key)."""
-    key = (impl, graphdef, jax.tree.structure(params), mesh, tuple(sorted(static.items())))
-    if key not in _COMPILED:
+
+    def make():
         batch = sharding.batch_sharding(mesh, 2)
         repl = NamedSharding(mesh, PartitionSpec())
-        _COMPILED[key] = jax.jit(
+        return jax.jit(
             functools.partial(impl, graphdef, mesh=mesh, **static),
             in_shardings=(partitioning.state_shardings(params, mesh), batch, batch, repl, repl),
             out_shardings=out_shardings,
         )
-    return _COMPILED[key]
+
+    return cached(impl, graphdef, params, mesh, static, make)
 
 
 def compiled_count() -> int:
