@@ -28,10 +28,10 @@ from __future__ import annotations
 import atexit
 import collections
 import dataclasses
+import itertools
 import logging
 import os
 import pickle
-import select
 import signal
 import socket
 import struct
@@ -136,10 +136,8 @@ class _Worker:
         default_factory=collections.deque
     )
     head_started: float = 0.0  # when the oldest task started (as far as we can observe)
-
-    def exited(self) -> bool:
-        # A pidfd polls readable once its process has ended (zombie or reaped).
-        return bool(select.select([self.pidfd], [], [], 0)[0])
+    # Which worker of the pool this is, in the order they were started.
+    spawned: int = dataclasses.field(default_factory=itertools.count().__next__)
 
     def kill(self) -> None:
         try:
@@ -289,7 +287,11 @@ class VerifierPool:
         # Workers killed and replaced (timeouts, deaths; not the routine recycling), logged and
         # reported in the training metrics as verifier_workers_replaced.
         self.replaced = 0
-        self._retried: set[tuple[int, int]] = set()  # items whose first worker died
+        # Items whose first worker died -> the newest `spawned` of the workers alive then.
+        # Their second try goes to a worker started after that death, never to one that may
+        # be dying of the same cause (workers killed together: a retry sent to one not yet
+        # seen dead would be charged its death).
+        self._retried: dict[tuple[int, int], int] = {}
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         # Processes are created by this long-lived thread: PR_SET_PDEATHSIG fires when the
@@ -468,6 +470,9 @@ class VerifierPool:
                 or worker.served + len(worker.tasks) >= self.recycle_every
             ):
                 return
+            died = self._retried.get((id(self._pending[0][0]), self._pending[0][1]))
+            if died is not None and worker.spawned <= died:
+                return  # a retry, for a newer worker
             handle, index, item = self._pending.popleft()
             try:
                 message = pickle.dumps((index, *item), protocol=pickle.HIGHEST_PROTOCOL)
@@ -505,13 +510,6 @@ class VerifierPool:
         self, slot: int, handle: VerifyHandle, index: int, item: Item, message: bytes
     ) -> None:
         worker = self._workers[slot]
-        # An idle worker already dead (killed with another, its death not yet read) would take
-        # the item down with it and count as the item's second strike: replace it first. (One
-        # with items in hand is found dead when their answers do not come.)
-        if not worker.tasks and worker.exited():
-            self._pending.appendleft((handle, index, item))
-            self._replace(slot, "it died while idle")
-            return
         try:
             worker.conn.send_bytes(message)
         except OSError:  # the worker died: retry its items and this one on a replacement
@@ -528,19 +526,20 @@ class VerifierPool:
         try:
             seq, ok, payload = worker.conn.recv()
         except (EOFError, OSError):
+            died = max(w.spawned for w in self._workers)
             self._replace(slot, "it died while verifying an item")
             if (id(handle), index) in self._retried:
-                self._retried.discard((id(handle), index))
+                del self._retried[(id(handle), index)]
                 handle._set(index, reject("worker died"))
             else:
-                self._retried.add((id(handle), index))
+                self._retried[(id(handle), index)] = died
                 self._pending.appendleft((handle, index, item))
             return self._workers[slot]
         if seq != index:
             raise RuntimeError(f"verifier pool: worker answered item {seq}, expected {index}")
         # The worker starts its next queued item as soon as it has sent this answer.
         worker.head_started = time.monotonic()
-        self._retried.discard((id(handle), index))
+        self._retried.pop((id(handle), index), None)
         if ok:
             handle._set(index, payload)
         else:
