@@ -58,6 +58,10 @@ class EngineOutput:
     # int32 scalar: ... of them holding a live sample, each emitting one token (every token but
     # the samples' first, which come from the prefill).
     live_slot_steps: jax.Array
+    # [B] bool, from a call that continues earlier ones (`carry`): the rows that have ended
+    # and the rows a slot still decodes (the rest are pending, untouched). None otherwise.
+    finished: jax.Array | None = None
+    live: jax.Array | None = None
 
     @property
     def slot_occupancy(self) -> float:
@@ -93,15 +97,17 @@ def _pin_layers(layers, mesh: Mesh):
     )
 
 
-def _refill(slots: _Slots, next_D, per_shard: int, first_B, ended_B) -> tuple[_Slots, jax.Array]:
-    """Ended or empty slots take the next pending samples of their batch shard, in id order.
-    A sample arrives with its first token (drawn from its prompt's prefill) already emitted;
-    one that this token ended holds its slot, not live, until the next refill."""
-    d = next_D.shape[0]
+def _refill(slots: _Slots, next_D, ctx: _Context) -> tuple[_Slots, jax.Array]:
+    """Ended or empty slots take the next rows of their batch shard's queue, in queue order
+    (id order unless a call continues earlier ones). A sample arrives with its first token
+    (drawn from its prompt's prefill) already emitted; one that this token ended holds its
+    slot, not live, until the next refill."""
+    d, per_shard = ctx.queue.shape
     free_DS = (~slots.live).reshape(d, -1)
     rank_DS = jnp.cumsum(free_DS, axis=1, dtype=jnp.int32) - 1
-    local_DS = next_D[:, None] + rank_DS
-    take_DS = free_DS & (local_DS < per_shard)
+    at_DS = next_D[:, None] + rank_DS
+    take_DS = free_DS & (at_DS < ctx.queue_len[:, None])
+    local_DS = jnp.take_along_axis(ctx.queue, jnp.minimum(at_DS, per_shard - 1), axis=1)
     take = take_DS.reshape(-1)
     new = (jnp.arange(d, dtype=jnp.int32)[:, None] * per_shard + local_DS).reshape(-1)
     sample = jnp.where(take, new, jnp.where(slots.live, slots.sample, -1))
@@ -109,8 +115,8 @@ def _refill(slots: _Slots, next_D, per_shard: int, first_B, ended_B) -> tuple[_S
     slots = _Slots(
         sample=sample,
         emitted=jnp.where(take, 1, slots.emitted),
-        token=jnp.where(take, first_B[arrived], slots.token),
-        done=jnp.where(take, ended_B[arrived], slots.done),
+        token=jnp.where(take, ctx.first[arrived], slots.token),
+        done=jnp.where(take, ctx.ended[arrived], slots.done),
     )
     return slots, next_D + jnp.sum(take_DS, axis=1, dtype=jnp.int32)
 
@@ -155,6 +161,33 @@ class _Context:
     rope: tuple  # (sin, cos) [P, buffer_len, 1, H/2] at each prompt's new positions
     first: jax.Array  # [B] each sample's first token, drawn from its prompt's prefill
     ended: jax.Array  # [B] bool: ... which ended it (stop token, or a budget of 1)
+    # Each batch shard's rows in the order slots take them: [D, B / D] local ids, the first
+    # queue_len [D] of them pending at the start (all, in id order, unless a carry says
+    # otherwise), and each row's place in its queue [B] (-1: not queued, never taken).
+    queue: jax.Array
+    queue_len: jax.Array
+    queue_pos: jax.Array
+
+
+@struct.dataclass
+class Carry:
+    """Where earlier calls left the samples of this one (partial rollouts, `sample(carry=)`),
+    on the devices. Rows [B] as the call's (prompt-major): each row's completion so far
+    (`tokens`, both log-probs [B, N], `lengths`, `stopped`; length 0: not started) and its
+    key; `slot_rows` [S]: the started, unended row each slot resumes (-1: none), in a slot of
+    its own batch shard; `queue` [B]: each shard's rows to start, in order, as local ids
+    (shard-major, -1 past the shard's `queue_len` [D]). Rows neither resumed nor queued have
+    ended: they are returned as given."""
+
+    tokens: jax.Array
+    sample_logprobs: jax.Array
+    policy_logprobs: jax.Array
+    lengths: jax.Array
+    stopped: jax.Array
+    key_data: jax.Array
+    slot_rows: jax.Array
+    queue: jax.Array
+    queue_len: jax.Array
 
 
 def _setup(
@@ -171,19 +204,36 @@ def _setup(
     cfg: SamplingConfig,
     pad_id: int,
     mesh: Mesh,
+    carry: Carry | None = None,
+    first_width: int = 0,
 ):
     """Prefill every prompt, draw every sample's first token, fill the slots: (context, state).
+    With `carry`, the call continues earlier ones, its slot caches `first_width` wide.
 
     The state is (slots, next_D, layers, outputs, counts, held): the slots, the next pending
     sample of each batch shard, the slots' own cache, the output buffers (tokens, sample and
     policy log-probs, lengths, stopped), the counters (decode steps, slot steps, live slot
     steps) and, once packed, each slot's gathered prompt."""
-    key = jax.random.wrap_key_data(key_data)
     b = prompt_ids_PT.shape[0] * group_size
     per_shard = b // shards
     positions_PT, first_logits_PV, kvs = sampling.prefill(model, prompt_ids_PT, prompt_mask_PT)
     prompt_len_P = jnp.sum(prompt_mask_PT, axis=-1, dtype=jnp.int32)
-    keys_B = token_choice.sample_keys(key, jnp.arange(b, dtype=jnp.int32))
+    if carry is None:
+        keys_B = token_choice.sample_keys(
+            jax.random.wrap_key_data(key_data), jnp.arange(b, dtype=jnp.int32)
+        )
+        local = jnp.arange(per_shard, dtype=jnp.int32)
+        queue = jnp.broadcast_to(local, (shards, per_shard))
+        queue_len = jnp.full((shards,), per_shard, jnp.int32)
+        queue_pos = jnp.tile(local, shards)
+    else:
+        keys_B = jax.random.wrap_key_data(carry.key_data)
+        queue, queue_len = carry.queue.reshape(shards, per_shard), carry.queue_len
+        rows = jnp.where(queue >= 0, jnp.arange(shards)[:, None] * per_shard + queue, b)
+        places = jnp.broadcast_to(jnp.arange(per_shard, dtype=jnp.int32), queue.shape)
+        queue_pos = (
+            jnp.full((b,), -1, jnp.int32).at[rows.reshape(-1)].set(places.reshape(-1), mode="drop")
+        )
     stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
     max_new = jnp.minimum(max_new_tokens, buffer_len)
     # Every sample's first token at once, from its prompt's prefill logits (as the static
@@ -204,14 +254,10 @@ def _setup(
         rope=rope_table(prompt_len_P[:, None] + jnp.arange(buffer_len)[None], model.cfg),
         first=first_B,
         ended=ended_B,
+        queue=queue,
+        queue_len=queue_len,
+        queue_pos=queue_pos,
     )
-    empty = _Slots(
-        sample=jnp.full((num_slots,), -1, jnp.int32),
-        emitted=jnp.zeros((num_slots,), jnp.int32),
-        token=jnp.full((num_slots,), pad_id, jnp.int32),
-        done=jnp.zeros((num_slots,), bool),
-    )
-    slots, next_D = _refill(empty, jnp.zeros((shards,), jnp.int32), per_shard, first_B, ended_B)
     outputs = (
         jnp.full((b, buffer_len), pad_id, jnp.int32).at[:, 0].set(first_B),
         jnp.zeros((b, buffer_len), jnp.float32).at[:, 0].set(first_slp),
@@ -219,16 +265,71 @@ def _setup(
         jnp.ones((b,), jnp.int32),
         stopped,
     )
-    width = sampling.decode_segments(buffer_len, cfg.max_decode_segments)[0]
+    width = first_width or sampling.decode_segments(buffer_len, cfg.max_decode_segments)[0]
+    if carry is None:
+        empty = _Slots(
+            sample=jnp.full((num_slots,), -1, jnp.int32),
+            emitted=jnp.zeros((num_slots,), jnp.int32),
+            token=jnp.full((num_slots,), pad_id, jnp.int32),
+            done=jnp.zeros((num_slots,), bool),
+        )
 
-    def empty_layer(kv: kv_cache.LayerKV) -> kv_cache.LayerKV:
-        _, k, _, h = kv.k.shape
-        shape = (num_slots, k, width, h)
-        return kv_cache.LayerKV(jnp.zeros(shape, kv.k.dtype), jnp.zeros(shape, kv.v.dtype))
+        def empty_layer(kv: kv_cache.LayerKV) -> kv_cache.LayerKV:
+            _, k, _, h = kv.k.shape
+            shape = (num_slots, k, width, h)
+            return kv_cache.LayerKV(jnp.zeros(shape, kv.k.dtype), jnp.zeros(shape, kv.v.dtype))
 
-    layers = _pin_layers(tuple(empty_layer(kv) for kv in ctx.prefix), mesh)
+        layers = _pin_layers(tuple(empty_layer(kv) for kv in ctx.prefix), mesh)
+    else:
+        outputs, empty, layers = _resume(model, ctx, carry, outputs, prompt_ids_PT, width, mesh)
+    slots, next_D = _refill(empty, jnp.zeros((shards,), jnp.int32), ctx)
     zero = jnp.zeros((), jnp.int32)
     return ctx, (slots, next_D, layers, outputs, (zero, zero, zero), ())
+
+
+def _resume(model, ctx: _Context, carry: Carry, fresh, prompt_ids_PT, width: int, mesh: Mesh):
+    """The outputs, slots and slot caches of a call that continues earlier ones: rows not
+    started get `fresh` (their first token), the others what `carry` holds; each resumed
+    slot's cache is rebuilt by one forward pass over its prompt and completion so far, with
+    this call's weights (the samples' earlier tokens were drawn under older ones; their
+    log-probs say so)."""
+    group_size = carry.tokens.shape[0] // prompt_ids_PT.shape[0]
+    new = carry.lengths == 0
+    pick = lambda a, b: jnp.where(new.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+    outputs = tuple(
+        pick(f, c)
+        for f, c in zip(
+            fresh,
+            (
+                carry.tokens,
+                carry.sample_logprobs,
+                carry.policy_logprobs,
+                carry.lengths,
+                carry.stopped,
+            ),
+            strict=True,
+        )
+    )
+    row_S = carry.slot_rows
+    held = row_S >= 0
+    row = jnp.maximum(row_S, 0)
+    length_S = jnp.where(held, carry.lengths[row], 0)
+    slots = _Slots(
+        sample=jnp.where(held, row_S, -1),
+        emitted=length_S,
+        token=carry.tokens[row, jnp.maximum(length_S - 1, 0)],
+        done=jnp.zeros(row_S.shape, bool),
+    )
+    prompt = row // group_size
+    cols = jnp.arange(width)
+    ids = jnp.concatenate([prompt_ids_PT[prompt], carry.tokens[row, :width]], axis=1)
+    # An empty slot still attends over its (any) prompt, so that its cache stays finite.
+    mask = jnp.concatenate([ctx.prompt_mask[prompt], cols[None] < length_S[:, None]], axis=1)
+    _, kvs = model(ids, mask_BT=mask, return_hidden=True, return_kv=True)
+    tp = prompt_ids_PT.shape[1]
+    suffix = lambda x: x[:, tp:]
+    layers = tuple(kv_cache.heads_first(kv_cache.LayerKV(suffix(kv.k), suffix(kv.v))) for kv in kvs)
+    return outputs, slots, _pin_layers(layers, mesh)
 
 
 def _slot_prompts(ctx: _Context, prompt_S):
@@ -243,7 +344,6 @@ def _decode_step(model, ctx: _Context, state, *, mode, group_size, cfg, mesh):
     slots, next_D, layers, outputs, (steps, slot_steps, live_steps), held = state
     tokens, slp, plp, lengths, stopped = outputs
     b = ctx.first.shape[0]
-    shards = next_D.shape[0]
     live = slots.live
     row = jnp.maximum(slots.sample, 0)
     prompt = row // group_size
@@ -287,7 +387,7 @@ def _decode_step(model, ctx: _Context, state, *, mode, group_size, cfg, mesh):
         token=jnp.where(live, token, slots.token),
         done=slots.done | (live & (hit_stop | (emitted >= ctx.max_new))),
     )
-    slots, next_D = _refill(slots, next_D, b // shards, ctx.first, ctx.ended)
+    slots, next_D = _refill(slots, next_D, ctx)
     outputs = (tokens, slp, plp, lengths, stopped)
     counts = (
         steps + 1,
@@ -297,25 +397,23 @@ def _decode_step(model, ctx: _Context, state, *, mode, group_size, cfg, mesh):
     return slots, next_D, _pin_layers(cache.layers, mesh), outputs, counts, held
 
 
-def _working(state) -> jax.Array:
+def _working(ctx: _Context, state) -> jax.Array:
     slots, next_D = state[0], state[1]
-    per_shard = state[3][3].shape[0] // next_D.shape[0]
-    return jnp.any(slots.live) | jnp.any(next_D < per_shard)
+    return jnp.any(slots.live) | jnp.any(next_D < ctx.queue_len)
 
 
-def _in_stage(state, width: int, fewer: int | None) -> jax.Array:
+def _in_stage(ctx: _Context, state, width: int, fewer: int | None) -> jax.Array:
     """Whether the stage (slot count, cache width) has steps left: work remains, every live
     slot's next cache slot (emitted - 1) fits the width, and (before the last level) the live
     samples do not yet fit `fewer` slots with nothing pending."""
     slots, next_D = state[0], state[1]
     shards = next_D.shape[0]
     fits = jnp.all(~slots.live | (slots.emitted - 1 < width))
-    go = _working(state) & fits
+    go = _working(ctx, state) & fits
     if fewer is None:
         return go
-    per_shard = state[3][3].shape[0] // shards
     live_D = jnp.sum(slots.live.reshape(shards, -1), axis=1)
-    can_shrink = jnp.all(next_D >= per_shard) & jnp.all(live_D <= fewer // shards)
+    can_shrink = jnp.all(next_D >= ctx.queue_len) & jnp.all(live_D <= fewer // shards)
     return go & ~can_shrink
 
 
@@ -333,7 +431,7 @@ def _stage(model, ctx, state, step_limit, *, mode, width, fewer, group_size, cfg
     )
 
     def cond(s):
-        go = _in_stage(s, width, fewer)
+        go = _in_stage(ctx, s, width, fewer)
         return go if step_limit is None else go & (s[4][0] < step_limit)
 
     return jax.lax.while_loop(cond, step, state)
@@ -381,17 +479,22 @@ def _output(ctx, state, prompt_ids_PT, prompt_mask_PT) -> EngineOutput:
     return EngineOutput(out, *counts)
 
 
-def _finished(state) -> jax.Array:
-    """[B] bool: the samples that have ended (taken from pending and no longer live)."""
-    slots, next_D, outputs = state[0], state[1], state[3]
+def _live_rows(state) -> jax.Array:
+    """[B] bool: the rows a slot holds live."""
+    slots, outputs = state[0], state[3]
     b = outputs[3].shape[0]
-    per_shard = b // next_D.shape[0]
-    ids = jnp.arange(b, dtype=jnp.int32)
-    taken = (ids % per_shard) < next_D[ids // per_shard]
-    live_rows = (
-        jnp.zeros((b,), bool).at[jnp.where(slots.live, slots.sample, b)].set(True, mode="drop")
-    )
-    return taken & ~live_rows
+    where = jnp.where(slots.live, slots.sample, b)
+    return jnp.zeros((b,), bool).at[where].set(True, mode="drop")
+
+
+def _finished(ctx: _Context, state) -> jax.Array:
+    """[B] bool: the samples that have ended (taken from their queue, or never queued, and
+    no longer live)."""
+    next_D = state[1]
+    b = state[3][3].shape[0]
+    shard = jnp.arange(b, dtype=jnp.int32) // (b // next_D.shape[0])
+    taken = ctx.queue_pos < next_D[shard]
+    return taken & ~_live_rows(state)
 
 
 def _engine_impl(
@@ -462,8 +565,9 @@ def sample(
     buffer_len: int | None = None,
     prompt_width: int | None = None,
     mesh: Mesh | None = None,
-    on_finished: Callable[[Finished], None] | None = None,
+    on_finished: Callable[[Finished], bool | None] | None = None,
     stream_steps: int = 32,
+    carry: HostCarry | None = None,
 ) -> EngineOutput:
     """`sampling.sample` through the continuous-batching engine (same arguments, plus
     `engine`); `.sample` of the result is what `sampling.sample` returns for the same key.
@@ -473,7 +577,12 @@ def sample(
     trip in which the device waits) while the others decode,
     so that their verification overlaps decoding; every local sample is passed exactly once,
     with its final tokens. The decoding is the same steps as without it (same tokens and
-    log-probs), cut into calls of at most `stream_steps` steps."""
+    log-probs), cut into calls of at most `stream_steps` steps. When `on_finished` returns
+    True, the call stops after that look: unfinished samples stay as they are, and the
+    result's `finished` and `live` say which (what `carry` of a next call needs).
+
+    `carry` (`HostCarry`, one process only, with `on_finished`): the call continues where
+    earlier calls left these rows (partial rollouts, rl_reason/rollout/partial.py)."""
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if on_finished is not None and stream_steps < 1:
@@ -505,8 +614,12 @@ def sample(
         cfg=config,
         pad_id=pad_id,
     )
+    if carry is not None:
+        if on_finished is None or jax.process_count() > 1:
+            raise ValueError("engine.sample(carry=) needs on_finished and runs in one process")
+        carry = (carry, carry.on_devices(mesh, samples, slots, shards, buffer_len))
     if on_finished is not None:
-        return _streamed(graphdef, params, args, mesh, stream_steps, on_finished, static)
+        return _streamed(graphdef, params, args, mesh, stream_steps, on_finished, static, carry)
     repl = NamedSharding(mesh, PartitionSpec())
     out_shardings = EngineOutput(sampling.sample_output_shardings(mesh), repl, repl, repl)
     fn = sampling.compiled(_engine_impl, graphdef, params, mesh, out_shardings, **static)
@@ -527,12 +640,53 @@ class Finished:
     decode_steps: int
 
 
-def _streamed(graphdef, params, args, mesh, stream_steps, on_finished, static) -> EngineOutput:
+@dataclasses.dataclass
+class HostCarry:
+    """`Carry` as host arrays (see there); `first_width`, the slot caches' starting width, is
+    derived from the resumed rows' lengths."""
+
+    tokens: np.ndarray
+    sample_logprobs: np.ndarray
+    policy_logprobs: np.ndarray
+    lengths: np.ndarray
+    stopped: np.ndarray
+    key_data: np.ndarray
+    slot_rows: np.ndarray
+    queue: np.ndarray
+    queue_len: np.ndarray
+
+    def on_devices(self, mesh: Mesh, rows: int, slots: int, shards: int, buffer_len: int):
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        wide = ("tokens", "sample_logprobs", "policy_logprobs")
+        want = {"slot_rows": (slots,), "queue_len": (shards,), "queue": (rows,)}
+        want.update({name: (rows, buffer_len) for name in wide})
+        for name, x in fields.items():
+            shape = want.get(name, (rows,))
+            if x.shape[: len(shape)] != shape:
+                raise ValueError(f"carry.{name} has shape {x.shape}, expected {shape}")
+        put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
+        return Carry(**{k: put(v) for k, v in fields.items()})
+
+    def first_width(self, buffer_len: int, max_segments: int) -> int:
+        resumed = self.slot_rows[self.slot_rows >= 0]
+        need = int(self.lengths[resumed].max()) if len(resumed) else 0
+        segments = sampling.decode_segments(buffer_len, max_segments)
+        return next(w for w in segments if w >= need)
+
+
+def _streamed(
+    graphdef, params, args, mesh, stream_steps, on_finished, static, carry=None
+) -> EngineOutput:
     """The engine's stages as host-driven calls of at most `stream_steps` decode steps each;
-    after each, the newly finished local samples go to `on_finished`. The state is donated
-    from call to call; only the finished flags (and, when some are new, the output rows)
-    come back to the host."""
+    after each, the newly finished local samples go to `on_finished`, which may stop the call.
+    The state is donated from call to call; only the finished flags (and, when some are new,
+    the output rows) come back to the host."""
     group_size, cfg = static["group_size"], static["cfg"]
+    host_width, host_done = 0, None
+    if carry is not None:
+        host, carry = carry
+        host_width = host.first_width(static["buffer_len"], cfg.max_decode_segments)
+        host_done = (host.lengths > 0) & ~np.isin(np.arange(len(host.lengths)), host.slot_rows)
     jitted = lambda name, make: sampling.cached(
         f"engine/{name}", graphdef, params, mesh, static, make
     )
@@ -541,9 +695,13 @@ def _streamed(graphdef, params, args, mesh, stream_steps, on_finished, static) -
     merge = lambda p: nnx.merge(graphdef, *p)
     setup_kw = {k: static[k] for k in ("group_size", "num_slots", "shards", "buffer_len", "pad_id")}
 
+    first_width = 0 if carry is None else host_width
+
     def make_setup():
-        def setup(p, ids, mask, key_data, max_new):
-            return _setup(merge(p), ids, mask, key_data, max_new, cfg=cfg, mesh=mesh, **setup_kw)
+        def setup(p, ids, mask, key_data, max_new, carry):
+            model = merge(p)
+            kw = dict(cfg=cfg, mesh=mesh, carry=carry, first_width=first_width, **setup_kw)
+            return _setup(model, ids, mask, key_data, max_new, **kw)
 
         return jax.jit(setup)
 
@@ -561,8 +719,8 @@ def _streamed(graphdef, params, args, mesh, stream_steps, on_finished, static) -
                 cfg=cfg,
                 mesh=mesh,
             )
-            active = _in_stage(state, width, fewer)
-            finished = jax.lax.with_sharding_constraint(_finished(state), batch1)
+            active = _in_stage(ctx, state, width, fewer)
+            finished = jax.lax.with_sharding_constraint(_finished(ctx, state), batch1)
             return state, (active, state[4][0], finished)
 
         return jax.jit(chunk, donate_argnums=(2,))
@@ -576,12 +734,15 @@ def _streamed(graphdef, params, args, mesh, stream_steps, on_finished, static) -
         return jax.jit(rows)
 
     ids, mask = args[0], args[1]
-    ctx, state = jitted("setup", make_setup)(params, *args)
+    ctx, state = jitted(f"setup/{first_width}", make_setup)(params, *args, carry)
     rows_fn = jitted("rows", make_rows)
     sent: np.ndarray | None = None
+    if host_done is not None:
+        sent = host_done.copy()  # ended in earlier calls: not passed again
+    stop = False
 
     def emit(state, finished, steps: int) -> None:
-        nonlocal sent
+        nonlocal sent, stop
         done = sharding.local_rows(finished)
         if sent is None:
             sent = np.zeros(done.shape, bool)
@@ -590,20 +751,23 @@ def _streamed(graphdef, params, args, mesh, stream_steps, on_finished, static) -
             return
         sent[new] = True
         tokens, lengths, stopped = (sharding.local_rows(x) for x in rows_fn(state))
-        on_finished(Finished(new, tokens[new], lengths[new], ~stopped[new], steps))
+        stop = bool(on_finished(Finished(new, tokens[new], lengths[new], ~stopped[new], steps)))
 
     def run(state, mode, width, fewer):
         nonlocal limit
         chunk = jitted(f"chunk/{mode}/{width}/{fewer}", lambda: make_chunk(mode, width, fewer))
-        while True:
+        while not stop:
             state, (active, steps, finished) = chunk(params, ctx, state, np.int32(limit))
             active, steps = bool(_scalar(active)), int(_scalar(steps))
             emit(state, finished, steps)
             if not active:
-                return state
+                break
             limit = steps + stream_steps
+        return state
 
     def pack(state, fewer):
+        if stop:  # the live samples stay in their slots, for the next call to resume
+            return state
         make = lambda: jax.jit(lambda c, st: _pack(c, st, fewer, group_size=group_size, mesh=mesh))
         return jitted(f"pack/{fewer}", make)(ctx, state)
 
@@ -613,9 +777,20 @@ def _streamed(graphdef, params, args, mesh, stream_steps, on_finished, static) -
     stages = _stages(n_slots, min_slots, shards, b, static["buffer_len"], cfg)
     state = _drive(stages, state, run, pack)
     repl = sharding.replicated(mesh)
-    shardings = EngineOutput(sampling.sample_output_shardings(mesh), repl, repl, repl)
-    output = lambda: jax.jit(_output, out_shardings=shardings)
-    return jitted("output", output)(ctx, state, ids, mask)
+    if carry is None and not stop:
+        shardings = EngineOutput(sampling.sample_output_shardings(mesh), repl, repl, repl)
+        output = lambda: jax.jit(_output, out_shardings=shardings)
+        return jitted("output", output)(ctx, state, ids, mask)
+    shardings = EngineOutput(
+        sampling.sample_output_shardings(mesh), repl, repl, repl, batch1, batch1
+    )
+
+    def partial_output(ctx, state, ids, mask):
+        out = _output(ctx, state, ids, mask)
+        return out.replace(finished=_finished(ctx, state), live=_live_rows(state))
+
+    make = lambda: jax.jit(partial_output, out_shardings=shardings)
+    return jitted("partial_output", make)(ctx, state, ids, mask)
 
 
 def _scalar(x: jax.Array) -> np.ndarray:
