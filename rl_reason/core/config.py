@@ -44,6 +44,11 @@ class SamplingOptions:
     # > 0: every that many decode steps, the engine's finished samples go to the verifiers
     # while the others decode (host round trips); 0: a round is verified once it is sampled.
     engine_stream_steps: int = 0
+    # Partial rollouts (rl_reason/rollout/partial.py), > 0 with the engine: the prompts of
+    # that many later steps decode beside each step's own, and samples still decoding when
+    # the step's batch has finished carry over to the next step (their tokens at most this
+    # many policy versions old when trained); 0: every step samples and finishes its own.
+    partial_rollout_steps: int = 0
     # The training rounds' compute dtype ("": the policy's own). "bfloat16" samples as a
     # low-precision inference engine would, from the same float32 weights: the sampler's
     # log-probs then differ from the trainer's (loss.correction is what corrects for it).
@@ -263,6 +268,11 @@ _RULES: dict[str, _Rule] = {
         ">= 0, and 0 unless sampling.engine='continuous'",
         "only the engine streams finished samples to the verifiers",
     ),
+    "sampling.partial_rollout_steps": (
+        lambda v, c: v == 0 or (v > 0 and c.sampling.engine == "continuous"),
+        ">= 0, and 0 unless sampling.engine='continuous'",
+        "partial rollouts are the engine's: a step's samples carry over in its slots",
+    ),
     "sampling.compute_dtype": (
         lambda v, c: v in COMPUTE_DTYPES,
         f"one of {list(COMPUTE_DTYPES)}",
@@ -359,6 +369,22 @@ def _problems(cfg: GRPOConfig) -> list[str]:
             "off_policy_steps=1 cannot be combined with sampling.dynamic_sampling (a refill "
             "round would have to wait for the update it should overlap)"
         )
+    if cfg.sampling.partial_rollout_steps:
+        for clash, why in (
+            (cfg.off_policy_steps, "off_policy_steps=1 (partial rollouts overlap steps already)"),
+            (cfg.sampling.dynamic_sampling, "sampling.dynamic_sampling"),
+            (cfg.sampling.engine_stream_steps, "sampling.engine_stream_steps"),
+        ):
+            if clash:
+                problems.append(f"sampling.partial_rollout_steps cannot be combined with {why}")
+        if cfg.loss.recompute_old_logprobs and cfg.loss.correction == "none":
+            problems.append(
+                "sampling.partial_rollout_steps with loss.recompute_old_logprobs=True and no "
+                "loss.correction: the ratio would start from the trainer's rescoring and nothing "
+                "would weigh the carried tokens' older policy; leave recompute_old_logprobs off "
+                "(the ratio then uses the log-probs each token was drawn under) or set "
+                "loss.correction"
+            )
     loss, estimators = cfg.loss, _registries()["loss.advantage_estimator"]
     if loss.reward_kl_coef > 0 and loss.advantage_estimator in estimators:
         if not getattr(estimators[loss.advantage_estimator], "token_level", False):

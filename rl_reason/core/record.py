@@ -96,6 +96,9 @@ class Rollout:
     # Streamed to the verifiers by the engine: the share of samples submitted while others
     # were still decoding (None: verified after sampling).
     streamed_frac: float | None = None
+    # Partial rollouts (rollout/partial.py): the share of samples with tokens drawn under an
+    # older policy version, and how many versions behind the completion tokens are, on mean.
+    partial_stats: dict[str, float] | None = None
 
     @property
     def groups(self) -> int:

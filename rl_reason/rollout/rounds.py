@@ -22,7 +22,7 @@ from models.transformer import Transformer
 from rl_reason.core.config import GRPOConfig, overlong_penalty
 from rl_reason.core.record import Rollout, RolloutArrays
 from rl_reason.infra import sharding
-from rl_reason.rollout import engine, sampling
+from rl_reason.rollout import engine, partial, sampling
 from rl_reason.rollout.sampling import SamplingConfig
 
 
@@ -206,15 +206,53 @@ class Rounds:
         counts = None
         if isinstance(out, engine.EngineOutput):
             out, counts = out.sample, (out.slot_steps, out.live_slot_steps)
-        args = (out.prompt_ids, out.prompt_mask, out.tokens, out.mask)
-        ref = self.logprobs(ref_params, *args) if ref_params is not None else None
-        old = self.logprobs(policy[1], *args) if cfg.loss.recompute_old_logprobs else None
-        arrays = RolloutArrays.from_sample(out, ref_logprobs=ref, old_logprobs=old)
-        r = Rollout(examples, arrays, cfg.group_size, engine_counts=counts)
+        r = self._record(policy, ref_params, examples, out, counts)
         if streamed is not None:  # already sent, sample by sample
             r.texts, r.lengths, r.truncated, r.pending = streamed.collected()
             r.submitted_at, r.streamed_frac = streamed.first_submitted, streamed.early_frac()
         return r
+
+    def _record(self, policy: tuple, ref_params, examples, out, counts) -> Rollout:
+        """The round of a sampler's output, with the reference / rescored old log-probs
+        queued behind it."""
+        args = (out.prompt_ids, out.prompt_mask, out.tokens, out.mask)
+        ref = self.logprobs(ref_params, *args) if ref_params is not None else None
+        rescore = self.cfg.loss.recompute_old_logprobs
+        old = self.logprobs(policy[1], *args) if rescore else None
+        arrays = RolloutArrays.from_sample(out, ref_logprobs=ref, old_logprobs=old)
+        return Rollout(examples, arrays, self.cfg.group_size, engine_counts=counts)
+
+    def partial_rollouts(self) -> partial.PartialRollouts:
+        """The batches in flight of sampling.partial_rollout_steps, shaped as this run."""
+        cfg = self.cfg
+        return partial.PartialRollouts(
+            steps_ahead=cfg.sampling.partial_rollout_steps,
+            group_size=cfg.group_size,
+            max_new_tokens=cfg.max_new_tokens,
+            buffer_len=self.buffer_len,
+            config=self.sampling,
+            engine_config=self.engine,
+            pad_id=self.tokenizer.pad_id,
+            prompt_width=cfg.max_prompt_len,
+            mesh=self.mesh,
+        )
+
+    def run_partial(
+        self, batches: partial.PartialRollouts, policy: tuple, ref_params, version: int
+    ) -> Rollout:
+        """The verified round of the oldest batch in flight, decoded to its end with
+        `policy` (policy version `version`) while the later batches use the freed slots."""
+        got = batches.step(self.training_policy(policy), version)
+        counts = (got.slot_steps, got.live_slot_steps)
+        r = self._record(policy, ref_params, got.batch.examples, got.sample, counts)
+        stale = got.batch.staleness(version)
+        behind = stale[stale >= 0]
+        r.partial_stats = {
+            "partial_stale_sample_frac": float(np.mean(stale.max(axis=1) > 0)),
+            "partial_staleness_mean": float(behind.mean()) if behind.size else 0.0,
+        }
+        self.send(r)
+        return self.receive(r)
 
     def send(self, r: Rollout) -> None:
         """Decode this process's completions (waits for the sampler) and submit them; a round

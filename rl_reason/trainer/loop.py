@@ -121,6 +121,10 @@ class GRPOTrainer:
         self.evaluator = Evaluator(self.rounds, response_stats=response_stats)
         self.step_count = self.updates = 0
         self.in_flight: Rollout | None = None  # off_policy_steps=1: next step's round
+        # sampling.partial_rollout_steps: the later steps' batches decoding beside this one's
+        self.partial = None
+        if cfg.sampling.partial_rollout_steps:
+            self.partial = self.rounds.partial_rollouts()
         self.data_before_in_flight: dict | None = None
         self.health = Health(cfg.max_nonfinite_steps, cfg.max_entropy_change)
 
@@ -140,7 +144,9 @@ class GRPOTrainer:
         """One GRPO step; returns its metrics."""
         t0 = time.perf_counter()
         self.rounds.stats = []
-        if self.cfg.off_policy_steps:
+        if self.partial is not None:
+            parts, rounds = [self._partial_rollout()], 1
+        elif self.cfg.off_policy_steps:
             parts, rounds = self._pipelined_rollout(), 1
         else:
             self.key, key = jax.random.split(self.key)
@@ -178,6 +184,26 @@ class GRPOTrainer:
         self.rounds.send(nxt)  # waits for nxt's sampling, queued before the update
         self.in_flight = nxt
         return [current]
+
+    def _partial_rollout(self) -> Rollout:
+        """Partial rollouts: this step's batch (drawn partial_rollout_steps steps ago, or at
+        the first step) decoded to its end, the batches drawn after it keeping their progress."""
+        while self.partial.wanted:
+            prompts, key, fields = self._next_batch()
+            self.partial.add(prompts, key, **fields)
+        return self.rounds.run_partial(
+            self.partial, self.policy, self.ref_params, version=self.step_count
+        )
+
+    def _next_batch(self) -> tuple[list[list[int]], jax.Array, dict]:
+        """The next examples' prompts, key (a step's first round key, as on-policy) and the
+        fields `PartialRollouts.add` keeps with them."""
+        before = self.data_state()
+        examples = self.next_examples()
+        self.key, key = jax.random.split(self.key)
+        key = jax.random.split(key)[1]
+        prompts = self.rounds.encode_prompts(examples)
+        return prompts, key, {"examples": examples, "data_before": before}
 
     def _dispatch_next(self) -> Rollout:
         # The key of a step's first sampling round, as `step` derives it on-policy.

@@ -94,6 +94,11 @@ def state(t) -> dict:
         # The round sampled for the next step with weights no longer held: saved so a
         # resumed run trains on exactly it (its examples come back from the data position).
         tree["in_flight"] = t.in_flight.arrays.to_checkpoint()
+    if t.partial is not None:
+        # The later steps' samples, partly decoded under weights no longer held.
+        replicated = sharding.replicated(t.mesh)
+        host = t.partial.to_checkpoint()
+        tree["partial"] = {k: jax.device_put(v, replicated) for k, v in host.items()}
     return tree
 
 
@@ -117,6 +122,11 @@ def abstract_state(t) -> dict:
         }
     if t.cfg.off_policy_steps:  # every checkpoint (step >= 1) has a round in flight
         target["in_flight"] = _abstract_in_flight(t)
+    if t.partial is not None:  # ... and batches in flight
+        target["partial"] = {
+            k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
+            for k, x in t.partial.abstract_checkpoint(t.cfg.rows).items()
+        }
     return target
 
 
@@ -156,6 +166,8 @@ def meta(t, extra: Mapping[str, Any] | None = None) -> dict:
         **dict(extra or {}),
     }
     data = t.data_before_in_flight if t.in_flight is not None else t.data_state()
+    if t.partial is not None and t.partial.batches:
+        data = t.partial.batches[0].data_before  # the oldest batch in flight's examples
     if data is not None:
         out["data"] = data
     return out
@@ -210,6 +222,12 @@ def resume(t) -> dict | None:
         arrays = RolloutArrays.from_checkpoint(tree["in_flight"])
         t.in_flight = Rollout(t.next_examples(), arrays, t.cfg.group_size)
         t.rounds.send(t.in_flight)
+    if "partial" in tree:
+        # The data position is the one before the oldest batch in flight: draw them again.
+        drawn = [t._next_batch() for _ in range(t.partial.steps_ahead)]
+        t.key = tree["key"]  # drawing split the key; the checkpoint's is after the draws
+        arrays = {k: np.asarray(v) for k, v in tree["partial"].items()}
+        t.partial.load(arrays, [d[0] for d in drawn], [d[2] for d in drawn])
     t.updates = counters["updates"]
     t.health.load_meta(counters)
     log.warning("resumed from checkpoint step %d", step)

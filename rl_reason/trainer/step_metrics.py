@@ -65,6 +65,8 @@ def step_metrics(
     streamed = [r.streamed_frac for r in parts if r.streamed_frac is not None]
     if streamed:
         metrics["verify_streamed_frac"] = float(np.mean(streamed))
+    for r in parts:
+        metrics.update(r.partial_stats or {})
     if cfg.loss.correction != "none":
         metrics["mismatch_token_frac"] = train["mismatch_token_frac"]
         metrics["mismatch_seq_frac"] = train["mismatch_seq_frac"]
