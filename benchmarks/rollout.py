@@ -2,7 +2,8 @@
 
     python -m benchmarks.rollout [--json=PATH] [--preset=llama-20m] [--prompts=8]
         [--group_size=8] [--prompt_len=64] [--max_new_tokens=1024] [--mean_tokens=128]
-        [--uniform_tokens=256] [--slots=0] [--min_slots=0] [--repeats=3] [--smoke]
+        [--uniform_tokens=256] [--slots=0] [--min_slots=0] [--repeats=3] [--partial_steps=3]
+        [--partial_slots=0] [--partial_timed_steps=6] [--smoke]
 
 Two cases, each timed for both samplers in turns (a, b, a, b, ...), every call of a repeat with
 the same key for both, so both produce the same completions:
@@ -23,8 +24,14 @@ same fraction of its rows).
 `--smoke` runs the tiny preset at toy sizes (a test runs it so that this file cannot rot); its
 figures mean nothing.
 
+A third measurement runs partial rollouts (`rl_reason.rollout.partial`, `--partial_steps`
+batches ahead) on the long-tailed case: steps with fixed weights, each adding a batch of the
+same prompts with a new key and returning the oldest once finished; its useful tokens per
+second (of the returned batches, over the timed steps) against the static sampler's figure of
+the same run, and the slot occupancy of those steps' calls.
+
 Targets (issue "continuous batching"): on the 2-core CPU, long-tailed with p99/median >= 4:
-ratio >= 2.0 and slot occupancy >= 0.7; uniform: ratio >= 0.9.
+ratio >= 2.0 and slot occupancy >= 0.7 (>= 0.9 with partial rollouts); uniform: ratio >= 0.9.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ from flax import nnx
 
 from benchmarks import common
 from models import Transformer, get_config
-from rl_reason.rollout import engine, sampling
+from rl_reason.infra import sharding
+from rl_reason.rollout import engine, partial, sampling
 from rl_reason.rollout.sampling import SamplingConfig
 
 _JSON = flags.DEFINE_string("json", None, "Write the results to this JSON file.")
@@ -56,9 +64,17 @@ _SLOTS = flags.DEFINE_integer("slots", 0, "Engine slots (0: one per sample, the 
 _MIN_SLOTS = flags.DEFINE_integer("min_slots", 0, "Fewest slots of the tail (0: default).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per sampler, after one warm-up.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and prompts.")
+_PARTIAL = flags.DEFINE_integer(
+    "partial_steps", 3, "Partial rollouts' steps ahead in the long-tailed case (0: skip it)."
+)
+_PARTIAL_SLOTS = flags.DEFINE_integer(
+    "partial_slots", 0, "Engine slots with partial rollouts (0: half the samples of a step)."
+)
+_PARTIAL_STEPS = flags.DEFINE_integer("partial_timed_steps", 6, "Timed steps of partial rollouts.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny preset, toy sizes, 1 repeat: checks it runs.")
 
 TARGET_RATIO, TARGET_OCCUPANCY, TARGET_UNIFORM_RATIO = 2.0, 0.7, 0.9
+TARGET_PARTIAL_OCCUPANCY = 0.9
 STOP = 2  # the stop token of the long-tailed case (any id the random model can emit)
 
 
@@ -184,6 +200,54 @@ def run_case(model, prompts, case: dict[str, Any], eng, repeats: int) -> dict[st
     return result
 
 
+def run_partial(model, prompts, case: dict[str, Any], slots: int, steps_ahead: int, timed: int):
+    """Partial rollouts on the long-tailed case: steps of `rollout.partial` with fixed weights,
+    each adding a batch of the same prompts with a new key and returning the oldest once it
+    has finished. Two warm-up steps (most compiles; the first step also has no batch ahead of
+    it), then `timed` steps: useful tokens (of the returned batches) per second, and the slot
+    occupancy of those steps' calls."""
+    params = nnx.split(model)
+    m = partial.PartialRollouts(
+        steps_ahead=steps_ahead,
+        group_size=case["group_size"],
+        max_new_tokens=case["max_new_tokens"],
+        buffer_len=case["max_new_tokens"],
+        config=case["config"],
+        engine_config=engine.EngineConfig(slots=slots),
+        pad_id=0,
+        prompt_width=len(prompts[0]),
+        mesh=sharding.mesh_of(params[1]),
+    )
+    seeds = iter(range(20_000, 1 << 30))
+    warmup, stats = 2, []
+    compiled = common.compile_seconds()
+    t_start = None
+    for step in range(warmup + timed):
+        if step == warmup:
+            compiled, t_start = common.compile_seconds(), time.perf_counter()
+        while m.wanted:
+            m.add(prompts, jax.random.key(next(seeds)))
+        got = m.step(params, version=step)
+        if step >= warmup:
+            useful = int(np.asarray(got.sample.lengths).sum())
+            stats.append((useful, got.slot_steps, got.live_slot_steps, got.decode_steps))
+    seconds = time.perf_counter() - t_start
+    useful, slot_steps, live, _ = (sum(x) for x in zip(*stats, strict=True))
+    return {
+        "steps_ahead": steps_ahead,
+        "slots": slots,
+        "timed_steps": timed,
+        "seconds": seconds,
+        "compile_s_while_timed": common.compile_seconds() - compiled,
+        "useful_tokens": useful,
+        "tokens_per_s": useful / seconds,
+        "slot_occupancy": live / max(slot_steps, 1),
+        # None: the step's batch had finished in earlier calls, so the step decoded nothing.
+        "slot_occupancy_per_step": [s[2] / s[1] if s[1] else None for s in stats],
+        "decode_steps_per_step": [s[3] for s in stats],
+    }
+
+
 def main(argv) -> None:
     del argv
     smoke = _SMOKE.value
@@ -209,6 +273,12 @@ def main(argv) -> None:
     }
     results = {name: run_case(model, prompts, case, eng, repeats) for name, case in cases.items()}
     tail, flat = results["long_tail"], results["uniform"]
+    part = None
+    if _PARTIAL.value:
+        slots = _PARTIAL_SLOTS.value or max(prompts_n * group // 2, 1)
+        timed = 2 if smoke else _PARTIAL_STEPS.value
+        part = run_partial(model, prompts, cases["long_tail"], slots, _PARTIAL.value, timed)
+        part["ratio"] = part["tokens_per_s"] / tail["static_tokens_per_s"]
     record = {
         "benchmark": "rollout",
         "smoke": smoke,
@@ -240,10 +310,16 @@ def main(argv) -> None:
         "uniform_static_tokens_per_s": flat["static_tokens_per_s"],
         "uniform_ratio": flat["ratio"],
         "uniform_slot_occupancy": flat["slot_occupancy"],
+        # Partial rollouts on the long-tailed case, against the same static sampler figure.
+        "partial_tokens_per_s": part and part["tokens_per_s"],
+        "partial_ratio": part and part["ratio"],
+        "partial_slot_occupancy": part and part["slot_occupancy"],
+        "partial": part,
         "targets": {
             "ratio": TARGET_RATIO,
             "slot_occupancy": TARGET_OCCUPANCY,
             "uniform_ratio": TARGET_UNIFORM_RATIO,
+            "partial_slot_occupancy": TARGET_PARTIAL_OCCUPANCY,
         },
         "cases": results,
         "environment": common.environment(),
@@ -260,7 +336,22 @@ def main(argv) -> None:
                 r["slot_occupancy"],
             ]
             for name, r in results.items()
-        ],
+        ]
+        + (
+            [
+                [
+                    "long_tail partial",
+                    tail["p99_over_median"],
+                    tail["static_tokens_per_s"],
+                    part["tokens_per_s"],
+                    part["ratio"],
+                    tail["static_row_occupancy"],
+                    part["slot_occupancy"],
+                ]
+            ]
+            if part
+            else []
+        ),
         [
             "case",
             "p99/median",

@@ -86,3 +86,5 @@ def test_rollout_smoke(tmp_path):
         assert _positive(case["static_tokens_per_s"], case["engine_tokens_per_s"], case["ratio"])
         assert 0 < case["slot_occupancy"] <= 1
     assert rec["uniform_slot_occupancy"] == 1.0 and rec["p99_over_median"] >= 1
+    assert _positive(rec["partial_tokens_per_s"], rec["partial_ratio"])
+    assert 0 < rec["partial_slot_occupancy"] <= 1

@@ -49,6 +49,11 @@ class SamplingOptions:
     # the step's batch has finished carry over to the next step (their tokens at most this
     # many policy versions old when trained); 0: every step samples and finishes its own.
     partial_rollout_steps: int = 0
+    # How a carried sample resumes: "keep" its slot's cache as the last call left it (keys and
+    # values of its earlier tokens under the weights they were computed with: no recompute),
+    # "rebuild" it by a forward pass under the current weights (every later token then drawn
+    # from the current policy given its whole context; costs a prefill per carried sample).
+    partial_rollout_cache: str = "keep"
     # The training rounds' compute dtype ("": the policy's own). "bfloat16" samples as a
     # low-precision inference engine would, from the same float32 weights: the sampler's
     # log-probs then differ from the trainer's (loss.correction is what corrects for it).
@@ -272,6 +277,11 @@ _RULES: dict[str, _Rule] = {
         lambda v, c: v == 0 or (v > 0 and c.sampling.engine == "continuous"),
         ">= 0, and 0 unless sampling.engine='continuous'",
         "partial rollouts are the engine's: a step's samples carry over in its slots",
+    ),
+    "sampling.partial_rollout_cache": (
+        lambda v, c: v in ("keep", "rebuild"),
+        "'keep' or 'rebuild'",
+        "how a carried sample's cache resumes",
     ),
     "sampling.compute_dtype": (
         lambda v, c: v in COMPUTE_DTYPES,

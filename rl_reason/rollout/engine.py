@@ -45,7 +45,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from models import kv_cache, partitioning
 from models.transformer import Transformer, rope_table
 from rl_reason.infra import sharding
+from rl_reason.rollout import carry as carry_lib
 from rl_reason.rollout import sampling, token_choice
+from rl_reason.rollout.carry import Carry, HostCarry
 from rl_reason.rollout.sampling import SampleOutput
 from rl_reason.rollout.token_choice import SamplingConfig
 
@@ -62,6 +64,10 @@ class EngineOutput:
     # and the rows a slot still decodes (the rest are pending, untouched). None otherwise.
     finished: jax.Array | None = None
     live: jax.Array | None = None
+    # ... and where the live ones are: the slots' caches (per layer LayerKV [S, K, W, H]) and
+    # the row each slot holds live (-1: none), for a next call to resume them as they are.
+    slot_cache: tuple | None = None
+    slot_rows: jax.Array | None = None
 
     @property
     def slot_occupancy(self) -> float:
@@ -169,27 +175,6 @@ class _Context:
     queue_pos: jax.Array
 
 
-@struct.dataclass
-class Carry:
-    """Where earlier calls left the samples of this one (partial rollouts, `sample(carry=)`),
-    on the devices. Rows [B] as the call's (prompt-major): each row's completion so far
-    (`tokens`, both log-probs [B, N], `lengths`, `stopped`; length 0: not started) and its
-    key; `slot_rows` [S]: the started, unended row each slot resumes (-1: none), in a slot of
-    its own batch shard; `queue` [B]: each shard's rows to start, in order, as local ids
-    (shard-major, -1 past the shard's `queue_len` [D]). Rows neither resumed nor queued have
-    ended: they are returned as given."""
-
-    tokens: jax.Array
-    sample_logprobs: jax.Array
-    policy_logprobs: jax.Array
-    lengths: jax.Array
-    stopped: jax.Array
-    key_data: jax.Array
-    slot_rows: jax.Array
-    queue: jax.Array
-    queue_len: jax.Array
-
-
 def _setup(
     model: Transformer,
     prompt_ids_PT,
@@ -266,7 +251,7 @@ def _setup(
         stopped,
     )
     width = first_width or sampling.decode_segments(buffer_len, cfg.max_decode_segments)[0]
-    if carry is None:
+    if carry is None or not carry.layers:
         empty = _Slots(
             sample=jnp.full((num_slots,), -1, jnp.int32),
             emitted=jnp.zeros((num_slots,), jnp.int32),
@@ -280,20 +265,19 @@ def _setup(
             return kv_cache.LayerKV(jnp.zeros(shape, kv.k.dtype), jnp.zeros(shape, kv.v.dtype))
 
         layers = _pin_layers(tuple(empty_layer(kv) for kv in ctx.prefix), mesh)
-    else:
-        outputs, empty, layers = _resume(model, ctx, carry, outputs, prompt_ids_PT, width, mesh)
+    if carry is not None:
+        outputs, resumed, rebuilt = _resume(ctx, carry, outputs, mesh)
+        if carry.layers:
+            empty, layers = resumed, rebuilt
     slots, next_D = _refill(empty, jnp.zeros((shards,), jnp.int32), ctx)
     zero = jnp.zeros((), jnp.int32)
     return ctx, (slots, next_D, layers, outputs, (zero, zero, zero), ())
 
 
-def _resume(model, ctx: _Context, carry: Carry, fresh, prompt_ids_PT, width: int, mesh: Mesh):
+def _resume(ctx: _Context, carry: Carry, fresh, mesh: Mesh):
     """The outputs, slots and slot caches of a call that continues earlier ones: rows not
-    started get `fresh` (their first token), the others what `carry` holds; each resumed
-    slot's cache is rebuilt by one forward pass over its prompt and completion so far, with
-    this call's weights (the samples' earlier tokens were drawn under older ones; their
-    log-probs say so)."""
-    group_size = carry.tokens.shape[0] // prompt_ids_PT.shape[0]
+    started get `fresh` (their first token), the others what `carry` holds, its slot caches
+    rebuilt with this call's weights (`carry.slot_caches`)."""
     new = carry.lengths == 0
     pick = lambda a, b: jnp.where(new.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
     outputs = tuple(
@@ -320,16 +304,7 @@ def _resume(model, ctx: _Context, carry: Carry, fresh, prompt_ids_PT, width: int
         token=carry.tokens[row, jnp.maximum(length_S - 1, 0)],
         done=jnp.zeros(row_S.shape, bool),
     )
-    prompt = row // group_size
-    cols = jnp.arange(width)
-    ids = jnp.concatenate([prompt_ids_PT[prompt], carry.tokens[row, :width]], axis=1)
-    # An empty slot still attends over its (any) prompt, so that its cache stays finite.
-    mask = jnp.concatenate([ctx.prompt_mask[prompt], cols[None] < length_S[:, None]], axis=1)
-    _, kvs = model(ids, mask_BT=mask, return_hidden=True, return_kv=True)
-    tp = prompt_ids_PT.shape[1]
-    suffix = lambda x: x[:, tp:]
-    layers = tuple(kv_cache.heads_first(kv_cache.LayerKV(suffix(kv.k), suffix(kv.v))) for kv in kvs)
-    return outputs, slots, _pin_layers(layers, mesh)
+    return outputs, slots, (_pin_layers(carry.layers, mesh) if carry.layers else ())
 
 
 def _slot_prompts(ctx: _Context, prompt_S):
@@ -617,7 +592,7 @@ def sample(
     if carry is not None:
         if on_finished is None or jax.process_count() > 1:
             raise ValueError("engine.sample(carry=) needs on_finished and runs in one process")
-        carry = (carry, carry.on_devices(mesh, samples, slots, shards, buffer_len))
+        carry.check(samples, slots, shards, buffer_len)
     if on_finished is not None:
         return _streamed(graphdef, params, args, mesh, stream_steps, on_finished, static, carry)
     repl = NamedSharding(mesh, PartitionSpec())
@@ -640,40 +615,6 @@ class Finished:
     decode_steps: int
 
 
-@dataclasses.dataclass
-class HostCarry:
-    """`Carry` as host arrays (see there); `first_width`, the slot caches' starting width, is
-    derived from the resumed rows' lengths."""
-
-    tokens: np.ndarray
-    sample_logprobs: np.ndarray
-    policy_logprobs: np.ndarray
-    lengths: np.ndarray
-    stopped: np.ndarray
-    key_data: np.ndarray
-    slot_rows: np.ndarray
-    queue: np.ndarray
-    queue_len: np.ndarray
-
-    def on_devices(self, mesh: Mesh, rows: int, slots: int, shards: int, buffer_len: int):
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        wide = ("tokens", "sample_logprobs", "policy_logprobs")
-        want = {"slot_rows": (slots,), "queue_len": (shards,), "queue": (rows,)}
-        want.update({name: (rows, buffer_len) for name in wide})
-        for name, x in fields.items():
-            shape = want.get(name, (rows,))
-            if x.shape[: len(shape)] != shape:
-                raise ValueError(f"carry.{name} has shape {x.shape}, expected {shape}")
-        put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
-        return Carry(**{k: put(v) for k, v in fields.items()})
-
-    def first_width(self, buffer_len: int, max_segments: int) -> int:
-        resumed = self.slot_rows[self.slot_rows >= 0]
-        need = int(self.lengths[resumed].max()) if len(resumed) else 0
-        segments = sampling.decode_segments(buffer_len, max_segments)
-        return next(w for w in segments if w >= need)
-
-
 def _streamed(
     graphdef, params, args, mesh, stream_steps, on_finished, static, carry=None
 ) -> EngineOutput:
@@ -684,9 +625,26 @@ def _streamed(
     group_size, cfg = static["group_size"], static["cfg"]
     host_width, host_done = 0, None
     if carry is not None:
-        host, carry = carry
-        host_width = host.first_width(static["buffer_len"], cfg.max_decode_segments)
+        host, n = carry, static["buffer_len"]
+        host_width = host.first_width(n, cfg.max_decode_segments)
         host_done = (host.lengths > 0) & ~np.isin(np.arange(len(host.lengths)), host.slot_rows)
+        layers = (
+            carry_lib.kept_caches(host.kept, host.kept_src, host_width, mesh)
+            if host.kept
+            else carry_lib.slot_caches(
+                graphdef,
+                params,
+                mesh,
+                host,
+                np.asarray(args[0]),
+                np.asarray(args[1]),
+                group_size=group_size,
+                width=host_width,
+                max_segments=cfg.max_decode_segments,
+                buffer_len=n,
+            )
+        )
+        carry = host.on_devices(mesh, layers)
     jitted = lambda name, make: sampling.cached(
         f"engine/{name}", graphdef, params, mesh, static, make
     )
@@ -782,15 +740,21 @@ def _streamed(
         output = lambda: jax.jit(_output, out_shardings=shardings)
         return jitted("output", output)(ctx, state, ids, mask)
     shardings = EngineOutput(
-        sampling.sample_output_shardings(mesh), repl, repl, repl, batch1, batch1
+        sampling.sample_output_shardings(mesh), repl, repl, repl, batch1, batch1, None, batch1
     )
 
     def partial_output(ctx, state, ids, mask):
         out = _output(ctx, state, ids, mask)
-        return out.replace(finished=_finished(ctx, state), live=_live_rows(state))
+        slots = state[0]
+        return out.replace(
+            finished=_finished(ctx, state),
+            live=_live_rows(state),
+            slot_rows=jnp.where(slots.live, slots.sample, -1),
+        )
 
     make = lambda: jax.jit(partial_output, out_shardings=shardings)
-    return jitted("partial_output", make)(ctx, state, ids, mask)
+    out = jitted("partial_output", make)(ctx, state, ids, mask)
+    return out.replace(slot_cache=state[2])
 
 
 def _scalar(x: jax.Array) -> np.ndarray:

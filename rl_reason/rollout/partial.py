@@ -33,12 +33,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 
+from models import kv_cache
 from rl_reason.infra import sharding
 from rl_reason.rollout import engine, sampling, token_choice
 from rl_reason.rollout.sampling import SampleOutput, SamplingConfig
 
+CACHE_MODES = ("keep", "rebuild")
 _FIELDS = ("tokens", "sample_logprobs", "policy_logprobs", "versions", "lengths", "stopped", "done")
 
 
@@ -114,7 +117,10 @@ class PartialRollouts:
         prompt_width: int,
         mesh: Mesh,
         look_steps: int = 16,
+        cache: str = "keep",
     ):
+        if cache not in CACHE_MODES:
+            raise ValueError(f"partial rollouts' cache must be one of {CACHE_MODES}, got {cache!r}")
         if steps_ahead < 1:
             raise ValueError(f"partial rollouts need steps_ahead >= 1, got {steps_ahead}")
         if jax.process_count() > 1:
@@ -128,6 +134,11 @@ class PartialRollouts:
         self.prompt_width, self.mesh, self.look_steps = prompt_width, mesh, look_steps
         self.shards = sharding.batch_shards(mesh)
         self.batches: list[Batch] = []
+        self.cache = cache
+        # cache="keep": the last call's slot caches and, per slot, the (batch, row) it held
+        # live ([S, 2], -1: none), batch counted in `batches`.
+        self.kept: tuple = ()
+        self.kept_rows: np.ndarray | None = None
 
     @property
     def wanted(self) -> int:
@@ -184,7 +195,22 @@ class PartialRollouts:
             pending = ids[fresh[ids]] - shard * per_shard
             queue[shard * per_shard : shard * per_shard + len(pending)] = pending
             queue_len[shard] = len(pending)
+        kept, kept_src = (), None
+        if self.kept:
+            # Each resumed sample's earlier slot: its (batch, row) in the kept table.
+            flat = rows.reshape(-1)
+            n_rows = rows.shape[1]
+            where = {}
+            for s_prev, (j, r) in enumerate(self.kept_rows):
+                if j >= 0:
+                    where[int(flat[j * n_rows + r])] = s_prev
+            kept_src = np.asarray([where.get(int(c), -1) if c >= 0 else -1 for c in slot_rows])
+            if np.any((slot_rows >= 0) & (kept_src < 0)):
+                raise RuntimeError("a sample to resume has no kept cache")
+            kept = self.kept
         return engine.HostCarry(
+            kept=kept,
+            kept_src=kept_src,
             tokens=arrays["tokens"],
             sample_logprobs=arrays["sample_logprobs"],
             policy_logprobs=arrays["policy_logprobs"],
@@ -205,6 +231,9 @@ class PartialRollouts:
         if not self.batches[0].complete:  # it may have finished during an earlier call
             counts = self._call(policy, version)
         batch = self.batches.pop(0)
+        if self.kept_rows is not None:
+            assert not np.any(self.kept_rows[:, 0] == 0), "a finished batch's sample is live"
+            self.kept_rows[:, 0] = np.where(self.kept_rows[:, 0] > 0, self.kept_rows[:, 0] - 1, -1)
         return StepRollout(batch, self._sample_output(batch), *counts)
 
     def _call(self, policy: tuple, version: int) -> tuple[int, int, int]:
@@ -245,6 +274,14 @@ class PartialRollouts:
         }
         finished, live = np.asarray(out.finished), np.asarray(out.live)
         assert finished.shape == (total,)
+        if self.cache == "keep":
+            # Call row -> (batch, row) of the samples the slots still hold; the oldest batch
+            # has finished, so none is its: after the pop they are counted one batch lower.
+            held = np.asarray(out.slot_rows)
+            j_of, r_of = np.divmod(np.argsort(rows.reshape(-1)), rows.shape[1])
+            self.kept_rows = np.full((len(held), 2), -1, np.int32)
+            self.kept_rows[held >= 0] = np.stack([j_of[held[held >= 0]], r_of[held[held >= 0]]], 1)
+            self.kept = out.slot_cache
         for j, batch in enumerate(self.batches):
             r = rows[j]
             moved = (finished[r] | live[r]) & ~batch.done  # rows this call decoded
@@ -276,16 +313,36 @@ class PartialRollouts:
 
     # -- checkpointing -----------------------------------------------------------------------
 
-    def to_checkpoint(self) -> dict[str, np.ndarray]:
+    def to_checkpoint(self) -> dict[str, Any]:
         """The batches in flight as stacked host arrays [n, B, ...] (their prompts and
-        examples come back from the data position)."""
-        return {
+        examples come back from the data position), and with cache="keep" the slot caches
+        (per layer k, v padded to [S, K, N, H]) and the (batch, row) each slot holds."""
+        out: dict[str, Any] = {
             name: np.stack([getattr(b, name) for b in self.batches])
             for name in (*_FIELDS, "key_data")
         }
+        if self.cache == "keep":
+            slots = self.slots
+            rows = np.full((slots, 2), -1, np.int32)
+            rows[: len(self.kept_rows)] = self.kept_rows
+            out["kept_rows"] = rows
 
-    def abstract_checkpoint(self, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
-        """`to_checkpoint`'s shapes after a step (`steps_ahead` batches of `rows` rows)."""
+            def pad(x):
+                x = np.asarray(x)
+                return np.pad(
+                    x, [(0, slots - x.shape[0]), (0, 0), (0, self.buffer_len - x.shape[2]), (0, 0)]
+                )
+
+            out["kept_cache"] = [{"k": pad(kv.k), "v": pad(kv.v)} for kv in self.kept]
+        return out
+
+    @property
+    def slots(self) -> int:
+        return self.engine_config.slots or len(self.batches[0].prompts) * self.group_size
+
+    def abstract_checkpoint(self, rows: int, policy: tuple | None = None) -> dict[str, Any]:
+        """`to_checkpoint`'s shapes after a step (`steps_ahead` batches of `rows` rows);
+        with cache="keep", `policy` gives the caches' layers, heads and dtype."""
         n, w = self.steps_ahead, self.buffer_len
         wide = {
             "tokens": np.int32,
@@ -294,9 +351,19 @@ class PartialRollouts:
             "versions": np.int32,
         }
         flat = {"lengths": np.int32, "stopped": np.bool_, "done": np.bool_}
-        out = {k: jax.ShapeDtypeStruct((n, rows, w), v) for k, v in wide.items()}
+        out: dict[str, Any] = {k: jax.ShapeDtypeStruct((n, rows, w), v) for k, v in wide.items()}
         out.update({k: jax.ShapeDtypeStruct((n, rows), v) for k, v in flat.items()})
         out["key_data"] = jax.ShapeDtypeStruct((n, rows, 2), np.uint32)
+        if self.cache == "keep":
+            slots = self.engine_config.slots or rows
+            out["kept_rows"] = jax.ShapeDtypeStruct((slots, 2), np.int32)
+            out["kept_cache"] = [
+                {
+                    "k": jax.ShapeDtypeStruct((slots, k, w, h), dtype),
+                    "v": jax.ShapeDtypeStruct((slots, k, w, h), dtype),
+                }
+                for k, h, dtype in cache_layout(policy)
+            ]
         return out
 
     def load(self, arrays: dict, prompts: list[list[list[int]]], extras: list[dict]) -> None:
@@ -306,3 +373,20 @@ class PartialRollouts:
         for j, (p, kw) in enumerate(zip(prompts, extras, strict=True)):
             fields = {k: np.array(arrays[k][j]) for k in (*_FIELDS, "key_data")}
             self.batches.append(Batch(prompts=[list(x) for x in p], **fields, **kw))
+        if self.cache == "keep":
+            self.kept_rows = np.asarray(arrays["kept_rows"], np.int32)
+            self.kept = tuple(
+                kv_cache.LayerKV(jnp.asarray(kv["k"]), jnp.asarray(kv["v"]))
+                for kv in arrays["kept_cache"]
+            )
+
+
+def cache_layout(policy: tuple) -> list[tuple[int, int, Any]]:
+    """(kv heads, head dim, dtype) of each layer's cache when `policy` samples."""
+    graphdef, *states = policy
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    mask = jax.ShapeDtypeStruct((1, 8), jnp.bool_)
+    shapes = jax.eval_shape(
+        lambda s, i, m: sampling.prefill(nnx.merge(graphdef, *s), i, m)[2], tuple(states), ids, mask
+    )
+    return [(kv.k.shape[2], kv.k.shape[3], kv.k.dtype) for kv in shapes]

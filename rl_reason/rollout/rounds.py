@@ -235,6 +235,7 @@ class Rounds:
             pad_id=self.tokenizer.pad_id,
             prompt_width=cfg.max_prompt_len,
             mesh=self.mesh,
+            cache=cfg.sampling.partial_rollout_cache,
         )
 
     def run_partial(

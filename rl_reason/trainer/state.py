@@ -98,7 +98,7 @@ def state(t) -> dict:
         # The later steps' samples, partly decoded under weights no longer held.
         replicated = sharding.replicated(t.mesh)
         host = t.partial.to_checkpoint()
-        tree["partial"] = {k: jax.device_put(v, replicated) for k, v in host.items()}
+        tree["partial"] = jax.tree.map(lambda v: jax.device_put(v, replicated), host)
     return tree
 
 
@@ -123,10 +123,10 @@ def abstract_state(t) -> dict:
     if t.cfg.off_policy_steps:  # every checkpoint (step >= 1) has a round in flight
         target["in_flight"] = _abstract_in_flight(t)
     if t.partial is not None:  # ... and batches in flight
-        target["partial"] = {
-            k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
-            for k, x in t.partial.abstract_checkpoint(t.cfg.rows).items()
-        }
+        shapes = t.partial.abstract_checkpoint(t.cfg.rows, t.rounds.training_policy(t.policy))
+        target["partial"] = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes
+        )
     return target
 
 
@@ -226,7 +226,7 @@ def resume(t) -> dict | None:
         # The data position is the one before the oldest batch in flight: draw them again.
         drawn = [t._next_batch() for _ in range(t.partial.steps_ahead)]
         t.key = tree["key"]  # drawing split the key; the checkpoint's is after the draws
-        arrays = {k: np.asarray(v) for k, v in tree["partial"].items()}
+        arrays = jax.tree.map(np.asarray, tree["partial"])
         t.partial.load(arrays, [d[0] for d in drawn], [d[2] for d in drawn])
     t.updates = counters["updates"]
     t.health.load_meta(counters)

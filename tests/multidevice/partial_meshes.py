@@ -33,7 +33,7 @@ def make_mesh(name: str):
     return sharding.make_mesh(sharding.MeshConfig(*MESHES[name]), devices)
 
 
-def run(mesh) -> dict[str, np.ndarray]:
+def run(mesh, cache: str = "keep") -> dict[str, np.ndarray]:
     """Per step s: `tokens/s`, `lengths/s`, `versions/s` of the trained batch, `ref_tokens/s`,
     `ref_lengths/s`, `gap/s` (largest policy log-prob gap over completion tokens) of the one
     call, and `counts/s` = (slot steps, live slot steps, decode steps) of the step's call."""
@@ -48,7 +48,8 @@ def run(mesh) -> dict[str, np.ndarray]:
         pad_id=0,
         mesh=mesh,
         look_steps=8,
-        **{k: v for k, v in SHAPE.items()},
+        cache=cache,
+        **SHAPE,
     )
     key, out = jax.random.key(3), {}
     for step in range(STEPS):
@@ -73,4 +74,5 @@ def run(mesh) -> dict[str, np.ndarray]:
 
 
 def compute(name: str, out_dir: str) -> None:
-    np.savez(os.path.join(out_dir, f"{name}.npz"), **run(make_mesh(name)))
+    for cache in ("keep", "rebuild"):
+        np.savez(os.path.join(out_dir, f"{name}_{cache}.npz"), **run(make_mesh(name), cache))
