@@ -28,7 +28,8 @@ A third measurement runs partial rollouts (`rl_reason.rollout.partial`, `--parti
 batches ahead) on the long-tailed case: steps with fixed weights, each adding a batch of the
 same prompts with a new key and returning the oldest once finished; its useful tokens per
 second (of the returned batches, over the timed steps) against the static sampler's figure of
-the same run, and the slot occupancy of those steps' calls.
+the same run, and the slot occupancy of those steps' calls; once with each way a carried
+sample's cache resumes (kept as the last call left it, the default, or rebuilt).
 
 Targets (issue "continuous batching"): on the 2-core CPU, long-tailed with p99/median >= 4:
 ratio >= 2.0 and slot occupancy >= 0.7 (>= 0.9 with partial rollouts); uniform: ratio >= 0.9.
@@ -65,7 +66,7 @@ _MIN_SLOTS = flags.DEFINE_integer("min_slots", 0, "Fewest slots of the tail (0: 
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per sampler, after one warm-up.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and prompts.")
 _PARTIAL = flags.DEFINE_integer(
-    "partial_steps", 3, "Partial rollouts' steps ahead in the long-tailed case (0: skip it)."
+    "partial_steps", 3, "Partial rollouts' steps ahead in the long-tailed case (0: skip them)."
 )
 _PARTIAL_SLOTS = flags.DEFINE_integer(
     "partial_slots", 0, "Engine slots with partial rollouts (0: half the samples of a step)."
@@ -200,7 +201,9 @@ def run_case(model, prompts, case: dict[str, Any], eng, repeats: int) -> dict[st
     return result
 
 
-def run_partial(model, prompts, case: dict[str, Any], slots: int, steps_ahead: int, timed: int):
+def run_partial(
+    model, prompts, case: dict[str, Any], slots: int, steps_ahead: int, timed: int, cache: str
+):
     """Partial rollouts on the long-tailed case: steps of `rollout.partial` with fixed weights,
     each adding a batch of the same prompts with a new key and returning the oldest once it
     has finished. Two warm-up steps (most compiles; the first step also has no batch ahead of
@@ -217,6 +220,7 @@ def run_partial(model, prompts, case: dict[str, Any], slots: int, steps_ahead: i
         pad_id=0,
         prompt_width=len(prompts[0]),
         mesh=sharding.mesh_of(params[1]),
+        cache=cache,
     )
     seeds = iter(range(20_000, 1 << 30))
     warmup, stats = 2, []
@@ -234,6 +238,7 @@ def run_partial(model, prompts, case: dict[str, Any], slots: int, steps_ahead: i
     seconds = time.perf_counter() - t_start
     useful, slot_steps, live, _ = (sum(x) for x in zip(*stats, strict=True))
     return {
+        "cache": cache,
         "steps_ahead": steps_ahead,
         "slots": slots,
         "timed_steps": timed,
@@ -273,12 +278,15 @@ def main(argv) -> None:
     }
     results = {name: run_case(model, prompts, case, eng, repeats) for name, case in cases.items()}
     tail, flat = results["long_tail"], results["uniform"]
-    part = None
+    part = rebuilt = None
     if _PARTIAL.value:
         slots = _PARTIAL_SLOTS.value or max(prompts_n * group // 2, 1)
         timed = 2 if smoke else _PARTIAL_STEPS.value
-        part = run_partial(model, prompts, cases["long_tail"], slots, _PARTIAL.value, timed)
+        args = (model, prompts, cases["long_tail"], slots, _PARTIAL.value, timed)
+        part = run_partial(*args, "keep")
         part["ratio"] = part["tokens_per_s"] / tail["static_tokens_per_s"]
+        rebuilt = run_partial(*args, "rebuild")
+        rebuilt["ratio"] = rebuilt["tokens_per_s"] / tail["static_tokens_per_s"]
     record = {
         "benchmark": "rollout",
         "smoke": smoke,
@@ -315,6 +323,7 @@ def main(argv) -> None:
         "partial_ratio": part and part["ratio"],
         "partial_slot_occupancy": part and part["slot_occupancy"],
         "partial": part,
+        "partial_rebuild": part and rebuilt,
         "targets": {
             "ratio": TARGET_RATIO,
             "slot_occupancy": TARGET_OCCUPANCY,
@@ -340,14 +349,15 @@ def main(argv) -> None:
         + (
             [
                 [
-                    "long_tail partial",
+                    f"long_tail partial ({r['cache']})",
                     tail["p99_over_median"],
                     tail["static_tokens_per_s"],
-                    part["tokens_per_s"],
-                    part["ratio"],
+                    r["tokens_per_s"],
+                    r["ratio"],
                     tail["static_row_occupancy"],
-                    part["slot_occupancy"],
+                    r["slot_occupancy"],
                 ]
+                for r in (part, rebuilt)
             ]
             if part
             else []

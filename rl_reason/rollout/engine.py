@@ -26,6 +26,11 @@ busy while the long samples finish, instead of most rows idling behind them.
   shards (data x fsdp), each shard refilling its slots from its own prompts' samples, so a
   slot never reads another shard's prompt.
 
+* A call may continue earlier ones (`sample(carry=)`, partial rollouts: rollout/partial.py):
+  each row arrives with its completion so far, resumed rows take their slots at once (their
+  caches kept from the last call or rebuilt, rollout/carry.py), the rest queue in the order
+  the carry gives; `on_finished` may stop the call, leaving the live samples where they are.
+
 The result is the static sampler's `SampleOutput` (rows prompt-major, pad after each
 completion), plus the engine's counters for occupancy metrics.
 """

@@ -11,13 +11,19 @@ both log-probs and the policy version each token was drawn under.
   so every token it holds was drawn at most k policy versions earlier. The objective's
   importance ratio uses the sampler's log-probs of each token (`RolloutArrays.ratio_logprobs`
   without `recompute_old_logprobs`): the versions they were drawn under, not the trainer's.
-* A carried sample resumes in a slot of its own batch shard, its cache rebuilt by one forward
-  pass over its prompt and tokens so far under the new weights (`engine._resume`), so its later
-  tokens are drawn from the current policy given its whole context. The sample's key is kept:
-  with unchanged weights its tokens are those it would have drawn in one call (the tests' check).
+* A carried sample resumes in a slot of its own batch shard with its key, so with unchanged
+  weights its tokens are those it would have drawn in one call (the tests' check). Its cache
+  either is kept as the last call left it (cache="keep", the default: the keys and values of
+  its earlier tokens stay those of the weights they were computed with, as in PipelineRL's
+  in-flight weight updates; nothing is recomputed) or is rebuilt by forward passes over its
+  prompt and tokens so far under the new weights (cache="rebuild", as AReaL does: its later
+  tokens are then drawn from the current policy given its whole context, at the cost of a
+  prefill per carried sample). Either way each token's recorded log-probs are those it was
+  drawn with, which is what the importance ratio needs.
 * The state between steps is host arrays (tokens, log-probs, versions, lengths, keys of the
-  batches in flight), checkpointed with the trainer, so a resumed run is bit-identical; the
-  batches' examples come back from the data position before the oldest one.
+  batches in flight) and, with cache="keep", the slots' caches; it is checkpointed with the
+  trainer, so a resumed run is bit-identical; the batches' examples come back from the data
+  position before the oldest one.
 
 Rows of a call are laid out shard-major: each batch shard holds an equal share of every batch
 in flight, oldest first, so every shard's queue is in age order and a resumed sample never
