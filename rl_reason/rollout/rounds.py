@@ -244,7 +244,9 @@ class Rounds:
         """The verified round of the oldest batch in flight, decoded to its end with
         `policy` (policy version `version`) while the later batches use the freed slots."""
         got = batches.step(self.training_policy(policy), version)
-        counts = (got.slot_steps, got.live_slot_steps)
+        # No slot steps: the batch had finished in earlier calls; this step decoded nothing and
+        # has no occupancy to report.
+        counts = (got.slot_steps, got.live_slot_steps) if got.slot_steps else None
         r = self._record(policy, ref_params, got.batch.examples, got.sample, counts)
         stale = got.batch.staleness(version)
         behind = stale[stale >= 0]
