@@ -1,4 +1,4 @@
-"""The environments of multi-turn rollouts (rl_reason/envs/): the protocol on fixed turns.
+"""The environments of multi-turn rollouts (rl_reason/rollout/envs/): the protocol on fixed turns.
 
 The Python tool runs in the real sandbox (bubblewrap): state persists across a trajectory's
 calls, and every fault (exception, timeout, signal, output flood) comes back as an observation
@@ -7,9 +7,9 @@ with its reason while the trajectory goes on; the turn cap ends it.
 
 import pytest
 
-from rl_reason.envs.base import Observation, run_turns
-from rl_reason.envs.guess_number import GuessNumber
-from rl_reason.envs.python_tool import PythonTool, code_of
+from rl_reason.rollout.envs.base import Observation, run_turns
+from rl_reason.rollout.envs.guess_number import GuessNumber
+from rl_reason.rollout.envs.python_tool import PythonTool, code_of
 
 
 def test_guess_number_hints_until_solved():

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from rl_reason.envs.base import Observation
+from rl_reason.rollout.envs.base import Observation
 from rl_reason.verifiers.sandbox import SandboxError, SandboxLimits, run_job
 
 OPEN, CLOSE = "<code>", "</code>"

@@ -5,6 +5,6 @@ answers each model turn with an `Observation`); `python_tool` runs the model's c
 verifiers' sandbox; `guess_number` is a tiny deterministic game for tests.
 """
 
-from rl_reason.envs.base import Environment, Episode, Observation
+from rl_reason.rollout.envs.base import Environment, Episode, Observation
 
 __all__ = ["Environment", "Episode", "Observation"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from rl_reason.envs.base import Observation
+from rl_reason.rollout.envs.base import Observation
 
 _GUESS = re.compile(r"<guess>\s*(-?\d+)\s*</guess>\s*$")
 
