@@ -2,10 +2,11 @@
 
 `HostCarry` is the host's view: every row's completion so far, its key, the rows each slot
 resumes and each batch shard's queue of rows to start (rl_reason/rollout/partial.py builds it).
-`slot_caches` rebuilds the resumed slots' caches with the call's weights, and `Carry` is all of
-it on the devices, as `engine._setup` takes it.
+The resumed slots' caches come either from the last call as it left them (`kept_caches`: each
+slot takes its sample's earlier slot) or are rebuilt with the call's weights (`slot_caches`);
+`Carry` is all of it on the devices, as `engine._setup` takes it.
 
-The caches are rebuilt by forward passes over each resumed sample's prompt and tokens so far,
+Rebuilt caches come from forward passes over each resumed sample's prompt and tokens so far,
 its rows grouped by length into the decode segments' widths: a forward's attention grows with
 the square of its width, so one pass at the longest sample's width would make every short one
 pay for it (llama-20m on the 2-core CPU: 6.1 s for 32 rows x 1,088 tokens, 0.6 s at 320).

@@ -281,8 +281,8 @@ def _setup(
 
 def _resume(ctx: _Context, carry: Carry, fresh, mesh: Mesh):
     """The outputs, slots and slot caches of a call that continues earlier ones: rows not
-    started get `fresh` (their first token), the others what `carry` holds, its slot caches
-    rebuilt with this call's weights (`carry.slot_caches`)."""
+    started get `fresh` (their first token), the others what `carry` holds; the resumed slots
+    take `carry.layers` (kept from the last call or rebuilt, rollout/carry.py)."""
     new = carry.lengths == 0
     pick = lambda a, b: jnp.where(new.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
     outputs = tuple(
