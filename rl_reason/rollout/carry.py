@@ -167,19 +167,14 @@ def kept_caches(kept: tuple, src: np.ndarray, width: int, mesh: Mesh) -> tuple:
 
     def take(layers, src):
         def one(x):
-            got = jnp.take(x, jnp.maximum(src, 0), axis=0)[:, :, :width]
+            got = jnp.take(x, jnp.maximum(src, 0), axis=0, mode="clip")[:, :, :width]
             return _pin(jnp.where((src >= 0)[:, None, None, None], got, 0), mesh)
 
         return tuple(kv_cache.LayerKV(one(kv.k), one(kv.v)) for kv in layers)
 
-    key = ("carry/kept", width, mesh, jax.tree.structure(kept), src.shape)
-    fn = _KEPT.get(key)
-    if fn is None:
-        fn = _KEPT[key] = jax.jit(take)
+    # Nothing of the model is in this program: one per (mesh, width), whatever the policy.
+    fn = sampling.cached("carry/kept", None, (), mesh, dict(width=width), lambda: jax.jit(take))
     return fn(kept, jax.device_put(src.astype(np.int32), sharding.replicated(mesh)))
-
-
-_KEPT: dict = {}
 
 
 def _write(graphdef, params, layers, ids, mask, target, *, tp, w, width, slots, mesh, fresh):

@@ -200,15 +200,17 @@ class GRPOTrainer:
         fields `PartialRollouts.add` keeps with them."""
         before = self.data_state()
         examples = self.next_examples()
-        self.key, key = jax.random.split(self.key)
-        key = jax.random.split(key)[1]
+        key = self._first_round_key()
         prompts = self.rounds.encode_prompts(examples)
         return prompts, key, {"examples": examples, "data_before": before}
 
-    def _dispatch_next(self) -> Rollout:
-        # The key of a step's first sampling round, as `step` derives it on-policy.
+    def _first_round_key(self) -> jax.Array:
+        """The key of a step's first sampling round, as `step` derives it on-policy."""
         self.key, key = jax.random.split(self.key)
-        key = jax.random.split(key)[1]
+        return jax.random.split(key)[1]
+
+    def _dispatch_next(self) -> Rollout:
+        key = self._first_round_key()
         return self.rounds.dispatch(self.policy, self.ref_params, self.next_examples(), key)
 
     def _assemble(self, parts: list[Rollout]) -> tuple[update.Batch, dict[str, Any]]:
