@@ -10,6 +10,8 @@ of every array of each run's final checkpoint (params and optimizer state):
   default     the default experiment's smoke config (stage 1 from scratch, then GRPO)
   off_policy  the same with one-step-off-policy pipelining
   recipe      the countdown recipe's smoke config (a tiny Qwen2-layout model)
+  engine      the default run sampling with the continuous-batching engine (a slot a sample)
+  engine_refilled   ... with 8 slots, refilled as samples finish
   resumed     the default run's workdir without its last checkpoint, continued from there
 
 The hashes are exact for one machine type and library versions; compare records made on the
@@ -35,6 +37,12 @@ RUNS = {
     "default": [f"--config={DEFAULT}"],
     "off_policy": [f"--config={DEFAULT}", "--config.grpo.off_policy_steps=1"],
     "recipe": ["--config=experiments/configs/countdown_qwen2_5_3b.py:smoke"],
+    "engine": [f"--config={DEFAULT}", "--config.grpo.sampling.engine=continuous"],
+    "engine_refilled": [
+        f"--config={DEFAULT}",
+        "--config.grpo.sampling.engine=continuous",
+        "--config.grpo.sampling.engine_slots=8",
+    ],
 }
 
 

@@ -110,7 +110,7 @@ def explained_variance(returns, values, mask) -> jax.Array:
 
 
 def _loss(params, graphdef, mb, clip, normalizer):
-    v = values_of(graphdef, params, mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask)
+    v = values_of(graphdef, params, mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.context_mask)
     return value_loss(v, mb.old_values, mb.returns, mb.mask, clip=clip, normalizer=normalizer)
 
 

@@ -45,7 +45,8 @@ class RolloutArrays:
     def from_sample(cls, out, *, ref_logprobs=None, old_logprobs=None) -> RolloutArrays:
         """The record of a sampler's output (`rollout.sampling.SampleOutput`); no copies."""
         fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
-        fields.setdefault("loss_mask", fields["mask"])
+        if fields.get("loss_mask") is None:
+            fields["loss_mask"] = fields["mask"]
         return cls(**fields, ref_logprobs=ref_logprobs, old_logprobs=old_logprobs)
 
     @property

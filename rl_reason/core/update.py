@@ -43,6 +43,14 @@ class Batch:
     # values of the sampled states (the clipped value loss's anchor); None otherwise.
     returns: jax.Array | None = None
     old_values: jax.Array | None = None
+    # [B, N] bool: the completion tokens the forward pass attends to, when the loss skips some
+    # of them (a multi-turn rollout's observations: unscored, yet context for what follows).
+    # None: the tokens of `mask`.
+    attend: jax.Array | None = None
+
+    @property
+    def context_mask(self) -> jax.Array:
+        return self.mask if self.attend is None else self.attend
 
 
 def learning_rate_fn(opts: OptimOptions, total_steps: int) -> optax.Schedule:
@@ -123,7 +131,7 @@ def _loss_and_metrics(params, frozen, graphdef, mb: Batch, normalizer, cfg: Loss
         mb.prompt_ids,
         mb.prompt_mask,
         mb.tokens,
-        mb.mask,
+        mb.context_mask,
         chunk_size=cfg.logprob_chunk_size,
         with_entropy=True,
     )
@@ -237,7 +245,13 @@ def _logprobs_impl(
 
 
 def _batch_impl(
-    cfg: LossOptions, critic: CriticOptions | None, rollouts, rows_B, advantages_B, values
+    cfg: LossOptions,
+    critic: CriticOptions | None,
+    attend: bool,
+    rollouts,
+    rows_B,
+    advantages_B,
+    values,
 ) -> Batch:
     """Training rows from sampling rounds (`RolloutArrays` each); rows_B picks rows of their
     concatenation (None: all, in order).
@@ -248,6 +262,9 @@ def _batch_impl(
     another normalisation. With PPO's critic ("gae") the [B] rewards and the critic's `values`
     (one [rows, N] array per round) give GAE's advantages (whitened over the batch likewise)
     and returns.
+
+    `attend`: the loss skips completion tokens the forward pass must see (multi-turn
+    observations): the batch carries the completion mask as `attend` too.
     """
     parts = []
     for r in rollouts:
@@ -265,6 +282,7 @@ def _batch_impl(
                 r.ratio_logprobs,
                 ref,
                 r.policy_logprobs,
+                *((r.mask,) if attend else ()),
             )
         )
     fields = [jnp.concatenate(column, axis=0) for column in zip(*parts, strict=True)]
@@ -274,11 +292,14 @@ def _batch_impl(
         fields = [x[rows_B] for x in fields]
     if values is not None:
         *fields, old_values = fields
+    seen = None
+    if attend:
+        *fields, seen = fields
     *fields, sampler = fields
     advantages = advantages_B.astype(jnp.float32)
     sampler = sampler if cfg.correction != "none" else None
     if not losses.is_token_level(cfg.advantage_estimator):
-        return Batch(*fields, advantages=advantages, sampler_logp=sampler)
+        return Batch(*fields, advantages=advantages, sampler_logp=sampler, attend=seen)
     mask, old, ref = fields[3], fields[4], fields[5]
     kl = losses.kl_penalty(old, ref, cfg.reward_kl_estimator) if cfg.reward_kl_coef > 0 else None
     if critic is not None:
@@ -288,10 +309,15 @@ def _batch_impl(
         if critic.whiten_advantages:
             adv = losses.whiten(adv, mask)
         return Batch(
-            *fields, advantages=adv, sampler_logp=sampler, returns=returns, old_values=old_values
+            *fields,
+            advantages=adv,
+            sampler_logp=sampler,
+            returns=returns,
+            old_values=old_values,
+            attend=seen,
         )
     advantages = losses.token_advantages(advantages, mask, kl, cfg.reward_kl_coef)
-    return Batch(*fields, advantages=advantages, sampler_logp=sampler)
+    return Batch(*fields, advantages=advantages, sampler_logp=sampler, attend=seen)
 
 
 @jax.jit
@@ -413,18 +439,22 @@ class StepFns:
             raise ValueError("make_batch takes the critic's values exactly when a critic runs")
         values = None if values is None else tuple(values)
         present = lambda r: tuple(getattr(r, f.name) is not None for f in dataclasses.fields(r))
-        key = (tuple(present(r) for r in rollouts), rows_B is None)
+        # A loss mask that is not the completion mask itself skips tokens the forward pass
+        # still reads (record.RolloutArrays).
+        attend = any(r.loss_mask is not r.mask for r in rollouts)
+        key = (tuple(present(r) for r in rollouts), rows_B is None, attend)
         if key not in self._batch_fns:
             shard = lambda x: None if x is None else self._rows(x.ndim)
+            out = self._batch.replace(attend=self._rows(2)) if attend else self._batch
             self._batch_fns[key] = jax.jit(
-                functools.partial(_batch_impl, self._loss, self._critic),
+                functools.partial(_batch_impl, self._loss, self._critic, attend),
                 in_shardings=(
                     tuple(jax.tree.map(shard, r) for r in rollouts),
                     None if rows_B is None else self._repl,
                     self._repl,
                     None if values is None else tuple(self._rows(2) for _ in values),
                 ),
-                out_shardings=self._batch,
+                out_shardings=out,
             )
         return self._batch_fns[key](rollouts, rows_B, advantages_B, values)
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -84,16 +85,26 @@ class EngineOutput:
 @struct.dataclass
 class _Slots:
     """Per-slot state, [S] each: the sample held (-1: none), the tokens it has emitted, the last
-    of them (fed at the next step), and whether it has ended."""
+    of them (fed at the next step), and whether it has ended. Multi-turn rollouts add whether
+    the sample waits for the environment's answer to its turn (it keeps its slot and cache but
+    does not decode), and up to which of its tokens the slot emits the observation the host
+    wrote into the output buffer instead of sampling (`forced`)."""
 
     sample: jax.Array
     emitted: jax.Array
     token: jax.Array
     done: jax.Array
+    waiting: jax.Array
+    forced: jax.Array
 
     @property
     def live(self) -> jax.Array:
-        return (self.sample >= 0) & ~self.done
+        return (self.sample >= 0) & ~self.done & ~self.waiting
+
+    @property
+    def held(self) -> jax.Array:
+        """Slots a sample occupies: live or waiting for its observation."""
+        return self.live | self.waiting
 
 
 def _pin(x: jax.Array, mesh: Mesh, names) -> jax.Array:
@@ -114,20 +125,22 @@ def _refill(slots: _Slots, next_D, ctx: _Context) -> tuple[_Slots, jax.Array]:
     (drawn from its prompt's prefill) already emitted; one that this token ended holds its
     slot, not live, until the next refill."""
     d, per_shard = ctx.queue.shape
-    free_DS = (~slots.live).reshape(d, -1)
+    free_DS = (~slots.held).reshape(d, -1)
     rank_DS = jnp.cumsum(free_DS, axis=1, dtype=jnp.int32) - 1
     at_DS = next_D[:, None] + rank_DS
     take_DS = free_DS & (at_DS < ctx.queue_len[:, None])
     local_DS = jnp.take_along_axis(ctx.queue, jnp.minimum(at_DS, per_shard - 1), axis=1)
     take = take_DS.reshape(-1)
     new = (jnp.arange(d, dtype=jnp.int32)[:, None] * per_shard + local_DS).reshape(-1)
-    sample = jnp.where(take, new, jnp.where(slots.live, slots.sample, -1))
+    sample = jnp.where(take, new, jnp.where(slots.held, slots.sample, -1))
     arrived = jnp.maximum(sample, 0)
     slots = _Slots(
         sample=sample,
         emitted=jnp.where(take, 1, slots.emitted),
         token=jnp.where(take, ctx.first[arrived], slots.token),
         done=jnp.where(take, ctx.ended[arrived], slots.done),
+        waiting=jnp.where(take, ctx.first_waits[arrived], slots.waiting),
+        forced=jnp.where(take, 0, slots.forced),
     )
     return slots, next_D + jnp.sum(take_DS, axis=1, dtype=jnp.int32)
 
@@ -151,7 +164,7 @@ def _shrink(state, fewer: int, shards: int, mesh: Mesh):
     """The state with its live slots packed into `fewer` slots, within each batch shard."""
     slots, next_D, layers, *rest = state
     per_shard = slots.sample.shape[0] // shards
-    live_DS = slots.live.reshape(shards, per_shard)
+    live_DS = slots.held.reshape(shards, per_shard)
     keep_DS = jnp.argsort(~live_DS, axis=1, stable=True)[:, : fewer // shards]
     keep = (jnp.arange(shards)[:, None] * per_shard + keep_DS).reshape(-1)
     take = lambda x: jnp.take(x, keep, axis=0, mode="clip")
@@ -172,6 +185,7 @@ class _Context:
     rope: tuple  # (sin, cos) [P, buffer_len, 1, H/2] at each prompt's new positions
     first: jax.Array  # [B] each sample's first token, drawn from its prompt's prefill
     ended: jax.Array  # [B] bool: ... which ended it (stop token, or a budget of 1)
+    first_waits: jax.Array  # [B] bool: ... which ended its first turn (multi-turn)
     # Each batch shard's rows in the order slots take them: [D, B / D] local ids, the first
     # queue_len [D] of them pending at the start (all, in id order, unless a carry says
     # otherwise), and each row's place in its queue [B] (-1: not queued, never taken).
@@ -196,6 +210,7 @@ def _setup(
     mesh: Mesh,
     carry: Carry | None = None,
     first_width: int = 0,
+    turn_ids: tuple[int, ...] = (),
 ):
     """Prefill every prompt, draw every sample's first token, fill the slots: (context, state).
     With `carry`, the call continues earlier ones, its slot caches `first_width` wide.
@@ -234,6 +249,11 @@ def _setup(
     )
     stopped = jnp.isin(first_B, stop_ids)
     ended_B = stopped | (max_new <= 1)
+    first_waits = (
+        ~ended_B & jnp.isin(first_B, jnp.asarray(turn_ids, jnp.int32))
+        if turn_ids
+        else jnp.zeros((b,), bool)
+    )
     ctx = _Context(
         prefix=tuple(kv_cache.heads_first(kv) for kv in kvs),
         prompt_mask=prompt_mask_PT.astype(bool),
@@ -244,6 +264,7 @@ def _setup(
         rope=rope_table(prompt_len_P[:, None] + jnp.arange(buffer_len)[None], model.cfg),
         first=first_B,
         ended=ended_B,
+        first_waits=first_waits,
         queue=queue,
         queue_len=queue_len,
         queue_pos=queue_pos,
@@ -262,6 +283,8 @@ def _setup(
             emitted=jnp.zeros((num_slots,), jnp.int32),
             token=jnp.full((num_slots,), pad_id, jnp.int32),
             done=jnp.zeros((num_slots,), bool),
+            waiting=jnp.zeros((num_slots,), bool),
+            forced=jnp.zeros((num_slots,), jnp.int32),
         )
 
         def empty_layer(kv: kv_cache.LayerKV) -> kv_cache.LayerKV:
@@ -308,6 +331,8 @@ def _resume(ctx: _Context, carry: Carry, fresh, mesh: Mesh):
         emitted=length_S,
         token=carry.tokens[row, jnp.maximum(length_S - 1, 0)],
         done=jnp.zeros(row_S.shape, bool),
+        waiting=jnp.zeros(row_S.shape, bool),
+        forced=jnp.zeros(row_S.shape, jnp.int32),
     )
     return outputs, slots, (_pin_layers(carry.layers, mesh) if carry.layers else ())
 
@@ -319,16 +344,23 @@ def _slot_prompts(ctx: _Context, prompt_S):
     return pre, take(ctx.prompt_mask), take(ctx.positions)
 
 
-def _decode_step(model, ctx: _Context, state, *, mode, group_size, cfg, mesh):
-    """One decode step of every slot; ended slots are refilled from their shard's pending."""
+def _decode_step(model, ctx: _Context, state, *, mode, group_size, cfg, mesh, turn_ids=()):
+    """One decode step of every slot; ended slots are refilled from their shard's pending.
+
+    With `turn_ids` (multi-turn), a slot whose sample has an observation to emit emits its
+    next token from the output buffer (where the host wrote it), log-probs 0, instead of
+    drawing one; feeding it writes the cache like any token, so the context grows without a
+    second prefill. A drawn token in `turn_ids` ends the turn: the slot waits for the host."""
     slots, next_D, layers, outputs, (steps, slot_steps, live_steps), held = state
     tokens, slp, plp, lengths, stopped = outputs
     b = ctx.first.shape[0]
     live = slots.live
     row = jnp.maximum(slots.sample, 0)
     prompt = row // group_size
-    # A slot feeds its last token (token emitted - 1) at cache slot emitted - 1.
-    index = jnp.where(live, jnp.maximum(slots.emitted - 1, 0), 0)
+    # A slot feeds its last token (token emitted - 1) at cache slot emitted - 1. Every slot's
+    # cache entry at its index is written, so a slot waiting for an observation feeds its
+    # turn's last token again where it was: the same keys and values it will write on resuming.
+    index = jnp.where(slots.held, jnp.maximum(slots.emitted - 1, 0), 0)
     if mode == "grouped":
         # Slot i holds sample i: the group layout of the static sampler, whose G rows of a
         # prompt read its keys once, in one matmul.
@@ -353,19 +385,32 @@ def _decode_step(model, ctx: _Context, state, *, mode, group_size, cfg, mesh):
     # Rows of slots without a live sample are written out of bounds, i.e. dropped.
     out_row = jnp.where(live, row, b)
     col = slots.emitted
+    drawn = live
+    if turn_ids:
+        forced = live & (col < slots.forced)
+        drawn = live & ~forced
+        written = tokens[row, jnp.minimum(col, tokens.shape[1] - 1)]
+        token = jnp.where(forced, written, token)
+        s_lp, p_lp = jnp.where(forced, 0.0, s_lp), jnp.where(forced, 0.0, p_lp)
     tokens = tokens.at[out_row, col].set(token, mode="drop")
     slp = slp.at[out_row, col].set(s_lp, mode="drop")
     plp = plp.at[out_row, col].set(p_lp, mode="drop")
     lengths = lengths.at[out_row].set(col + 1, mode="drop")
     stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
-    hit_stop = live & jnp.isin(token, stop_ids)
+    hit_stop = drawn & jnp.isin(token, stop_ids)
     stopped = stopped.at[out_row].set(hit_stop, mode="drop")
     emitted = jnp.where(live, slots.emitted + 1, slots.emitted)
+    done = slots.done | (live & (hit_stop | (emitted >= ctx.max_new)))
+    waiting = slots.waiting
+    if turn_ids:
+        waiting = waiting | (drawn & ~done & jnp.isin(token, jnp.asarray(turn_ids, jnp.int32)))
     slots = _Slots(
         sample=slots.sample,
         emitted=emitted,
         token=jnp.where(live, token, slots.token),
-        done=slots.done | (live & (hit_stop | (emitted >= ctx.max_new))),
+        done=done,
+        waiting=waiting,
+        forced=slots.forced,
     )
     slots, next_D = _refill(slots, next_D, ctx)
     outputs = (tokens, slp, plp, lengths, stopped)
@@ -379,7 +424,15 @@ def _decode_step(model, ctx: _Context, state, *, mode, group_size, cfg, mesh):
 
 def _working(ctx: _Context, state) -> jax.Array:
     slots, next_D = state[0], state[1]
-    return jnp.any(slots.live) | jnp.any(next_D < ctx.queue_len)
+    return jnp.any(slots.held) | jnp.any(next_D < ctx.queue_len)
+
+
+def _progress(ctx: _Context, state) -> jax.Array:
+    """Whether a decode step would do anything: a slot is live, or a free one can take a
+    pending sample (all held slots may be waiting for the host's observations)."""
+    slots, next_D = state[0], state[1]
+    free_D = jnp.any((~slots.held).reshape(next_D.shape[0], -1), axis=1)
+    return jnp.any(slots.live) | jnp.any((next_D < ctx.queue_len) & free_D)
 
 
 def _in_stage(ctx: _Context, state, width: int, fewer: int | None) -> jax.Array:
@@ -392,14 +445,17 @@ def _in_stage(ctx: _Context, state, width: int, fewer: int | None) -> jax.Array:
     go = _working(ctx, state) & fits
     if fewer is None:
         return go
-    live_D = jnp.sum(slots.live.reshape(shards, -1), axis=1)
+    live_D = jnp.sum(slots.held.reshape(shards, -1), axis=1)
     can_shrink = jnp.all(next_D >= ctx.queue_len) & jnp.all(live_D <= fewer // shards)
     return go & ~can_shrink
 
 
-def _stage(model, ctx, state, step_limit, *, mode, width, fewer, group_size, cfg, mesh):
+def _stage(
+    model, ctx, state, step_limit, *, mode, width, fewer, group_size, cfg, mesh, turn_ids=()
+):
     """Decode at one (slot count, cache width) while the stage has steps left, and (when
-    `step_limit` is given) until the call's decode steps reach it."""
+    `step_limit` is given) until the call's decode steps reach it; with `turn_ids`, also
+    until every held slot waits for the host."""
     have = state[2][0].k.shape[kv_cache.SEQ_AXIS]
     if width > have:
         pad = [(0, 0)] * 4
@@ -407,11 +463,20 @@ def _stage(model, ctx, state, step_limit, *, mode, width, fewer, group_size, cfg
         grown = tuple(kv_cache.LayerKV(jnp.pad(x.k, pad), jnp.pad(x.v, pad)) for x in state[2])
         state = (*state[:2], _pin_layers(grown, mesh), *state[3:])
     step = functools.partial(
-        _decode_step, model, ctx, mode=mode, group_size=group_size, cfg=cfg, mesh=mesh
+        _decode_step,
+        model,
+        ctx,
+        mode=mode,
+        group_size=group_size,
+        cfg=cfg,
+        mesh=mesh,
+        turn_ids=turn_ids,
     )
 
     def cond(s):
         go = _in_stage(ctx, s, width, fewer)
+        if turn_ids:
+            go = go & _progress(ctx, s)
         return go if step_limit is None else go & (s[4][0] < step_limit)
 
     return jax.lax.while_loop(cond, step, state)
@@ -460,10 +525,10 @@ def _output(ctx, state, prompt_ids_PT, prompt_mask_PT) -> EngineOutput:
 
 
 def _live_rows(state) -> jax.Array:
-    """[B] bool: the rows a slot holds live."""
+    """[B] bool: the rows a slot holds (live, or waiting for an observation)."""
     slots, outputs = state[0], state[3]
     b = outputs[3].shape[0]
-    where = jnp.where(slots.live, slots.sample, b)
+    where = jnp.where(slots.held, slots.sample, b)
     return jnp.zeros((b,), bool).at[where].set(True, mode="drop")
 
 
@@ -548,6 +613,7 @@ def sample(
     on_finished: Callable[[Finished], bool | None] | None = None,
     stream_steps: int = 32,
     carry: HostCarry | None = None,
+    turns: TurnHost | None = None,
 ) -> EngineOutput:
     """`sampling.sample` through the continuous-batching engine (same arguments, plus
     `engine`); `.sample` of the result is what `sampling.sample` returns for the same key.
@@ -562,7 +628,15 @@ def sample(
     result's `finished` and `live` say which (what `carry` of a next call needs).
 
     `carry` (`HostCarry`, one process only, with `on_finished`): the call continues where
-    earlier calls left these rows (partial rollouts, rl_reason/rollout/partial.py)."""
+    earlier calls left these rows (partial rollouts, rl_reason/rollout/partial.py).
+
+    `turns` (`TurnHost`, one process only): a multi-turn rollout (rl_reason/rollout/
+    multi_turn.py). A sample that draws one of `turns.stop_ids` waits in its slot; every
+    `stream_steps` decode steps, or sooner when no slot can go on, the host answers the
+    waiting samples (`turns.answer`) and each answer's tokens are emitted one a decode step
+    from the slot's cache, so nothing is prefilled twice. `max_new_tokens` bounds the whole
+    trajectory, observations included; an observation that does not fit is cut and the
+    sample ends truncated."""
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if on_finished is not None and stream_steps < 1:
@@ -598,12 +672,61 @@ def sample(
         if on_finished is None or jax.process_count() > 1:
             raise ValueError("engine.sample(carry=) needs on_finished and runs in one process")
         carry.check(samples, slots, shards, buffer_len)
-    if on_finished is not None:
-        return _streamed(graphdef, params, args, mesh, stream_steps, on_finished, static, carry)
+    if turns is not None:
+        if carry is not None or jax.process_count() > 1:
+            raise ValueError("engine.sample(turns=) runs in one process, without a carry")
+        if not turns.stop_ids:
+            raise ValueError("engine.sample(turns=) needs turns.stop_ids (the turn-end tokens)")
+        if stream_steps < 1:
+            raise ValueError(f"stream_steps must be >= 1, got {stream_steps}")
+        static["turn_ids"] = tuple(int(i) for i in turns.stop_ids)
+    if on_finished is not None or turns is not None:
+        return _streamed(
+            graphdef, params, args, mesh, stream_steps, on_finished, static, carry, turns
+        )
     repl = NamedSharding(mesh, PartitionSpec())
     out_shardings = EngineOutput(sampling.sample_output_shardings(mesh), repl, repl, repl)
     fn = sampling.compiled(_engine_impl, graphdef, params, mesh, out_shardings, **static)
     return fn(params, *args)
+
+
+class TurnHost(Protocol):
+    """The host side of a multi-turn rollout. `stop_ids`: tokens that end a turn calling the
+    environment. `answer(rows, tokens, lengths)`: for this call's rows that wait (their
+    completions so far, [n, buffer_len] and [n]), each one's observation tokens and whether
+    the trajectory ends there instead (its tokens are then not emitted)."""
+
+    stop_ids: tuple[int, ...]
+
+    def answer(
+        self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray
+    ) -> list[tuple[Sequence[int], bool]]: ...
+
+
+def _feed(ctx: _Context, state, slot_S, obs_SM, obs_len_S, end_S):
+    """The host's answers into the state: slot_S[i] (S: padding) gets observation
+    obs_SM[i, :obs_len_S[i]] written after its sample's tokens and emitted from the next step
+    (cut to the budget), or ends (end_S[i]: stopped, not truncated)."""
+    slots, next_D, layers, outputs, counts, held = state
+    tokens, slp, plp, lengths, stopped = outputs
+    b, s, m = tokens.shape[0], slots.sample.shape[0], obs_SM.shape[1]
+    valid = slot_S < s
+    idx = jnp.minimum(slot_S, s - 1)
+    row = jnp.where(valid, slots.sample[idx], b)
+    start = slots.emitted[idx]
+    count = jnp.where(end_S, 0, jnp.minimum(obs_len_S, ctx.max_new - start))
+    col = start[:, None] + jnp.arange(m, dtype=jnp.int32)[None]
+    put = jnp.arange(m)[None] < count[:, None]
+    tokens = tokens.at[jnp.where(put, row[:, None], b), col].set(obs_SM, mode="drop")
+    at = jnp.where(valid, idx, s)
+    ends = jnp.where(valid & end_S, idx, s)
+    slots = slots.replace(
+        forced=slots.forced.at[at].set(start + count, mode="drop"),
+        waiting=slots.waiting.at[at].set(False, mode="drop"),
+        done=slots.done.at[ends].set(True, mode="drop"),
+    )
+    stopped = stopped.at[jnp.where(valid & end_S, row, b)].set(True, mode="drop")
+    return slots, next_D, layers, (tokens, slp, plp, lengths, stopped), counts, held
 
 
 @dataclasses.dataclass
@@ -621,13 +744,15 @@ class Finished:
 
 
 def _streamed(
-    graphdef, params, args, mesh, stream_steps, on_finished, static, carry=None
+    graphdef, params, args, mesh, stream_steps, on_finished, static, carry=None, turns=None
 ) -> EngineOutput:
     """The engine's stages as host-driven calls of at most `stream_steps` decode steps each;
-    after each, the newly finished local samples go to `on_finished`, which may stop the call.
+    after each, the newly finished local samples go to `on_finished`, which may stop the call,
+    and (multi-turn) the waiting samples get their observations from `turns`.
     The state is donated from call to call; only the finished flags (and, when some are new,
     the output rows) come back to the host."""
     group_size, cfg = static["group_size"], static["cfg"]
+    turn_ids = static.get("turn_ids", ())
     host_width, host_done = 0, None
     if carry is not None:
         host, n = carry, static["buffer_len"]
@@ -657,6 +782,7 @@ def _streamed(
     batch1 = sharding.batch_sharding(mesh, 1)
     merge = lambda p: nnx.merge(graphdef, *p)
     setup_kw = {k: static[k] for k in ("group_size", "num_slots", "shards", "buffer_len", "pad_id")}
+    setup_kw["turn_ids"] = turn_ids
 
     first_width = 0 if carry is None else host_width
 
@@ -681,10 +807,11 @@ def _streamed(
                 group_size=group_size,
                 cfg=cfg,
                 mesh=mesh,
+                turn_ids=turn_ids,
             )
             active = _in_stage(ctx, state, width, fewer)
             finished = jax.lax.with_sharding_constraint(_finished(ctx, state), batch1)
-            return state, (active, state[4][0], finished)
+            return state, (active, state[4][0], finished, jnp.any(state[0].waiting))
 
         return jax.jit(chunk, donate_argnums=(2,))
 
@@ -706,6 +833,8 @@ def _streamed(
 
     def emit(state, finished, steps: int) -> None:
         nonlocal sent, stop
+        if on_finished is None:
+            return
         done = sharding.local_rows(finished)
         if sent is None:
             sent = np.zeros(done.shape, bool)
@@ -716,13 +845,37 @@ def _streamed(
         tokens, lengths, stopped = (sharding.local_rows(x) for x in rows_fn(state))
         stop = bool(on_finished(Finished(new, tokens[new], lengths[new], ~stopped[new], steps)))
 
+    repl = sharding.replicated(mesh)
+
+    def answer(state):
+        """The waiting samples' observations from the host, into the state."""
+        waiting_of = lambda: jax.jit(lambda st: (st[0].waiting, st[0].sample))
+        waiting, held = (np.asarray(x) for x in jitted("waiting", waiting_of)(state))
+        at = np.flatnonzero(waiting)
+        rows = held[at]
+        tokens, lengths, _ = (np.asarray(x) for x in rows_fn(state))
+        replies = turns.answer(rows, tokens[rows], lengths[rows])
+        n_slots = len(waiting)
+        width = sampling.bucket(max([len(ids) for ids, _ in replies] + [1]))
+        slot_S = np.full(n_slots, n_slots, np.int32)
+        obs = np.full((n_slots, width), static["pad_id"], np.int32)
+        obs_len, end = np.zeros(n_slots, np.int32), np.zeros(n_slots, bool)
+        for i, (slot, (ids, ends)) in enumerate(zip(at, replies, strict=True)):
+            slot_S[i], obs_len[i], end[i] = slot, len(ids), ends
+            obs[i, : len(ids)] = ids
+        host = (slot_S, obs, obs_len, end)
+        make = lambda: jax.jit(_feed, donate_argnums=(1,))
+        return jitted("feed", make)(ctx, state, *(jax.device_put(x, repl) for x in host))
+
     def run(state, mode, width, fewer):
         nonlocal limit
         chunk = jitted(f"chunk/{mode}/{width}/{fewer}", lambda: make_chunk(mode, width, fewer))
         while not stop:
-            state, (active, steps, finished) = chunk(params, ctx, state, np.int32(limit))
+            state, (active, steps, finished, waits) = chunk(params, ctx, state, np.int32(limit))
             active, steps = bool(_scalar(active)), int(_scalar(steps))
             emit(state, finished, steps)
+            if turns is not None and bool(_scalar(waits)):
+                state = answer(state)
             if not active:
                 break
             limit = steps + stream_steps
@@ -739,7 +892,6 @@ def _streamed(
     n_slots, min_slots, shards = static["num_slots"], static["min_slots"], static["shards"]
     stages = _stages(n_slots, min_slots, shards, b, static["buffer_len"], cfg)
     state = _drive(stages, state, run, pack)
-    repl = sharding.replicated(mesh)
     if carry is None and not stop:
         shardings = EngineOutput(sampling.sample_output_shardings(mesh), repl, repl, repl)
         output = lambda: jax.jit(_output, out_shardings=shardings)

@@ -60,6 +60,9 @@ class SampleOutput:
     truncated: jax.Array  # [B] bool: budget reached without a stop token
     prompt_ids: jax.Array  # [P, Tp] int32, left-padded
     prompt_mask: jax.Array  # [P, Tp] bool
+    # [B, N] bool, from multi-turn rollouts (rollout/multi_turn.py): the tokens the policy wrote
+    # (`mask` without the observations). None: every completion token is the policy's.
+    loss_mask: jax.Array | None = None
 
 
 def _constrain_cache(cache: kv_cache.KVCache, mesh: Mesh) -> kv_cache.KVCache:
