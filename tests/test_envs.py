@@ -62,5 +62,8 @@ def test_python_state_persists_and_faults_continue_the_trajectory():
 def test_python_tool_turn_cap_and_bad_limits():
     capped = run_turns(PythonTool(max_turns=1), {}, ["<code>1</code>", "<code>2</code>"])
     assert [o.reason for o in capped] == ["ok", "turn_limit"]
+    # A stray end marker runs nothing and says so; the trajectory goes on.
+    (bad,) = run_turns(PythonTool(), {}, ["x = 1 </code>"])
+    assert bad.reason == "malformed" and not bad.done and "no <code>" in bad.text
     with pytest.raises(ValueError, match="timeout_s"):
         PythonTool(timeout_s=0)

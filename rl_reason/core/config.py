@@ -61,6 +61,24 @@ class SamplingOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class MultiTurnOptions:
+    """Multi-turn rollouts (rl_reason/rollout/multi_turn.py): the policy's turns that end in
+    the environment's stop marker get its answer appended (masked out of the loss), and
+    decoding goes on from the cache. `env` "" is off, or a name in
+    `rl_reason.rollout.envs.ENVIRONMENTS`. The token budget (max_new_tokens) bounds the whole
+    trajectory, observations included."""
+
+    env: str = ""
+    max_turns: int = 4  # observations a trajectory gets before it is ended ("turn_limit")
+    max_observation_tokens: int = 128  # an observation's tokens past this are cut
+    # The host answers waiting samples every this many decode steps (or sooner, when no sample
+    # can go on): fewer host round trips against a waiting slot's idle steps.
+    look_steps: int = 8
+    tool_timeout_s: float = 5.0  # python_tool: each call's wall-clock limit
+    tool_max_output_chars: int = 256  # python_tool: output past this is cut ("truncated")
+
+
+@dataclasses.dataclass(frozen=True)
 class LossOptions:
     """The objective (rl_reason.losses): static options of the jitted update."""
 
@@ -163,6 +181,7 @@ class GRPOConfig:
     optim: OptimOptions = dataclasses.field(default_factory=OptimOptions)
     reward: RewardOptions = dataclasses.field(default_factory=RewardOptions)
     critic: CriticOptions = dataclasses.field(default_factory=CriticOptions)
+    multi_turn: MultiTurnOptions = dataclasses.field(default_factory=MultiTurnOptions)
     # 1: sample step k+1's rollouts with the weights before step k's update, while step k
     # trains and step k+1's completions are verified (one-step-off-policy; the ratio is taken
     # against the sampler's log-probs). 0: on-policy.
@@ -235,6 +254,8 @@ def finite(x) -> bool:
 
 
 ENGINES = ("static", "continuous")
+# The environments of rl_reason.rollout.envs.ENVIRONMENTS (a test keeps the two the same).
+ENVIRONMENT_NAMES = ("python_tool", "guess_number")
 COMPUTE_DTYPES = ("", "float32", "bfloat16")
 
 # field -> (test, the bound it states, why the bound exists)
@@ -283,6 +304,16 @@ _RULES: dict[str, _Rule] = {
         "'keep' or 'rebuild'",
         "how a carried sample's cache resumes",
     ),
+    "multi_turn.env": (
+        lambda v, c: v == "" or v in ENVIRONMENT_NAMES,
+        f"'' or one of {list(ENVIRONMENT_NAMES)}",
+        "the environments rl_reason.rollout.envs builds",
+    ),
+    "multi_turn.max_turns": (lambda v, c: v >= 1, ">= 1", "0 turns would be single-turn"),
+    "multi_turn.max_observation_tokens": (lambda v, c: v >= 1, ">= 1", "an observation's cap"),
+    "multi_turn.look_steps": (lambda v, c: v >= 1, ">= 1", "decode steps between host looks"),
+    "multi_turn.tool_timeout_s": (lambda v, c: finite(v) and v > 0, "> 0", "a tool call's limit"),
+    "multi_turn.tool_max_output_chars": (lambda v, c: v >= 1, ">= 1", "an observation's text"),
     "sampling.compute_dtype": (
         lambda v, c: v in COMPUTE_DTYPES,
         f"one of {list(COMPUTE_DTYPES)}",
@@ -395,6 +426,18 @@ def _problems(cfg: GRPOConfig) -> list[str]:
                 "(the ratio then uses the log-probs each token was drawn under) or set "
                 "loss.correction"
             )
+    if cfg.multi_turn.env:
+        for clash, why in (
+            (cfg.sampling.partial_rollout_steps, "sampling.partial_rollout_steps"),
+            (cfg.off_policy_steps, "off_policy_steps=1"),
+            (
+                cfg.sampling.engine_stream_steps,
+                "sampling.engine_stream_steps (the verifier checks a trajectory's final turn, "
+                "known once it ends)",
+            ),
+        ):
+            if clash:
+                problems.append(f"multi_turn.env cannot be combined with {why} yet")
     loss, estimators = cfg.loss, _registries()["loss.advantage_estimator"]
     if loss.reward_kl_coef > 0 and loss.advantage_estimator in estimators:
         if not getattr(estimators[loss.advantage_estimator], "token_level", False):

@@ -100,6 +100,10 @@ class Rollout:
     # Partial rollouts (rollout/partial.py): the share of samples with tokens drawn under an
     # older policy version, and how many versions behind the completion tokens are, on mean.
     partial_stats: dict[str, float] | None = None
+    # Multi-turn rollouts (rollout/multi_turn.py): the host's record of the turns (observation
+    # spans, tool-call reasons) and, once sent, its means over the round's trajectories.
+    turns: Any = None
+    turn_stats: dict[str, float] | None = None
 
     @property
     def groups(self) -> int:

@@ -22,7 +22,7 @@ from models.transformer import Transformer
 from rl_reason.core.config import GRPOConfig, overlong_penalty
 from rl_reason.core.record import Rollout, RolloutArrays
 from rl_reason.infra import sharding
-from rl_reason.rollout import engine, partial, sampling
+from rl_reason.rollout import engine, envs, multi_turn, partial, sampling
 from rl_reason.rollout.sampling import SamplingConfig
 
 
@@ -94,6 +94,11 @@ class Rounds:
         )
         check_verifier(task.verifier_name)
         self._cast: tuple | None = None  # (policy graphdef, its compute_dtype twin)
+        self.env = envs.make(cfg.multi_turn) if cfg.multi_turn.env else None
+        if self.env is not None:
+            if jax.process_count() > 1:
+                raise ValueError("multi_turn.env runs in one process for now")
+            multi_turn.stop_marker_id(tokenizer, self.env.stop_marker)  # fails early
 
     def training_policy(self, policy: tuple) -> tuple:
         """`policy` as the training rounds sample with it: the same weights computing in
@@ -143,16 +148,52 @@ class Rounds:
             mesh=self.mesh,
         )
         prompts = self.encode_prompts(examples)
+        if self.env is not None:
+            return self._multi_turn(policy, prompts, examples, key, kw)
         if self.engine is None:
             return sampling.sample(policy, prompts, key, **kw)
         if on_finished is not None:
             kw.update(on_finished=on_finished, stream_steps=self.cfg.sampling.engine_stream_steps)
         return engine.sample(policy, prompts, key, engine=self.engine, **kw)
 
+    def _multi_turn(self, policy, prompts, examples, key, kw) -> _TurnsOutput:
+        """A multi-turn call: always the engine (a slot per sample unless the run sets
+        slots), since rows must wait one by one."""
+        mt = self.cfg.multi_turn
+        out, record = multi_turn.sample(
+            policy,
+            prompts,
+            key,
+            env=self.env,
+            tokenizer=self.tokenizer,
+            examples=examples,
+            engine_config=self.engine or engine.EngineConfig(),
+            max_observation_tokens=mt.max_observation_tokens,
+            look_steps=mt.look_steps,
+            **kw,
+        )
+        return _TurnsOutput(out, record)
+
     def sample(self, policy: tuple, examples, key, *, group_size: int, config: SamplingConfig):
-        """`generate`'s `SampleOutput` whichever sampler runs (the evaluator's call)."""
+        """`generate`'s `SampleOutput` whichever sampler runs."""
         out = self.generate(policy, examples, key, group_size=group_size, config=config)
+        if isinstance(out, _TurnsOutput):
+            out = out.engine
         return out.sample if isinstance(out, engine.EngineOutput) else out
+
+    def sample_texts(self, policy: tuple, examples, key, *, group_size: int, config):
+        """The evaluator's call: this process's texts for the verifier (a multi-turn
+        trajectory's final turn), their lengths and truncation flags, and (multi-turn) each
+        row's tool calls, else None."""
+        out = self.generate(policy, examples, key, group_size=group_size, config=config)
+        if not isinstance(out, _TurnsOutput):
+            out = out.sample if isinstance(out, engine.EngineOutput) else out
+            return (*self.decode(out), None)
+        s = out.engine.sample
+        tokens, lengths = np.asarray(s.tokens), np.asarray(s.lengths)
+        calls = np.asarray([len(spans) for spans in out.record.spans])
+        texts = out.record.final_turns(tokens, lengths)
+        return texts, lengths, np.asarray(s.truncated), calls
 
     def decode(self, out) -> tuple[list[str], np.ndarray, np.ndarray]:
         """This process's completions as text, with their lengths and truncation flags."""
@@ -203,10 +244,13 @@ class Rounds:
             config=self.sampling,
             on_finished=streamed,
         )
-        counts = None
+        counts, turns = None, None
+        if isinstance(out, _TurnsOutput):
+            out, turns = out.engine, out.record
         if isinstance(out, engine.EngineOutput):
             out, counts = out.sample, (out.slot_steps, out.live_slot_steps)
         r = self._record(policy, ref_params, examples, out, counts)
+        r.turns = turns
         if streamed is not None:  # already sent, sample by sample
             r.texts, r.lengths, r.truncated, r.pending = streamed.collected()
             r.submitted_at, r.streamed_frac = streamed.first_submitted, streamed.early_frac()
@@ -264,8 +308,13 @@ class Rounds:
             return
         r.texts, local_lengths, local_truncated = self.decode(r.arrays)
         r.lengths, r.truncated = local_lengths, local_truncated
+        verify = r.texts
+        if r.turns is not None:
+            # The verifier checks the final turn: no observation can answer for the policy.
+            verify = r.turns.final_turns(sharding.local_rows(r.arrays.tokens), local_lengths)
+            r.turn_stats = r.turns.stats(local_lengths, local_truncated)
         r.submitted_at = time.perf_counter()
-        r.pending = self.submit(r.texts, r.example_per_row(len(r.texts)))
+        r.pending = self.submit(verify, r.example_per_row(len(r.texts)))
 
     def receive(self, r: Rollout) -> Rollout:
         """Rewards of a sent round, gathered over processes (waits for the verifiers)."""
@@ -319,6 +368,14 @@ class Rounds:
             if len(verified) >= opts.max_sampling_rounds:
                 break
         return select_informative(verified, self.cfg.prompts_per_step), len(verified)
+
+
+@dataclasses.dataclass
+class _TurnsOutput:
+    """A multi-turn call's engine output and its host record."""
+
+    engine: engine.EngineOutput
+    record: multi_turn.TurnRecord
 
 
 class _Streamed:

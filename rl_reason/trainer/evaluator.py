@@ -68,6 +68,7 @@ class Evaluator:
         shards = sharding.batch_shards(self.mesh)
         chunk_size = -(-batch_size // shards) * shards
         greedy_correct, greedy_len, greedy_cut, correct_k, maj_hits = [], [], [], [], []
+        greedy_calls: list[int] = []  # multi-turn: each greedy response's tool calls
         stats_sums: dict[str, float] = {}
         progress = Progress("eval", len(examples), echo, every=chunk_size, unit="problems")
         for start in range(0, len(examples), chunk_size):
@@ -78,8 +79,11 @@ class Evaluator:
             local = padded[lo : lo + width // processes]
             n_real = max(min(len(real) - lo, len(local)), 0)
 
-            out = rounds.sample(policy, local, key, group_size=1, config=greedy_cfg)
-            texts, lengths, cut = rounds.decode(out)
+            texts, lengths, cut, calls = rounds.sample_texts(
+                policy, local, key, group_size=1, config=greedy_cfg
+            )
+            if calls is not None:
+                greedy_calls += list(calls[: len(real)])
             _, ok = rounds.outcomes(rounds.submit(texts, local), len(texts))
             greedy_correct += list(sharding.all_rows(ok)[: len(real)])
             greedy_len += list(sharding.all_rows(lengths)[: len(real)])
@@ -92,8 +96,9 @@ class Evaluator:
                     stats_sums[name] = stats_sums.get(name, 0.0) + value * n_real
             if k > 0:
                 key, sub = jax.random.split(key)
-                out = rounds.sample(policy, local, sub, group_size=k, config=sample_cfg)
-                texts, _, _ = rounds.decode(out)
+                texts, _, _, _ = rounds.sample_texts(
+                    policy, local, sub, group_size=k, config=sample_cfg
+                )
                 per_row = [local[i // k] for i in range(len(texts))]
                 _, ok = rounds.outcomes(rounds.submit(texts, per_row), len(texts))
                 ok = ok.reshape(-1, k)
@@ -114,6 +119,10 @@ class Evaluator:
             # Greedy answers that ran out of budget: a length cap, not a wrong answer.
             "truncated_frac": float(np.mean(greedy_cut)),
         }
+        if greedy_calls:
+            # Multi-turn: the share of greedy responses that call the tool, and calls per one.
+            result["tool_call_rate"] = float(np.mean(np.asarray(greedy_calls) > 0))
+            result["tool_calls_mean"] = float(np.mean(greedy_calls))
         if k > 0:
             summary = eval_metrics.summarize(np.asarray(correct_k), None, ks=ks)
             result.update({name: float(v) for name, v in summary.items()})

@@ -67,6 +67,11 @@ def step_metrics(
         metrics["verify_streamed_frac"] = float(np.mean(streamed))
     for r in parts:
         metrics.update(r.partial_stats or {})
+    turn_stats = [r.turn_stats for r in parts if r.turn_stats is not None]
+    # Multi-turn: tool calls, turns, model vs observation tokens, and the reasons (a reason a
+    # round did not see counts 0 in it).
+    for name in sorted({n for st in turn_stats for n in st}):
+        metrics[f"mt_{name}"] = float(np.mean([st.get(name, 0.0) for st in turn_stats]))
     if cfg.loss.correction != "none":
         metrics["mismatch_token_frac"] = train["mismatch_token_frac"]
         metrics["mismatch_seq_frac"] = train["mismatch_seq_frac"]

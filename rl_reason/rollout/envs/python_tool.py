@@ -11,7 +11,8 @@ again (it would time out every later call).
 Every fault ends the call with a reason, never the run: "timeout" (the per-call wall-clock or
 CPU limit), "error" (an exception: its last line is the output), "crash" (killed by a signal,
 e.g. past the memory limit), "truncated" (output cut at `max_output_chars`), "tool_error" (the
-sandbox itself failed to start this once). A turn that does not end in `</code>` is the final
+sandbox itself failed to start this once), "malformed" (a `</code>` with no `<code>` before
+it: nothing runs, the observation says so). A turn that does not end in `</code>` is the final
 answer (reason "answered").
 """
 
@@ -68,6 +69,8 @@ class PythonEpisode:
     def respond(self, turn: str) -> Observation:
         code = code_of(turn)
         if code is None:
+            if turn.rstrip().endswith(CLOSE):
+                return Observation(text=_output(f"no {OPEN} before {CLOSE}"), reason="malformed")
             return Observation(done=True, reason="answered")
         text, reason = self.tool.run(self.cells + [code])
         if reason != "timeout":
