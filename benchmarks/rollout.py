@@ -4,6 +4,8 @@
         [--group_size=8] [--prompt_len=64] [--max_new_tokens=1024] [--mean_tokens=128]
         [--uniform_tokens=256] [--slots=0] [--min_slots=0] [--repeats=3] [--partial_steps=3]
         [--partial_slots=0] [--partial_timed_steps=6] [--smoke]
+    python -m benchmarks.rollout --multi_turn [--json=PATH] [--mt_turn_tokens=48]
+        [--mt_observation_tokens=24] [--mt_turns=4] [--mt_max_new_tokens=512] [--smoke]
 
 Two cases, each timed for both samplers in turns (a, b, a, b, ...), every call of a repeat with
 the same key for both, so both produce the same completions:
@@ -31,6 +33,9 @@ second (of the returned batches, over the timed steps) against the static sample
 the same run, and the slot occupancy of those steps' calls; once with each way a carried
 sample's cache resumes (kept as the last call left it, the default, or rebuilt).
 
+`--multi_turn` measures multi-turn rollouts instead (benchmarks/multi_turn.py): observations
+appended through the engine's cache against re-prefilling the whole context at every turn.
+
 Targets (issue "continuous batching"): on the 2-core CPU, long-tailed with p99/median >= 4:
 ratio >= 2.0 and slot occupancy >= 0.7 (>= 0.9 with partial rollouts); uniform: ratio >= 0.9.
 """
@@ -47,7 +52,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from benchmarks import common
+from benchmarks import common, multi_turn
 from models import Transformer, get_config
 from rl_reason.infra import sharding
 from rl_reason.rollout import engine, partial, sampling
@@ -72,6 +77,11 @@ _PARTIAL_SLOTS = flags.DEFINE_integer(
     "partial_slots", 0, "Engine slots with partial rollouts (0: half the samples of a step)."
 )
 _PARTIAL_STEPS = flags.DEFINE_integer("partial_timed_steps", 6, "Timed steps of partial rollouts.")
+_MULTI = flags.DEFINE_bool("multi_turn", False, "Multi-turn: cached against re-prefilled turns.")
+_MT_TURN = flags.DEFINE_integer("mt_turn_tokens", 48, "Mean tokens of a multi-turn model turn.")
+_MT_OBS = flags.DEFINE_integer("mt_observation_tokens", 24, "Tokens of each observation.")
+_MT_TURNS = flags.DEFINE_integer("mt_turns", 4, "Tool calls after which a trajectory ends.")
+_MT_MAX_NEW = flags.DEFINE_integer("mt_max_new_tokens", 512, "Multi-turn trajectory budget.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny preset, toy sizes, 1 repeat: checks it runs.")
 
 TARGET_RATIO, TARGET_OCCUPANCY, TARGET_UNIFORM_RATIO = 2.0, 0.7, 0.9
@@ -266,6 +276,8 @@ def main(argv) -> None:
     model = Transformer(cfg, rngs=nnx.Rngs(_SEED.value))
     rng = np.random.default_rng(_SEED.value)
     prompts = rng.integers(3, cfg.vocab_size, size=(prompts_n, prompt_len)).tolist()
+    if _MULTI.value:
+        return _multi_turn(model, prompts, group, repeats, smoke, preset)
     eng = engine.EngineConfig(slots=_SLOTS.value, min_slots=_MIN_SLOTS.value)
     bias = stop_bias(cfg.vocab_size, mean)
     cases = {
@@ -373,6 +385,46 @@ def main(argv) -> None:
             "static occ.",
             "engine occ.",
         ],
+    )
+    if _JSON.value:
+        common.write_json(_JSON.value, record)
+
+
+def _multi_turn(model, prompts, group, repeats, smoke, preset) -> None:
+    got = multi_turn.run(
+        model,
+        prompts,
+        group_size=group,
+        max_new_tokens=64 if smoke else _MT_MAX_NEW.value,
+        turn_tokens=8 if smoke else _MT_TURN.value,
+        observation_tokens=4 if smoke else _MT_OBS.value,
+        turns=2 if smoke else _MT_TURNS.value,
+        repeats=repeats,
+    )
+    record = {
+        "benchmark": "rollout_multi_turn",
+        "smoke": smoke,
+        "preset": preset,
+        "num_params": model.cfg.num_params(),
+        "prompts": len(prompts),
+        "group_size": group,
+        "prompt_len": len(prompts[0]),
+        "max_new_tokens": 64 if smoke else _MT_MAX_NEW.value,
+        "repeats": repeats,
+        **got,
+        "environment": common.environment(),
+    }
+    common.print_table(
+        [
+            [
+                got["cached_tokens_per_s"],
+                got["reprefill_tokens_per_s"],
+                got["ratio"],
+                got["tool_calls_mean"],
+                got["policy_logprob_gap_vs_forward"],
+            ]
+        ],
+        ["cached tok/s", "re-prefill tok/s", "ratio", "calls/traj.", "logprob gap"],
     )
     if _JSON.value:
         common.write_json(_JSON.value, record)

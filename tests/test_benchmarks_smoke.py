@@ -88,3 +88,11 @@ def test_rollout_smoke(tmp_path):
     assert rec["uniform_slot_occupancy"] == 1.0 and rec["p99_over_median"] >= 1
     assert _positive(rec["partial_tokens_per_s"], rec["partial_ratio"])
     assert 0 < rec["partial_slot_occupancy"] <= 1
+
+
+def test_rollout_multi_turn_smoke(tmp_path):
+    rec = _run("benchmarks.rollout", tmp_path, "--multi_turn")
+    assert rec["smoke"] and rec["benchmark"] == "rollout_multi_turn"
+    assert _positive(rec["cached_tokens_per_s"], rec["reprefill_tokens_per_s"], rec["ratio"])
+    # The cached path's log-probs of the policy's own tokens match a whole forward pass.
+    assert rec["policy_logprob_gap_vs_forward"] < 1e-4 and rec["tool_calls_mean"] > 0

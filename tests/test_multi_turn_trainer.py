@@ -29,7 +29,7 @@ TOOL_TOKENS = (OPEN, CLOSE, "<output>", "</output>")
 # Model turns for the record's test; they are in the tokenizer's corpus, so every character has
 # a piece.
 TURNS = {
-    0: ["Let me see. <code>x = 6 * 7; print(x)</code>", "<code>print(y)</code>", "<code>1/0</code>"],
+    0: ["See. <code>x = 6 * 7; print(x)</code>", "<code>print(y)</code>", "<code>1/0</code>"],
     1: ["<code>while True: pass</code>", "<code>print('a' * 500)</code>", "oops</code>"],
     2: [f"<code>print({i})</code>" for i in range(6)],  # past the turn cap
 }
@@ -40,7 +40,7 @@ def setup(tmp_path_factory):
     corpus = TASK.pretraining_corpus(0, 600, frac_worked=0.5)
     corpus += [f"{OPEN}print({i} * 7){CLOSE}\n<output>\n{i * 7}\n</output>\n" for i in range(50)]
     corpus += [t for ts in TURNS.values() for t in ts] * 20
-    corpus += ["Traceback NameError: name 'y' is not defined ZeroDivisionError: division by zero"] * 20
+    corpus += ["NameError: name 'y' is not defined ZeroDivisionError: division by zero"] * 20
     tok = train_sentencepiece(
         corpus,
         tmp_path_factory.mktemp("tok") / "tok.model",

@@ -37,6 +37,8 @@ from rl_reason.rollout.sampling import SampleOutput
 STOPPED = "stopped"  # the policy ended its turn with a stop token
 BUDGET = "budget"  # the token budget ran out (truncated)
 
+_PLAIN, _ONE_SLOT_EACH = sampling.SamplingConfig(), engine.EngineConfig()
+
 
 def stop_marker_id(tokenizer, marker: str) -> int:
     """The token id of an environment's stop marker, which must be one token of the
@@ -126,7 +128,10 @@ class TurnRecord:
         rows = len(self.examples)
         calls = np.asarray([len(s) for s in self.spans], np.float64)
         obs_tokens = np.asarray(
-            [sum(min(b, int(n)) - a for a, b in s if a < n) for s, n in zip(self.spans, lengths)],
+            [
+                sum(min(b, int(n)) - a for a, b in s if a < n)
+                for s, n in zip(self.spans, lengths, strict=True)
+            ],
             np.float64,
         )
         out = {
@@ -154,8 +159,8 @@ def sample(
     examples: Sequence[dict],
     group_size: int = 1,
     max_new_tokens: int,
-    config: sampling.SamplingConfig = sampling.SamplingConfig(),
-    engine_config: engine.EngineConfig = engine.EngineConfig(),
+    config: sampling.SamplingConfig = _PLAIN,
+    engine_config: engine.EngineConfig = _ONE_SLOT_EACH,
     max_observation_tokens: int = 256,
     look_steps: int = 8,
     pad_id: int = 0,
