@@ -65,7 +65,9 @@ class MultiTurnOptions:
     """Multi-turn rollouts (rl_reason/rollout/multi_turn.py): the policy's turns that end in
     the environment's stop marker get its answer appended (masked out of the loss), and
     decoding goes on from the cache. `env` "" is off, or a name in
-    `rl_reason.rollout.envs.ENVIRONMENTS`. The token budget (max_new_tokens) bounds the whole
+    `rl_reason.rollout.envs.ENVIRONMENTS`: "python_tool" (`<code>...</code>`),
+    "python_tool_chat" (the same tool in Qwen2.5's `<tool_call>` format, through the chat
+    template; chat prompts announce it), "guess_number" (a test game). The token budget (max_new_tokens) bounds the whole
     trajectory, observations included."""
 
     env: str = ""
@@ -255,7 +257,7 @@ def finite(x) -> bool:
 
 ENGINES = ("static", "continuous")
 # The environments of rl_reason.rollout.envs.ENVIRONMENTS (a test keeps the two the same).
-ENVIRONMENT_NAMES = ("python_tool", "guess_number")
+ENVIRONMENT_NAMES = ("python_tool", "python_tool_chat", "guess_number")
 COMPUTE_DTYPES = ("", "float32", "bfloat16")
 
 # field -> (test, the bound it states, why the bound exists)

@@ -33,6 +33,9 @@ class ChatTask:
     tokenizer: Any
     system: str = ""
     suffix: str = ""
+    # Tools the template announces (JSON schemas, its `tools` argument): a multi-turn run's
+    # environment in the chat tool-call format (rl_reason.rollout.envs.CHAT_TOOLS).
+    tools: tuple = ()
 
     @property
     def verifier_name(self) -> str:
@@ -43,7 +46,8 @@ class ChatTask:
         return system + [{"role": "user", "content": question + self.suffix}]
 
     def prompt(self, example: Mapping[str, Any]) -> str:
-        return self.tokenizer.apply_chat_template(self.messages(example["question"]))
+        extra = {"tools": list(self.tools)} if self.tools else {}
+        return self.tokenizer.apply_chat_template(self.messages(example["question"]), **extra)
 
 
 _REPLY_SENTINEL = "\u2063reply\u2063"
@@ -83,13 +87,19 @@ def stop_token_ids(tokenizer: TextTokenizer, prompt_format: str) -> tuple[int, .
     return tuple(dict.fromkeys(stops))
 
 
-def prompting(tokenizer: TextTokenizer, task, prompt: PromptOptions):
-    """(the tokenizer the trainer encodes prompts with, the task it takes prompts from)."""
+def prompting(tokenizer: TextTokenizer, task, prompt: PromptOptions, tools: tuple = ()):
+    """(the tokenizer the trainer encodes prompts with, the task it takes prompts from);
+    `tools`: what a chat prompt announces (a multi-turn run's chat-format environment)."""
     if prompt.format == "r1_zero":
+        if tools:
+            raise ValueError(
+                "a chat tool-call environment (grpo.multi_turn.env) needs config.prompt.format="
+                "'chat': the r1_zero template cannot announce its tools"
+            )
         return tokenizer, task
     if tokenizer.chat_template is None:
         raise ValueError(
             f"config.prompt.format='chat', but {tokenizer.source} has no chat template: use "
             "prompt.format='r1_zero' or a tokenizer with one"
         )
-    return tokenizer, ChatTask(task, tokenizer, prompt.system, prompt.suffix)
+    return tokenizer, ChatTask(task, tokenizer, prompt.system, prompt.suffix, tuple(tools))

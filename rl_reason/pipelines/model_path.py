@@ -18,6 +18,7 @@ from rl_reason.infra import data as data_lib
 from rl_reason.pipelines.recipe_data import held_out_examples, train_source
 from rl_reason.pipelines.recipe_options import DataOptions, ModelOptions, PromptOptions
 from rl_reason.pipelines.tiny_model import build_tiny_model
+from rl_reason.rollout import envs
 from rl_reason.tasks.templates import SPECIAL_TOKENS
 
 TINY_DIR = "tiny_model"
@@ -46,7 +47,12 @@ def model_path(config, task, model: ModelOptions, prompt: PromptOptions, data: D
     if jax.process_index() == 0:
         rows = data_lib.eval_examples(train_source(task, data), None, task=task)
         rows += held_out_examples(task, data)
-        build_tiny_model(path, model.tiny, _tiny_corpus(task, rows, prompt), seed=config.seed)
+        # A chat tool-call environment needs Qwen's tool tokens (one token each).
+        env = config.grpo.get("multi_turn", {}).get("env", "")
+        corpus = _tiny_corpus(task, rows, prompt)
+        build_tiny_model(
+            path, model.tiny, corpus, seed=config.seed, tool_tokens=env in envs.CHAT_TOOLS
+        )
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("rl_reason.pipelines.model_path.tiny_model")
     return path

@@ -42,6 +42,7 @@ from flax import nnx
 from rl_reason.infra import data as data_lib
 from rl_reason.infra.tokenizer import load_tokenizer
 from rl_reason.pipelines import grpo_stage as grpo_run
+from rl_reason.rollout import envs
 from rl_reason.pipelines.chat_task import prompting, stop_token_ids
 from rl_reason.pipelines.context import RunContext
 from rl_reason.pipelines.model_path import model_path
@@ -89,7 +90,8 @@ def setup(config, mesh, *, path: str | Path | None = None, lora: bool = True) ->
             f"{policy.model_cfg.max_seq_len} ({path}): shorten them, or raise "
             "config.model.max_seq_len if the model's RoPE extends that far"
         )
-    encoder, task = prompting(tokenizer, dataset_task, prompt)
+    tools = envs.CHAT_TOOLS.get(grpo_cfg.multi_turn.env, ())
+    encoder, task = prompting(tokenizer, dataset_task, prompt, tools)
     stops = stop_token_ids(tokenizer, prompt.format)
     return Setup(path, encoder, task, dataset_task, stops, policy, grpo_cfg)
 

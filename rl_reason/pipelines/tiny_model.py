@@ -40,21 +40,46 @@ TINY_MAX_SEQ_LEN = 1024
 # length, so the overlong penalty varies within a group and smoke steps make real updates.
 TINY_EMBED_SCALE = 5.0
 TINY_EOS_SCALE = 3.0
+# ChatML, and Qwen2.5's way with tools: `tools` are announced in the system turn (after the
+# system message, if any), a "tool" message is a user turn holding <tool_response>...; without
+# either the text is plain ChatML.
 _CHATML = (
+    "{% if tools %}"
+    "{{ '<|im_start|>system\\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{% endif %}"
+    "{{ 'You can call these tools:\\n<tools>' }}"
+    "{% for tool in tools %}{{ '\\n' + (tool | tojson) }}{% endfor %}"
+    '{{ \'\\n</tools>\\nTo call one, write <tool_call>\\n{"name": ..., "arguments": '
+    "{...}}\\n</tool_call>; the result comes back in <tool_response>.<|im_end|>\\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\\n<tool_response>\\n' + message['content'] + "
+    "'\\n</tool_response><|im_end|>\\n' }}"
+    "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 _TINY_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Qwen2.5's tool-call tokens (added tokens, kept in decoded text), for multi-turn smoke runs.
+TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 
 
 def build_tiny_model(
-    directory: str | Path, family: str, texts: Sequence[str], *, seed: int = 0
+    directory: str | Path,
+    family: str,
+    texts: Sequence[str],
+    *,
+    seed: int = 0,
+    tool_tokens: bool = False,
 ) -> Path:
     """A random `family` model and a byte-level BPE tokenizer (ChatML template, eos
     <|endoftext|>, no bos, like Qwen's) trained on `texts`, written as a Hugging Face
-    directory: TINY_VOCAB tokens, TINY_EMBEDDING_ROWS embedding rows."""
+    directory: TINY_VOCAB tokens, TINY_EMBEDDING_ROWS embedding rows. `tool_tokens`: Qwen's
+    `<tool_call>` ... tokens are single tokens too."""
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -70,6 +95,8 @@ def build_tiny_model(
         show_progress=False,
     )
     tok.train_from_iterator(list(texts), trainer)
+    if tool_tokens:
+        tok.add_tokens(list(TOOL_TOKENS))
     # Reserved tokens fill the vocabulary to exactly TINY_VOCAB whatever the corpus supports (as
     # Llama 3's reserved tokens do), so every tiny model has the same shapes.
     spare = TINY_VOCAB - tok.get_vocab_size(with_added_tokens=True)
@@ -97,7 +124,11 @@ def build_tiny_model(
 
     model = _random_model(cfg, seed)
     embedding = model.embedding.get_value() * TINY_EMBED_SCALE
-    model.embedding.set_value(embedding.at[eos].multiply(TINY_EOS_SCALE))
+    embedding = embedding.at[eos].multiply(TINY_EOS_SCALE)
+    if tool_tokens:
+        # ... and the end of a tool call as strong as eos: random trajectories call the tool.
+        embedding = embedding.at[tok.token_to_id(TOOL_TOKENS[1])].multiply(TINY_EOS_SCALE)
+    model.embedding.set_value(embedding)
     save_pretrained(model, directory, extra_config={"eos_token_id": eos, "pad_token_id": eos})
     return directory
 

@@ -94,7 +94,7 @@ class Rounds:
         )
         check_verifier(task.verifier_name)
         self._cast: tuple | None = None  # (policy graphdef, its compute_dtype twin)
-        self.env = envs.make(cfg.multi_turn) if cfg.multi_turn.env else None
+        self.env = envs.make(cfg.multi_turn, tokenizer) if cfg.multi_turn.env else None
         if self.env is not None:
             if jax.process_count() > 1:
                 raise ValueError("multi_turn.env runs in one process for now")
