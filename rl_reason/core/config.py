@@ -67,8 +67,10 @@ class MultiTurnOptions:
     decoding goes on from the cache. `env` "" is off, or a name in
     `rl_reason.rollout.envs.ENVIRONMENTS`: "python_tool" (`<code>...</code>`),
     "python_tool_chat" (the same tool in Qwen2.5's `<tool_call>` format, through the chat
-    template; chat prompts announce it), "guess_number" (a test game). The token budget (max_new_tokens) bounds the whole
-    trajectory, observations included."""
+    template; chat prompts announce it), "guess_number" (a test game). The token budget
+    (max_new_tokens) bounds the whole trajectory, observations included; so that the chat
+    template's text around an observation is never cut, keep tool_max_output_chars well
+    inside max_observation_tokens."""
 
     env: str = ""
     max_turns: int = 4  # observations a trajectory gets before it is ended ("turn_limit")

@@ -42,13 +42,13 @@ from flax import nnx
 from rl_reason.infra import data as data_lib
 from rl_reason.infra.tokenizer import load_tokenizer
 from rl_reason.pipelines import grpo_stage as grpo_run
-from rl_reason.rollout import envs
 from rl_reason.pipelines.chat_task import prompting, stop_token_ids
 from rl_reason.pipelines.context import RunContext
 from rl_reason.pipelines.model_path import model_path
 from rl_reason.pipelines.policy import Policy, export_policy, load_policy
 from rl_reason.pipelines.recipe_data import held_out_examples, make_task, train_source
 from rl_reason.pipelines.recipe_options import sections
+from rl_reason.rollout import envs
 from rl_reason.trainer import GRPOConfig
 
 CURVES = ("accuracy", "reward_mean", "response_length_mean", "eval_accuracy")
