@@ -156,8 +156,10 @@ def test_the_batch_scores_the_policys_tokens_and_attends_to_all(setup):
     assert fns.make_batch([plain], None, jnp.ones(p * g)).attend is None
 
 
-def _trainer(setup, *, steps, checkpointer=None, env="python_tool", **multi):
+def _trainer(setup, *, steps, checkpointer=None, env="python_tool", loss=None, **multi):
     tok, pool = setup
+    loss = dict(kl_coef=0.05) if loss is None else loss
+    gae = loss.get("advantage_estimator") == "gae"
     model = Transformer(get_config("tiny").replace(vocab_size=160), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     cfg = GRPOConfig(
@@ -169,8 +171,9 @@ def _trainer(setup, *, steps, checkpointer=None, env="python_tool", **multi):
         checkpoint_every=1,
         verifier_workers=1,
         multi_turn=dict(env=env, max_turns=2, max_observation_tokens=16, **multi),
-        loss=dict(kl_coef=0.05),
+        loss=loss,
         optim=dict(learning_rate=3e-3),
+        critic=dict(learning_rate=1e-3, gamma=0.99, lam=0.95) if gae else {},
         reward=dict(overlong_buffer=40),
     )
     return GRPOTrainer(
@@ -227,6 +230,22 @@ def test_multi_turn_training_resumes_bit_for_bit(setup, tmp_path):
     assert got == want[1:]
     for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(straight.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# Every registered estimator once, each with one of the objectives in turn.
+PAIRS = [
+    (est, sorted(losses.POLICY_OBJECTIVES)[i % len(losses.POLICY_OBJECTIVES)])
+    for i, est in enumerate(sorted(losses.ADVANTAGE_ESTIMATORS))
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator, objective", PAIRS)
+def test_every_estimator_and_objective_trains_on_multi_turn_rollouts(setup, estimator, objective):
+    loss = dict(advantage_estimator=estimator, objective=objective)
+    (m,) = _trainer(setup, steps=1, loss=loss).train()
+    assert m["mt_tool_calls_mean"] > 0
+    assert np.isfinite(m["loss"]) and m["grad_norm"] > 0 and m["nonfinite_updates"] == 0
 
 
 @pytest.mark.parametrize(
