@@ -18,6 +18,7 @@ from flax import nnx
 from models import Transformer, get_config
 from rl_reason.rollout import engine, sampling, token_choice
 from rl_reason.rollout.sampling import SamplingConfig
+from tests.multidevice import multi_turn_meshes, partial_meshes
 
 CFG = get_config("tiny").replace(vocab_size=64, max_seq_len=4096)
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13], [14, 15, 16, 17]]
@@ -160,6 +161,23 @@ def test_an_observation_past_the_budget_is_cut_and_the_sample_ends_truncated(mod
         assert s.lengths[r] == BUDGET and s.truncated[r]
         assert (s.tokens[r, turn_end + 1 : BUDGET] == 44).all()
         assert (s.sample_logprobs[r, turn_end + 1 : BUDGET] == 0).all()
+
+
+def multidevice_needs(params: dict) -> list[str]:
+    return ["multi_turn/2x2x2"]
+
+
+@pytest.mark.slow
+def test_multi_turn_on_a_2x2x2_mesh_is_the_one_device_rollout(multidevice):
+    one = multi_turn_meshes.run(partial_meshes.make_mesh("1x1x1"))
+    got = dict(np.load(multidevice.result("multi_turn/2x2x2") / "2x2x2.npz"))
+    # The case means something: rows wait and resume on every batch shard.
+    assert (one["calls/0"] > 0).sum() >= 8 and one["calls/0"].max() >= 3
+    for slots in multi_turn_meshes.SLOTS:
+        for name in ("tokens", "lengths", "calls"):
+            np.testing.assert_array_equal(got[f"{name}/{slots}"], one[f"{name}/0"])
+            np.testing.assert_array_equal(one[f"{name}/{slots}"], one[f"{name}/0"])
+        np.testing.assert_allclose(got[f"logprobs/{slots}"], one["logprobs/0"], atol=1e-5)
 
 
 def test_engine_refuses_turns_it_cannot_run(model):

@@ -703,11 +703,11 @@ class TurnHost(Protocol):
     ) -> list[tuple[Sequence[int], bool]]: ...
 
 
-def _feed(ctx: _Context, state, slot_S, obs_SM, obs_len_S, end_S):
-    """The host's answers into the state: slot_S[i] (S: padding) gets observation
-    obs_SM[i, :obs_len_S[i]] written after its sample's tokens and emitted from the next step
-    (cut to the budget), or ends (end_S[i]: stopped, not truncated)."""
-    slots, next_D, layers, outputs, counts, held = state
+def _feed(ctx: _Context, slots: _Slots, outputs, slot_S, obs_SM, obs_len_S, end_S):
+    """The host's answers into the slots and output buffers: slot_S[i] (S: padding) gets
+    observation obs_SM[i, :obs_len_S[i]] written after its sample's tokens and emitted from
+    the next step (cut to the budget), or ends (end_S[i]: stopped, not truncated). The caches
+    are not touched, so they are not passed (nor copied)."""
     tokens, slp, plp, lengths, stopped = outputs
     b, s, m = tokens.shape[0], slots.sample.shape[0], obs_SM.shape[1]
     valid = slot_S < s
@@ -726,7 +726,7 @@ def _feed(ctx: _Context, state, slot_S, obs_SM, obs_len_S, end_S):
         done=slots.done.at[ends].set(True, mode="drop"),
     )
     stopped = stopped.at[jnp.where(valid & end_S, row, b)].set(True, mode="drop")
-    return slots, next_D, layers, (tokens, slp, plp, lengths, stopped), counts, held
+    return slots, (tokens, slp, plp, lengths, stopped)
 
 
 @dataclasses.dataclass
@@ -864,8 +864,12 @@ def _streamed(
             slot_S[i], obs_len[i], end[i] = slot, len(ids), ends
             obs[i, : len(ids)] = ids
         host = (slot_S, obs, obs_len, end)
-        make = lambda: jax.jit(_feed, donate_argnums=(1,))
-        return jitted("feed", make)(ctx, state, *(jax.device_put(x, repl) for x in host))
+        make = lambda: jax.jit(_feed, donate_argnums=(1, 2))
+        fed = jitted("feed", make)(
+            ctx, state[0], state[3], *(jax.device_put(x, repl) for x in host)
+        )
+        slots, outputs = fed
+        return (slots, state[1], state[2], outputs, *state[4:])
 
     def run(state, mode, width, fewer):
         nonlocal limit

@@ -39,6 +39,7 @@ COMPUTATIONS = {
     "pretrained": ("tests.test_pretrained_sharded", "compute_on_meshes", 300),
     "algorithms": ("tests.multidevice.algorithm_meshes", "compute", 300),
     "partial": ("tests.multidevice.partial_meshes", "compute", 240),
+    "multi_turn": ("tests.multidevice.multi_turn_meshes", "compute", 240),
 }
 STARTUP_TIMEOUT = 120  # from start until the first computation begins (imports, device setup)
 NICENESS = 5  # it runs beside the tests: let their processes (and their timeouts) come first
