@@ -23,6 +23,7 @@ the static sampler (then nothing is refilled, as in the static layout).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 from collections.abc import Sequence
 
@@ -30,7 +31,7 @@ import jax
 import numpy as np
 
 from rl_reason.rollout import engine, sampling
-from rl_reason.rollout.envs.base import Environment, Episode
+from rl_reason.rollout.envs.base import Environment, Episode, Observation
 from rl_reason.rollout.sampling import SampleOutput
 
 # Why a trajectory ended, besides the environment's own reasons ("answered", "solved", ...).
@@ -38,6 +39,7 @@ STOPPED = "stopped"  # the policy ended its turn with a stop token
 BUDGET = "budget"  # the token budget ran out (truncated)
 
 _PLAIN, _ONE_SLOT_EACH = sampling.SamplingConfig(), engine.EngineConfig()
+_WORKERS = 8  # episodes answered at once (each tool call waits on its sandbox process)
 
 
 def stop_marker_id(tokenizer, marker: str) -> int:
@@ -75,21 +77,31 @@ class TurnRecord:
         self.ended: dict[int, str] = {}  # rows the environment ended, with its reason
 
     def answer(self, rows, tokens, lengths) -> list[tuple[list[int], bool]]:
-        replies = []
+        turns = []
         for row, ids, n in zip(rows, tokens, lengths, strict=True):
-            row, n = int(row), int(n)
-            turn = self.tokenizer.decode(ids[self.turn_start[row] : n])
-            replies.append(self._respond(row, turn, n))
-        return replies
+            row = int(row)
+            turns.append((row, self.tokenizer.decode(ids[self.turn_start[row] : int(n)]), int(n)))
+        # The episodes are independent (a tool call is a sandboxed subprocess): ask them at
+        # once, then record in row order, so the result is what asking one by one gives.
+        live = [(row, turn) for row, turn, _ in turns if len(self.spans[row]) < self.env.max_turns]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+            observed = dict(zip([r for r, _ in live], pool.map(self._ask, live), strict=True))
+        return [self._record(row, observed.get(row), n) for row, _, n in turns]
 
-    def _respond(self, row: int, turn: str, n: int) -> tuple[list[int], bool]:
-        if len(self.spans[row]) >= self.env.max_turns:
-            self.ended[row] = "turn_limit"
-            return [], True
+    def _ask(self, row_turn: tuple[int, str]) -> Observation:
+        row, turn = row_turn
+        return self.episode_of(row).respond(turn)
+
+    def episode_of(self, row: int) -> Episode:
         episode = self.episodes.get(row)
         if episode is None:
             episode = self.episodes[row] = self.env.episode(self.examples[row])
-        obs = episode.respond(turn)
+        return episode
+
+    def _record(self, row: int, obs: Observation | None, n: int) -> tuple[list[int], bool]:
+        if obs is None:  # past the turn cap: not asked
+            self.ended[row] = "turn_limit"
+            return [], True
         if obs.done:
             self.ended[row] = obs.reason
             return [], True
