@@ -33,6 +33,7 @@ PIPELINES = {
     "pretrain_base": "rl_reason.pipelines.base_model:run",
     "recipe": "rl_reason.pipelines.recipe:run",
     "research": "rl_reason.pipelines.research.pipeline:run",
+    "tool_arithmetic": "rl_reason.pipelines.tool_arithmetic:run",
 }
 
 

@@ -143,15 +143,16 @@ def train_base(
     tokenizer_dir: str | os.PathLike,
     echo: Callable[[str], None] = print,
     should_stop: Callable[[int], bool] | None = None,
+    symbols: Sequence[str] = SPECIAL_TOKENS,
 ) -> tuple[Tokenizer, Any, nnx.State, dict[str, Any]] | None:
-    """Stage 1: a sentencepiece tokenizer (written to `tokenizer_dir`/tokenizer.model) and a
-    decoder pretrained on `corpus`. Returns (tokenizer, graphdef, params, facts), or None when
-    `should_stop` interrupted it."""
+    """Stage 1: a sentencepiece tokenizer (written to `tokenizer_dir`/tokenizer.model, with
+    `symbols` single tokens) and a decoder pretrained on `corpus`. Returns (tokenizer,
+    graphdef, params, facts), or None when `should_stop` interrupted it."""
     tokenizer = train_sentencepiece(
         corpus[: config.tokenizer.train_texts],
         Path(tokenizer_dir) / "tokenizer.model",
         vocab_size=config.tokenizer.vocab_size,
-        user_defined_symbols=SPECIAL_TOKENS,
+        user_defined_symbols=symbols,
     )
     model_cfg = model_preset(
         config.model.preset, vocab_size=tokenizer.vocab_size, **dict(config.model.overrides)
@@ -190,10 +191,16 @@ def train_base(
 
 
 def save_base(
-    out_dir: str | os.PathLike, graphdef, params, tokenizer: Tokenizer, info: Mapping[str, Any]
+    out_dir: str | os.PathLike,
+    graphdef,
+    params,
+    tokenizer: Tokenizer,
+    info: Mapping[str, Any],
+    readme_text: str | None = None,
 ) -> Path:
-    """The base as a Hugging Face directory plus `base_info.json` and a README; written beside
-    and renamed into place, so an interrupted save leaves the old directory (if any) whole."""
+    """The base as a Hugging Face directory plus `base_info.json` and a README (`readme_text`,
+    or the arithmetic-chains base's from `info`); written beside and renamed into place, so
+    an interrupted save leaves the old directory (if any) whole."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
@@ -212,7 +219,7 @@ def save_base(
     }
     (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    (tmp / "README.md").write_text(readme(info))
+    (tmp / "README.md").write_text(readme(info) if readme_text is None else readme_text)
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}-old")
         shutil.rmtree(old, ignore_errors=True)

@@ -37,6 +37,24 @@ def _r1_zero_data(section) -> None:
     _raise_broken("config.data", section, rules)
 
 
+def _tool_data(section) -> None:
+    rules = {
+        "corpus_size": (lambda v, c: v >= 1, ">= 1", "pretraining texts"),
+        "eval_size": (lambda v, c: v >= 1, ">= 1", "held-out problems to evaluate on"),
+        "rl_pool_size": (lambda v, c: v >= 1, ">= 1", "RL training problems"),
+        "frac_tool": (lambda v, c: finite(v) and 0 <= v <= 1, "in [0, 1]", "a share"),
+    }
+    _raise_broken("config.data", section, rules)
+
+
+def _seed(name: str):
+    def read(value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"config.{name}={value!r} must be an int >= 0 (numpy seeds)")
+
+    return read
+
+
 def _tokenizer(section) -> None:
     rules = {
         "vocab_size": (
@@ -113,6 +131,17 @@ def _readers(pipeline: str) -> dict[str, Reader]:
         readers.update(
             task=lambda s: config_from(arithmetic.ArithmeticConfig, s, path="config.task"),
             data=_r1_zero_data,
+            tokenizer=_tokenizer,
+            model=_model,
+            pretrain=lambda s: config_from(pretrain.PretrainConfig, s, path="config.pretrain"),
+        )
+    if pipeline == "tool_arithmetic":
+        from rl_reason.tasks import tool_arithmetic
+
+        readers.update(
+            task=lambda s: config_from(tool_arithmetic.ToolArithmeticConfig, s, path="config.task"),
+            data=_tool_data,
+            data_seed=_seed("data_seed"),
             tokenizer=_tokenizer,
             model=_model,
             pretrain=lambda s: config_from(pretrain.PretrainConfig, s, path="config.pretrain"),
