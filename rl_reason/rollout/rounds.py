@@ -174,13 +174,6 @@ class Rounds:
         )
         return _TurnsOutput(out, record)
 
-    def sample(self, policy: tuple, examples, key, *, group_size: int, config: SamplingConfig):
-        """`generate`'s `SampleOutput` whichever sampler runs."""
-        out = self.generate(policy, examples, key, group_size=group_size, config=config)
-        if isinstance(out, _TurnsOutput):
-            out = out.engine
-        return out.sample if isinstance(out, engine.EngineOutput) else out
-
     def sample_texts(self, policy: tuple, examples, key, *, group_size: int, config):
         """The evaluator's call: this process's texts for the verifier (a multi-turn
         trajectory's final turn), their lengths and truncation flags, and (multi-turn) each

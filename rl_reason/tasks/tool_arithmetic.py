@@ -21,7 +21,7 @@ learn the product from them). In a multi-turn rollout with the Python tool
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -113,9 +113,3 @@ class ToolArithmeticTask:
 def calls_tool(text: str) -> bool:
     """Whether a response (before its answer) writes a tool call."""
     return "</code>" in text.split(THINK_CLOSE)[0]
-
-
-def train_batches(
-    task: ToolArithmeticTask, seed: int, batch_size: int, exclude_keys: Collection[str]
-) -> Iterator[list[dict]]:
-    return task.train_iterator(seed, batch_size, exclude_keys)
