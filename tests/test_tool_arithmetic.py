@@ -53,15 +53,22 @@ def test_both_arms_of_one_seed_run_and_aggregate(tmp_path):
             config.grpo.multi_turn.env = "python_tool" if arm == "tool" else ""
         return config
 
-    summary = tool_arithmetic.run_arms(smoke, [0], tmp_path)
-    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    summary = tool_arithmetic.run_arms(smoke, [0], tmp_path / "out", runs_dir=tmp_path / "runs")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 0
     for arm in ("tool", "no_tool"):
         got = summary["arms"][arm]
         assert got["seeds"] == [0] and got["per_seed"]["0"]["arm"] == arm
         for when in ("before", "after"):
             assert set(got[when]) >= {"accuracy", "tool_call_rate", "mean_response_tokens"}
             assert got[when]["accuracy"]["n"] == 1
-        assert got["curves"]["0"]["accuracy"]  # per-step curves from metrics.jsonl
+        curve = got["curves"]["0"]  # per-step curves from metrics.jsonl
+        assert curve["accuracy"]["step"] == [1, 2] and len(curve["accuracy"]["value"]) == 2
+        # The evaluation before RL is step 0 of the held-out curves.
+        assert curve["eval_accuracy"]["step"] == [0]
+        assert curve["eval_accuracy"]["value"] == [got["per_seed"]["0"]["before"]["accuracy"]]
+        delta = got["after_minus_before"]["accuracy"]["mean"]
+        assert delta == got["after"]["accuracy"]["mean"] - got["before"]["accuracy"]["mean"]
     # One base per seed, pretrained once and read back by the second arm.
-    assert (tmp_path / "bases" / "seed0" / "base_info.json").is_file()
+    assert (tmp_path / "runs" / "bases" / "seed0" / "base_info.json").is_file()
     assert "per_seed" in summary["accuracy_after_tool_minus_no_tool"]

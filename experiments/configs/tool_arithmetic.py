@@ -23,13 +23,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.pipeline = "tool_arithmetic"
     c.workdir = f"runs/tool_arithmetic/{arm}_seed0"
-    c.base_dir = "runs/tool_arithmetic/bases"
+    c.base_dir = "runs/tool_arithmetic/bases"  # experiments.tool_arithmetic's runs go here too
     c.seed = 0  # the base model's and the RL run's
     c.data_seed = 0  # the held-out and RL problems (the same for every seed)
     c.smoke = False
     c.task = ml_collections.ConfigDict(dict(a_digits=3, b_digits=2))
     c.data = ml_collections.ConfigDict(
-        dict(corpus_size=20_000, frac_tool=0.5, eval_size=256, rl_pool_size=2048)
+        dict(corpus_size=20_000, frac_tool=0.25, eval_size=256, rl_pool_size=2048)
     )
     c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=128, train_texts=5000))
     c.model = ml_collections.ConfigDict(
@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         group_size=8,
         max_prompt_len=48,
         max_new_tokens=64,
-        eval_every=0,
+        eval_every=10,
         eval_samples=1,
         checkpoint_every=15,
         verifier_workers=2,

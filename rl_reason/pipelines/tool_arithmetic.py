@@ -27,7 +27,14 @@ from rl_reason.tasks import tool_arithmetic as ta
 from rl_reason.tasks.templates import SPECIAL_TOKENS
 from rl_reason.trainer import GRPOConfig
 
-CURVES = ("accuracy", "reward_mean", "response_length_mean", "mt_tool_call_frac")
+CURVES = (
+    "accuracy",
+    "mt_tool_call_frac",
+    "response_length_mean",
+    "eval_accuracy",
+    "eval_tool_call_rate",
+    "eval_writes_tool_call",
+)
 SUMMARY_KEYS = ("accuracy", "tool_call_rate", "mean_response_tokens", "truncated_frac")
 
 
@@ -109,7 +116,9 @@ def run(config) -> dict[str, Any]:
             ),
             eval_examples=data["eval_set"],
             stop_token_ids=base_model.stop_token_ids(tokenizer),
-            response_stats=response_stats,
+            # With the tool the evaluator counts the calls itself; the verifier's text is the
+            # final turn, after the tool's output, so it holds no call to count.
+            response_stats=None if with_tool else response_stats,
         )
     if result["preempted"]:
         return {"preempted": True, "step": result["step"]}
@@ -133,20 +142,24 @@ def run(config) -> dict[str, Any]:
     return summary
 
 
-def run_arms(make_config, seeds, out_dir, *, arms=("tool", "no_tool"), echo=print) -> dict:
+def run_arms(
+    make_config, seeds, out_dir, *, runs_dir=None, arms=("tool", "no_tool"), echo=print
+) -> dict:
     """Every (seed, arm) of the demo (`make_config(arm)` the arm's config), each in its own
-    workdir under `out_dir` (a finished one is read back, not rerun), then the aggregate: per
-    arm, each seed's before / after and their mean ± s.d., and the difference of the arms'
-    held-out accuracy after RL, seed by seed (the arms of a seed share its base)."""
+    workdir under `runs_dir` (default: `out_dir`; a finished one is read back, not rerun),
+    then the aggregate into `out_dir`: summary.json (per arm, each seed's before / after and
+    their mean ± s.d., each seed's curves, and the difference of the arms' held-out accuracy
+    after RL, seed by seed: the arms of a seed share its base) and curves.png."""
     out_dir = Path(out_dir)
+    runs_dir = out_dir if runs_dir is None else Path(runs_dir)
     runs: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
     for seed in seeds:
         for arm in arms:
             config = make_config(arm)
             with config.unlocked():
                 config.seed = seed
-                config.workdir = str(out_dir / f"{arm}_seed{seed}")
-                config.base_dir = str(out_dir / "bases")
+                config.workdir = str(runs_dir / f"{arm}_seed{seed}")
+                config.base_dir = str(runs_dir / "bases")
             done = Path(config.workdir) / "summary.json"
             if done.is_file():
                 runs[arm][seed] = json.loads(done.read_text())
@@ -158,7 +171,9 @@ def run_arms(make_config, seeds, out_dir, *, arms=("tool", "no_tool"), echo=prin
                 echo(f"[tool_arithmetic] {arm} seed {seed} preempted: stopping")
                 return {"preempted": True}
     summary = aggregate(runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_arms(summary, out_dir / "curves.png")
     return summary
 
 
@@ -176,11 +191,11 @@ def aggregate(runs: dict[str, dict[int, dict]]) -> dict[str, Any]:
             arm_out[when] = {
                 k: _mean_sd([by_seed[s][when][k] for s in seeds]) for k in by_seed[seeds[0]][when]
             }
-        arm_out["curves"] = {
-            str(s): _curve(Path(by_seed[s].get("workdir", "")))
-            for s in seeds
-            if "workdir" in by_seed[s]
+        arm_out["after_minus_before"] = {
+            k: _mean_sd([by_seed[s]["after"][k] - by_seed[s]["before"][k] for s in seeds])
+            for k in by_seed[seeds[0]]["after"]
         }
+        arm_out["curves"] = {str(s): _curve(by_seed[s]) for s in seeds}
         out["arms"][arm] = arm_out
     if {"tool", "no_tool"} <= set(runs):
         common = sorted(set(runs["tool"]) & set(runs["no_tool"]))
@@ -192,6 +207,41 @@ def aggregate(runs: dict[str, dict[int, dict]]) -> dict[str, Any]:
     return out
 
 
-def _curve(workdir: Path) -> dict[str, list[float]]:
-    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if x]
-    return {k: [r[k] for r in rows if k in r] for k in CURVES}
+def _curve(run_summary: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """Each curve's steps and values; the evaluation before RL is the eval_* curves' step 0."""
+    lines = (Path(run_summary["workdir"]) / "metrics.jsonl").read_text().splitlines()
+    before = {f"eval_{k}": v for k, v in run_summary["before_full"].items()}
+    rows = [{"step": 0, **before}, *(json.loads(x) for x in lines if x)]
+    return {
+        k: {"step": [r["step"] for r in rows if k in r], "value": [r[k] for r in rows if k in r]}
+        for k in CURVES
+    }
+
+
+def plot_arms(summary: dict[str, Any], path: Path) -> None:
+    """One panel per curve: each seed a thin line, the seeds' mean a thick one, per arm."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    arms = summary["arms"].values()
+    keys = [k for k in CURVES if any(c[k]["step"] for a in arms for c in a["curves"].values())]
+    fig = Figure(figsize=(7.0, 1.0 + 2.0 * len(keys)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, key in zip(axes, keys, strict=True):
+        for i, (arm, got) in enumerate(summary["arms"].items()):
+            series = [c[key] for c in got["curves"].values() if c[key]["step"]]
+            for s in series:
+                ax.plot(s["step"], s["value"], color=f"C{i}", alpha=0.3, linewidth=0.8)
+            n = min((len(s["step"]) for s in series), default=0)
+            if n:
+                mean = np.mean([s["value"][:n] for s in series], axis=0)
+                label = f"{arm} (mean of {len(series)} seeds)"
+                ax.plot(series[0]["step"][:n], mean, color=f"C{i}", linewidth=1.8, label=label)
+        ax.set_ylabel(key, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[-1].set_xlabel("RL step (eval_*: greedy held-out; step 0 is the base model)")
+    fig.suptitle("Tool arithmetic: GRPO with and without the Python tool")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
