@@ -88,6 +88,9 @@ REWARD_ARMS = {
     "outcome": {"config.reward.mode": "outcome"},
     "process": {"config.reward.mode": "process"},
     "both": {"config.reward.mode": "both", "config.reward.process_weight": 0.5},
+    # Process supervision per step: each step's verdict on that step's own tokens.
+    "process per step": {"config.reward.mode": "process_steps"},
+    "both per step": {"config.reward.mode": "both_steps", "config.reward.process_weight": 0.5},
 }
 COLD_START = {"config.cold_start.examples": 300}
 ALGORITHM_ARMS = {

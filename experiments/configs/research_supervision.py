@@ -2,14 +2,17 @@
 
 Arms (same base model per seed, same samples and updates per step): the reward is the final
 answer only (R1-Zero); the fraction of right steps (a perfect process reward model, "Let's
-Verify Step by Step" with an oracle); both (0.5 / 0.5). Measured: held-out greedy accuracy and
-process correctness after RL, training accuracy over steps (its mean over the run is the
-sample-efficiency figure), the share of well-formed step lists, accuracy by op count, and how
-often a final answer is written at all and how often the token budget runs out.
+Verify Step by Step" with an oracle), one number per sequence; both (0.5 / 0.5); and the same
+two per step ("process per step", "both per step"): each step's verdict is credited to that
+step's own tokens (DeepSeekMath's process supervision, `loss.process_weight`). Measured:
+held-out greedy accuracy and process correctness after RL, training accuracy over steps (its
+mean over the run is the sample-efficiency figure), the share of well-formed step lists,
+accuracy by op count, and how often a final answer is written at all and how often the token
+budget runs out.
 
 Launch (3 seeds, each arm a separate process; shared arms run once):
   python -m experiments.research --config=experiments/configs/research_supervision.py
-Expected on 2 CPU cores: one stage 1 (12 min quiet, ~35 min on a busy machine), then 9 runs
+Expected on 2 CPU cores: one stage 1 (12 min quiet, ~35 min on a busy machine), then 15 runs
 of ~4-6 min; results in experiments/results/research_supervision/.
 """
 

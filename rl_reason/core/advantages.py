@@ -263,3 +263,46 @@ def compute_advantages(
     all_equal_P1 = hi <= lo  # also true for an empty group (-inf <= inf)
     adv_PG = jnp.where(ok_PG & ~all_equal_P1, adv_PG, 0)
     return adv_PG.reshape(n)
+
+
+def process_advantages(
+    step_rewards_NT: ArrayLike,
+    step_mask_NT: ArrayLike,
+    group_size: int,
+    eps: float = 1e-6,
+) -> Array:
+    """Per-token advantages from step-level rewards: GRPO with process supervision [GRPO, §4.1.3].
+
+    A process reward model scores each reasoning step; step j of sequence i has reward r_ij,
+    placed at the token where the step's text ends, index(j) (``step_rewards_NT`` holds it
+    there and ``step_mask_NT`` is 1 there, 0 elsewhere). Over all steps of the G samples of a
+    prompt, with mean_g and population std_g of those rewards,
+
+        r̃_ij = (r_ij − mean_g) / (std_g + eps),      A_it = Σ_{j : index(j) ≥ t} r̃_ij,
+
+    so a token is credited with the normalised rewards of its own step and of every later one,
+    and tokens after a sequence's last step get 0. A group whose step rewards are all equal
+    (one step, or none) gets exactly 0, as in `compute_advantages`.
+
+    Returns:
+      [N, T] float32.
+    """
+    r = jnp.asarray(step_rewards_NT).astype(jnp.float32)
+    m = jnp.asarray(step_mask_NT).astype(jnp.float32)
+    if r.ndim != 2 or m.shape != r.shape:
+        raise ValueError(f"step rewards and mask must be [N, T] alike, got {r.shape}, {m.shape}")
+    group_size = positive_int("group_size", group_size)
+    n, t = r.shape
+    if n % group_size:
+        raise ValueError(f"{n} rows do not split into groups of {group_size}")
+    on = m != 0
+    r_PK = jnp.where(on, r, 0).reshape(-1, group_size * t)
+    m_PK = m.reshape(r_PK.shape)
+    count = jnp.sum(m_PK, -1, keepdims=True)
+    mean = safe_div(jnp.sum(m_PK * r_PK, -1, keepdims=True), count)
+    var = safe_div(jnp.sum(m_PK * (r_PK - mean) ** 2, -1, keepdims=True), count)
+    std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1)), 0)
+    hi = jnp.max(jnp.where(m_PK != 0, r_PK, -jnp.inf), -1, keepdims=True)
+    lo = jnp.min(jnp.where(m_PK != 0, r_PK, jnp.inf), -1, keepdims=True)
+    normed = jnp.where((m_PK != 0) & (hi > lo), (r_PK - mean) / (std + eps), 0).reshape(n, t)
+    return jnp.flip(jnp.cumsum(jnp.flip(normed, -1), -1), -1)

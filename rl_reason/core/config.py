@@ -114,6 +114,11 @@ class LossOptions:
     # sampler's, with cap C (TIS truncates at C, the masks reject ratios outside [1/C, C]).
     correction: str = "none"
     correction_cap: float = 2.0
+    # Process supervision (DeepSeekMath's GRPO, §4.1.3): w of the per-token advantages from the
+    # verifier's step rewards (`losses.process_advantages`, each step's reward credited to its
+    # own tokens and the ones before), A_t = (1 - w) * A_outcome + w * A_process_t. Needs a
+    # verifier that scores steps (`VerifyResult.steps`, e.g. "arithmetic_process").
+    process_weight: float = 0.0
 
     @property
     def needs_reference(self) -> bool:
@@ -332,6 +337,11 @@ _RULES: dict[str, _Rule] = {
     "loss.cispo_eps_high": (lambda v, c: finite(v) and v >= 0, ">= 0", "the weight's upper bound"),
     "loss.reward_kl_coef": (lambda v, c: finite(v) and v >= 0, ">= 0", "a penalty, not a reward"),
     "loss.correction_cap": (lambda v, c: finite(v) and v > 1, "> 1", "the band is [1/C, C]"),
+    "loss.process_weight": (
+        lambda v, c: finite(v) and 0 <= v <= 1,
+        "in [0, 1]",
+        "the process advantages' share beside the outcome's",
+    ),
     "optim.learning_rate": (
         lambda v, c: finite(v) and 0 < v <= MAX_LEARNING_RATE,
         f"in (0, {MAX_LEARNING_RATE:g}]",
@@ -451,6 +461,20 @@ def _problems(cfg: GRPOConfig) -> list[str]:
                 f"gae), "
                 f"not loss.advantage_estimator={loss.advantage_estimator!r}; use loss.kl_coef "
                 "for a KL term in the loss"
+            )
+    if loss.process_weight > 0 and loss.advantage_estimator in estimators:
+        if not getattr(estimators[loss.advantage_estimator], "group_relative", True) or getattr(
+            estimators[loss.advantage_estimator], "token_level", False
+        ):
+            problems.append(
+                f"loss.process_weight={loss.process_weight} adds group-normalised step "
+                "advantages to a group-relative outcome estimator (grpo, dr_grpo, rloo), not "
+                f"to loss.advantage_estimator={loss.advantage_estimator!r}"
+            )
+        if cfg.multi_turn.env:
+            problems.append(
+                "loss.process_weight with multi_turn.env: the verifier scores a trajectory's "
+                "final turn, whose step offsets are not the completion's; not combined yet"
             )
     if loss.correction != "none" and not loss.recompute_old_logprobs:
         problems.append(

@@ -104,6 +104,10 @@ class Rollout:
     # spans, tool-call reasons) and, once sent, its means over the round's trajectories.
     turns: Any = None
     turn_stats: dict[str, float] | None = None
+    # Process supervision (loss.process_weight > 0): [B, N] each scored step's reward at its
+    # last token and 1 there (rollout/step_rewards.py), over every process's rows.
+    step_rewards: np.ndarray | None = None
+    step_mask: np.ndarray | None = None
 
     @property
     def groups(self) -> int:

@@ -35,7 +35,7 @@ class Batch:
     mask: jax.Array  # [B, N] float32: completion tokens that enter the loss
     old_logp: jax.Array  # [B, N] float32
     ref_logp: jax.Array  # [B, N] float32 (zeros when there is no KL term)
-    advantages: jax.Array  # [B] float32, or [B, N] per token (REINFORCE++)
+    advantages: jax.Array  # [B] float32, or [B, N] per token (REINFORCE++, process rewards)
     # [B, N] float32: the sampler's own log-probs, when a mismatch correction compares them
     # with old_logp (the trainer's rescoring); None otherwise.
     sampler_logp: jax.Array | None = None
@@ -371,7 +371,7 @@ class StepFns:
         self._rows, self._repl, self._loss = rows, repl, loss
         # The batch the loop makes: advantages per token for a token-level estimator, and the
         # sampler's log-probs when a correction needs them.
-        token_level = losses.is_token_level(loss.advantage_estimator)
+        token_level = losses.is_token_level(loss.advantage_estimator) or loss.process_weight > 0
         if losses.needs_critic(loss.advantage_estimator) != (critic is not None):
             raise ValueError(
                 f"advantage estimator {loss.advantage_estimator!r} "

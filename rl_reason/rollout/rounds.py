@@ -22,7 +22,7 @@ from models.transformer import Transformer
 from rl_reason.core.config import GRPOConfig, overlong_penalty
 from rl_reason.core.record import Rollout, RolloutArrays
 from rl_reason.infra import sharding
-from rl_reason.rollout import engine, envs, multi_turn, partial, sampling
+from rl_reason.rollout import engine, envs, multi_turn, partial, sampling, step_rewards
 from rl_reason.rollout.sampling import SamplingConfig
 
 
@@ -322,6 +322,11 @@ class Rounds:
         )
         if self.rollout_stats is not None:
             self.stats.append(self._gathered_stats(r))
+        if self.cfg.loss.process_weight > 0:
+            steps = [res.steps for res in r.pending.result()[: len(r.texts)]]
+            tokens = sharding.local_rows(r.arrays.tokens)
+            arrays = step_rewards.step_reward_arrays(self.tokenizer, tokens, r.lengths, steps)
+            r.step_rewards, r.step_mask = (sharding.all_rows(x) for x in arrays)
         r.rewards, r.correct, r.lengths, r.truncated = (
             sharding.all_rows(x) for x in (rewards, correct, r.lengths, r.truncated)
         )

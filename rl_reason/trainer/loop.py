@@ -227,6 +227,8 @@ class GRPOTrainer:
         advantages = losses.compute_advantages(
             jnp.asarray(host["rewards"]), cfg.group_size, estimator=cfg.loss.advantage_estimator
         )
+        if cfg.loss.process_weight > 0:
+            advantages = self._with_process(parts, picked, advantages)
         values = None
         if self.critic is not None:
             values = [
@@ -249,6 +251,16 @@ class GRPOTrainer:
                 for a in (r.arrays for r in parts)
             ]
         return batch, host
+
+    def _with_process(self, parts: list[Rollout], picked: list, outcome_B) -> jax.Array:
+        """(1 - w) * outcome advantages + w * the step rewards' per-token advantages [B, N]."""
+        steps = [
+            np.concatenate([getattr(r, k)[m] for r, m in zip(parts, picked, strict=True)])
+            for k in ("step_rewards", "step_mask")
+        ]
+        process = losses.process_advantages(*steps, self.cfg.group_size)
+        w = self.cfg.loss.process_weight
+        return (1 - w) * outcome_B[:, None] + w * process
 
     def _train_on(self, batch: update.Batch) -> dict[str, float]:
         cfg, o = self.cfg, self.cfg.optim

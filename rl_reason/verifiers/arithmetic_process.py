@@ -14,6 +14,11 @@ writes no steps scores 0. The reward is ``(1 - w) * outcome + w * process`` with
 ``arithmetic`` verifier's reward: w = 1 is process supervision alone, 0 < w < 1 a weighted sum
 of both. ``correct`` is always the outcome verdict (the final answer), so accuracy means the
 same whatever the reward.
+
+``steps`` holds each step line's end in the response and its verdict (1.0 right at its
+position in the chain, 0.0 otherwise): the step-level rewards that `loss.process_weight`
+credits to each step's own tokens (DeepSeekMath's process supervision). With w = 0 the scalar
+reward is the outcome alone and the steps carry the process signal.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from rl_reason.verifiers.arithmetic import verify_arithmetic
-from rl_reason.verifiers.arithmetic_steps import check_steps
+from rl_reason.verifiers.arithmetic_steps import check_steps, step_lines
 from rl_reason.verifiers.result import VerifyResult
 
 
@@ -56,8 +61,14 @@ def verify_arithmetic_process(response: str, example: Mapping[str, Any]) -> Veri
     score = process_score(response, example)
     outcome = verify_arithmetic(response, example)
     reward = (1.0 - w) * outcome.reward + w * score
+    gold = _gold_steps(example)
+    lines = step_lines(response)
+    steps = tuple(
+        (end, float(i < len(gold) and step == gold[i])) for i, (end, step) in enumerate(lines)
+    )
     return VerifyResult(
         reward=float(reward),
         correct=outcome.correct,
         reason=f"{outcome.reason}; steps right {score:.2f}",
+        steps=steps,
     )

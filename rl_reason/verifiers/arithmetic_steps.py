@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from rl_reason.verifiers.answer_extraction import think_block
+from rl_reason.verifiers.answer_extraction import THINK_OPEN, think_block
 
 Step = tuple[int, str, int, int]  # (a, op, b, result): result = a op b
 
@@ -32,11 +32,23 @@ def parse_steps(response: str) -> list[Step]:
     `response` is the policy's completion (a full prompt+completion also works, see
     `templates.think_block`). Lines of any other shape are ignored.
     """
+    return [step for _, step in step_lines(response)]
+
+
+def step_lines(response: str) -> list[tuple[int, Step]]:
+    """`parse_steps` with each line's end: the offset in `response` just past the line's text
+    (before its newline), for crediting a step's score to the tokens that wrote it."""
+    block = think_block(response)
+    # think_block's text is a slice of response: its start is the last <think>'s end, or 0.
+    start = response.rfind(THINK_OPEN)
+    offset = 0 if start < 0 else start + len(THINK_OPEN)
     steps = []
-    for line in think_block(response).split("\n"):
+    for line in block.split("\n"):
         m = _STEP_LINE.fullmatch(line)
         if m:
-            steps.append((int(m[1]), m[2], int(m[3]), int(m[4])))
+            end = offset + len(line.rstrip())
+            steps.append((end, (int(m[1]), m[2], int(m[3]), int(m[4]))))
+        offset += len(line) + 1
     return steps
 
 

@@ -7,7 +7,10 @@ measure:
   stage 1     the base model, from the per-seed cache (`rl_reason.pipelines.research.base_cache`)
   cold start  optional SFT on `cold_start.examples` worked solutions in the RL template
   reward      `reward.mode`: "outcome" (the `arithmetic` verifier), "process" (the fraction of
-              right steps, `arithmetic_process`), or "both" (their weighted sum)
+              right steps, `arithmetic_process`, one scalar per sequence), "both" (their
+              weighted sum); "process_steps" and "both_steps" are process supervision per
+              step: each step's verdict is credited to that step's own tokens
+              (`loss.process_weight`, `losses.process_advantages`), alone or beside the outcome
   RL          `rl_reason.pipelines.grpo_stage.run_grpo` with every `grpo.*` option
   measures    held-out greedy completions before and after RL (`research.measures`:
               process correctness, readability, wrong-step share of correct answers, length of
@@ -40,7 +43,7 @@ from rl_reason.rollout import sampling
 from rl_reason.tasks import arithmetic
 from rl_reason.trainer import GRPOConfig
 
-REWARD_MODES = ("outcome", "process", "both")
+REWARD_MODES = ("outcome", "process", "both", "process_steps", "both_steps")
 CURVES = (
     "accuracy",
     "reward_mean",
@@ -69,8 +72,19 @@ class RewardConfig:
         """`example` with the verifier (and weight) that gives this reward."""
         if self.mode == "outcome":
             return {**example, "verifier": "arithmetic"}
+        if self.mode.endswith("_steps"):
+            # The scalar reward is the outcome; the steps' verdicts come with it per step.
+            return {**example, "verifier": "arithmetic_process", "process_weight": 0.0}
         w = 1.0 if self.mode == "process" else self.process_weight
         return {**example, "verifier": "arithmetic_process", "process_weight": w}
+
+    def grpo_config(self, cfg: GRPOConfig) -> GRPOConfig:
+        """`cfg` with the per-step process advantages' weight of this mode (the others keep
+        `cfg.loss.process_weight`, 0 unless set)."""
+        if not self.mode.endswith("_steps"):
+            return cfg
+        w = 1.0 if self.mode == "process_steps" else self.process_weight
+        return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, process_weight=w))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +199,7 @@ def run(config) -> dict[str, Any]:
     workdir, echo, mesh = ctx.workdir, ctx.echo, ctx.mesh
     grpo_cfg = grpo_run.config_from(GRPOConfig, config.grpo)
     reward_cfg = grpo_run.config_from(RewardConfig, config.reward)
+    grpo_cfg = reward_cfg.grpo_config(grpo_cfg)
     cold_cfg = grpo_run.config_from(ColdStartConfig, config.cold_start)
     ctx.make_checkpointer(grpo_cfg)
     resuming = ctx.resuming
