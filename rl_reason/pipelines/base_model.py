@@ -183,8 +183,23 @@ def train_base(
         "pretrain_final_loss": losses[-1] if losses else None,
         "pretrain_seconds": time.perf_counter() - t0,
         "num_params": n_params,
+        **plateau(losses),
     }
     return tokenizer, graphdef, params, facts
+
+
+def plateau(losses) -> dict[str, float]:
+    """Whether pretraining had levelled off: the mean loss of the last tenth of the steps, of
+    the tenth before it, and their relative drop (near 0 on a plateau)."""
+    k = len(losses) // 10
+    if k < 1:
+        return {}
+    last, prev = float(np.mean(losses[-k:])), float(np.mean(losses[-2 * k : -k]))
+    return {
+        "pretrain_loss_last_tenth": last,
+        "pretrain_loss_prev_tenth": prev,
+        "pretrain_plateau_drop": (prev - last) / prev if prev else 0.0,
+    }
 
 
 # ----------------------------------------------------------------------------- files

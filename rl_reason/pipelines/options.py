@@ -34,6 +34,8 @@ def _r1_zero_data(section) -> None:
         "frac_template": (lambda v, c: finite(v) and 0 <= v <= 1, "in [0, 1]", "a share"),
         "frac_template_worked": (lambda v, c: finite(v) and 0 <= v <= 1, "in [0, 1]", "a share"),
     }
+    if "frac_retry" in section:  # the self-correction configs' share of retried worked texts
+        rules["frac_retry"] = (lambda v, c: finite(v) and 0 <= v <= 1, "in [0, 1]", "a share")
     _raise_broken("config.data", section, rules)
 
 

@@ -59,6 +59,8 @@ def build_data(config, *, with_corpus: bool = True) -> dict[str, Any]:
         frac_template=d.frac_template,
         frac_template_worked=d.frac_template_worked,
         exclude_keys=held_out,
+        # Only the self-correction experiment sets it; other configs keep their stage-1 hash.
+        frac_retry=d.get("frac_retry", 0.0),
     )
     return {"task": task, "eval_set": eval_set, "rl_pool": rl_pool, "corpus": corpus}
 

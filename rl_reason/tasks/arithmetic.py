@@ -42,7 +42,10 @@ Problem = dict[str, Any]  # keys: question, answer, steps, verifier
 
 _OP_WORDS = {"+": "add", "-": "subtract", "*": "multiply by"}
 # Stream ids for np.random.SeedSequence spawn keys; see the module docstring.
-_PROBLEMS_STREAM, _TRAIN_STREAM, _CORPUS_STREAM = 0, 1, 2
+_PROBLEMS_STREAM, _TRAIN_STREAM, _CORPUS_STREAM, _RETRY_STREAM = 0, 1, 2, 3
+# A retried step's first, wrong value is off by one of these (research_self_correction).
+RETRY_DELTAS = (1, -1, 2, -2, 3, -3)
+RETRY_WORD = "Wait."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +240,41 @@ def worked_solution(problem: Mapping[str, Any]) -> str:
     )
 
 
+def retried_solution(problem: Mapping[str, Any], at: int, delta: int) -> str:
+    """The worked solution with step `at` (1-based) first written with its value off by
+    `delta`, then retried right on the next line, and the chain carried on from the right
+    value::
+
+        Step 1: 17 + 8 = 25
+        Step 2: 25 - 5 = 22
+        Wait. Step 2: 25 - 5 = 20
+        Step 3: 20 * 3 = 60
+    """
+    steps = [tuple(s) for s in problem["steps"]]
+    if not 1 <= at <= len(steps) or delta == 0:
+        raise ValueError(f"retried_solution needs 1 <= at <= {len(steps)} and delta != 0")
+    lines = []
+    for i, (a, op, b, c) in enumerate(steps, 1):
+        if i == at:
+            lines.append(f"Step {i}: {a} {op} {b} = {c + delta}")
+            lines.append(f"{RETRY_WORD} Step {i}: {a} {op} {b} = {c}")
+        else:
+            lines.append(f"Step {i}: {a} {op} {b} = {c}")
+    return "\n".join(lines)
+
+
+def draw_retry(rng: np.random.Generator, problem: Mapping[str, Any], max_value: int) -> tuple:
+    """(at, delta) of a retry: a uniform step, and a delta that keeps the wrong value in
+    [0, max_value] (the values a problem's chain can hold)."""
+    steps = problem["steps"]
+    at = int(rng.integers(1, len(steps) + 1))
+    value = steps[at - 1][3]
+    for k in rng.permutation(len(RETRY_DELTAS)):
+        if 0 <= value + RETRY_DELTAS[k] <= max_value:
+            return at, int(RETRY_DELTAS[k])
+    raise ValueError(f"no retry delta keeps {value} in [0, {max_value}]")
+
+
 def make_prompt(question: str) -> str:
     """The R1-Zero prompt (see `rl_reason.tasks.templates`); it ends with ``<think>``."""
     return templates.make_prompt(question)
@@ -248,7 +286,9 @@ def target_completion(problem: Mapping[str, Any], *, worked: bool = True) -> str
     return templates.make_completion(reasoning, problem["answer"])
 
 
-def format_pretraining_example(problem: Mapping[str, Any], style: str) -> str:
+def format_pretraining_example(
+    problem: Mapping[str, Any], style: str, retry: tuple[int, int] | None = None
+) -> str:
     """One pretraining text for `problem` in one of `STYLES`.
 
     - "worked": prompt + completion with the worked solution in the think block.
@@ -256,15 +296,20 @@ def format_pretraining_example(problem: Mapping[str, Any], style: str) -> str:
     - "steps": a web-like worked solution without the template:
       ``"{question}\\nStep 1: 17 + 8 = 25\\n...\\nThe answer is 60."``
     - "qa": a web-like bare answer: ``"Q: {question}\\nA: 60"``.
+
+    `retry` (at, delta), for the two worked styles: step `at` is written wrong, then retried
+    (`retried_solution`).
     """
     question, answer = problem["question"], problem["answer"]
-    if style in ("worked", "bare"):
-        return make_prompt(question) + target_completion(problem, worked=style == "worked")
+    if retry is not None and style not in ("worked", "steps"):
+        raise ValueError(f"a retry needs a worked style, not {style!r}")
+    reasoning = worked_solution(problem) if retry is None else retried_solution(problem, *retry)
+    if style == "worked":
+        return make_prompt(question) + templates.make_completion(reasoning, answer)
+    if style == "bare":
+        return make_prompt(question) + target_completion(problem, worked=False)
     if style == "steps":
-        lines = [
-            f"Step {i}: {a} {op} {b} = {c}" for i, (a, op, b, c) in enumerate(problem["steps"], 1)
-        ]
-        return "\n".join([question, *lines, f"The answer is {answer}."])
+        return "\n".join([question, reasoning, f"The answer is {answer}."])
     if style == "qa":
         return f"Q: {question}\nA: {answer}"
     raise ValueError(f"Unknown pretraining style {style!r}; expected one of {STYLES}")
@@ -314,13 +359,20 @@ def pretraining_corpus(
     exclude_keys: Collection[str] = (),
     frac_template: float = 0.5,
     frac_template_worked: float | None = None,
+    frac_retry: float = 0.0,
 ) -> list[str]:
     """`n` texts in shuffled styles (counts from `corpus_styles`), deterministic for `seed`.
 
     This stands in for a web-pretrained base model: it has seen worked arithmetic sometimes
     (`frac_worked`) and bare answers often, and the R1 template only in part of the texts.
     Problems whose `problem_key` is in `exclude_keys` never appear; problems may repeat.
+
+    `frac_retry`: the share of the worked texts (rounded) in which one step is first written
+    wrong and then retried (`retried_solution`), chosen from a stream of their own, so the
+    rest of the corpus is the one `frac_retry=0` gives.
     """
+    if not 0.0 <= frac_retry <= 1.0:
+        raise ValueError(f"frac_retry must be in [0, 1], got {frac_retry}")
     rng = _rng(seed, _CORPUS_STREAM)
     styles = corpus_styles(
         n,
@@ -331,7 +383,16 @@ def pretraining_corpus(
     styles = [styles[i] for i in rng.permutation(n)]
     exclude_keys = _as_set(exclude_keys)
     problems = _draw(rng, n, cfg, exclude_keys, unique=False)
-    return [format_pretraining_example(p, s) for p, s in zip(problems, styles, strict=True)]
+    retries: dict[int, tuple[int, int]] = {}
+    if frac_retry > 0:
+        worked = [i for i, s in enumerate(styles) if s in ("worked", "steps")]
+        r_rng = _rng(seed, _RETRY_STREAM)
+        picked = r_rng.permutation(len(worked))[: round(frac_retry * len(worked))]
+        retries = {worked[k]: draw_retry(r_rng, problems[worked[k]], cfg.max_value) for k in picked}
+    return [
+        format_pretraining_example(p, s, retries.get(i))
+        for i, (p, s) in enumerate(zip(problems, styles, strict=True))
+    ]
 
 
 # ----------------------------------------------------------------------------- step checks
@@ -407,6 +468,7 @@ class ArithmeticTask:
         exclude_keys: Collection[str] = (),
         frac_template: float = 0.5,
         frac_template_worked: float | None = None,
+        frac_retry: float = 0.0,
     ) -> list[str]:
         return pretraining_corpus(
             seed,
@@ -416,6 +478,7 @@ class ArithmeticTask:
             exclude_keys=exclude_keys,
             frac_template=frac_template,
             frac_template_worked=frac_template_worked,
+            frac_retry=frac_retry,
         )
 
 

@@ -38,7 +38,7 @@ from rl_reason.infra import data as data_lib
 from rl_reason.pipelines import base_model, pretrain, r1_zero
 from rl_reason.pipelines import grpo_stage as grpo_run
 from rl_reason.pipelines.context import RunContext
-from rl_reason.pipelines.research import base_cache, bridge, held_out, measures, runs
+from rl_reason.pipelines.research import base_cache, bridge, held_out, injection, measures, runs
 from rl_reason.rollout import sampling
 from rl_reason.tasks import arithmetic
 from rl_reason.trainer import GRPOConfig
@@ -148,29 +148,53 @@ def greedy_completions(
     batch_size: int = 64,
 ) -> list[str]:
     """The policy's greedy completion of each problem's prompt, as text."""
+    prompts = [arithmetic.make_prompt(p["question"]) for p in problems]
+    return greedy_continuations(
+        graphdef, params, tokenizer, prompts, grpo_cfg, stop_token_ids, mesh, batch_size
+    )
+
+
+def greedy_continuations(
+    graphdef,
+    params,
+    tokenizer,
+    prompts: Sequence[str],
+    grpo_cfg: GRPOConfig,
+    stop_token_ids: Sequence[int],
+    mesh,
+    batch_size: int = 64,
+) -> list[str]:
+    """The policy's greedy continuation of each prompt text (up to `max_new_tokens`)."""
     cfg = sampling.SamplingConfig(temperature=0.0, stop_token_ids=tuple(stop_token_ids))
+    encoded = tokenizer.encode_batch(list(prompts), add_bos=True)
+    # Prefilled contexts (error injection) outgrow the RL prompts: one width for all.
+    width = max(grpo_cfg.max_prompt_len, -(-max(map(len, encoded), default=1) // 16) * 16)
     texts: list[str] = []
-    for lo in range(0, len(problems), batch_size):
-        chunk = list(problems[lo : lo + batch_size])
+    for lo in range(0, len(encoded), batch_size):
+        chunk = encoded[lo : lo + batch_size]
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
-        ids = tokenizer.encode_batch(
-            [arithmetic.make_prompt(p["question"]) for p in padded], add_bos=True
-        )
         out = sampling.sample(
             (graphdef, params),
-            ids,
+            padded,
             jax.random.key(0),
             max_new_tokens=grpo_cfg.max_new_tokens,
             config=cfg,
             pad_id=tokenizer.pad_id,
             buffer_len=-(-grpo_cfg.max_new_tokens // 8) * 8,
-            prompt_width=grpo_cfg.max_prompt_len,
+            prompt_width=width,
             mesh=mesh,
         )
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         rows = [tokens[i, : lengths[i]] for i in range(len(chunk))]
         texts += tokenizer.decode_batch(rows)
     return texts
+
+
+def measure_injection(graphdef, params, tokenizer, problems, grpo_cfg, stops, mesh, max_value):
+    def generate(prompts):
+        return greedy_continuations(graphdef, params, tokenizer, prompts, grpo_cfg, stops, mesh)
+
+    return injection.measure(generate, problems, seed=0, max_value=max_value)
 
 
 def measure_bridge(graphdef, params, tokenizer, problems, grpo_cfg, stops, mesh, max_value) -> dict:
@@ -247,6 +271,11 @@ def run(config) -> dict[str, Any]:
                     graphdef, params, tokenizer, data["eval_set"], grpo_cfg, stops, mesh, max_value
                 )
                 echo("[bridge] before RL: " + grpo_run.fmt(carry["bridge_before"]))
+            if config.measure.get("injection", False):
+                carry["injection_before"] = measure_injection(
+                    graphdef, params, tokenizer, data["eval_set"], grpo_cfg, stops, mesh, max_value
+                )
+                echo("[injection] before RL: " + grpo_run.fmt(carry["injection_before"]))
 
         def count_tokens(text: str) -> int:
             return len(tokenizer.encode(text))
@@ -307,6 +336,12 @@ def run(config) -> dict[str, Any]:
             graphdef, trainer.params, tokenizer, data["eval_set"], grpo_cfg, stops, mesh, max_value
         )
         echo("[bridge] after RL:  " + grpo_run.fmt(summary["bridge_after"]))
+    if config.measure.get("injection", False):
+        summary["injection_before"] = carry["injection_before"]
+        summary["injection_after"] = measure_injection(
+            graphdef, trainer.params, tokenizer, data["eval_set"], grpo_cfg, stops, mesh, max_value
+        )
+        echo("[injection] after RL:  " + grpo_run.fmt(summary["injection_after"]))
     summary["wall_seconds"] = ctx.elapsed()
     ctx.write_summary(
         summary,

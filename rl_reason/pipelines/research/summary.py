@@ -9,6 +9,9 @@ writes into `out_dir`:
   curves.png     each curve metric per RL step: mean over seeds (5-step moving average of each
                  seed first), shaded ± 1 s.d. across seeds
   bars.png       each table metric as bars with ± 1 s.d. error bars and the seeds as dots
+  against.png    with ``spec["against"]`` (label, path, table paths): those metrics against
+                 the path's value (e.g. the model's parameters, log scale), one line per series
+                 (arms labelled "<series> @ <point>"), mean ± 1 s.d. over seeds
 
 Table metrics are paths: ``after.accuracy`` (a field of summary.json, nested with dots) or
 ``rollout.<metric>.<mean|median|first10|last10>`` (a per-step metric of metrics.jsonl: mean or
@@ -122,6 +125,8 @@ def summarize(
         _plot_bars(results, spec, out_dir / "bars.png")
         if spec["curves"]:
             _plot_curves(arms, spec, out_dir / "curves.png")
+        if spec.get("against"):
+            _plot_against(arms, results, spec, out_dir / "against.png")
     return results
 
 
@@ -217,5 +222,34 @@ def _plot_bars(results: Mapping[str, Any], spec: Mapping[str, Any], path: Path) 
     for ax in axes[n:]:
         ax.set_visible(False)
     fig.suptitle(f"{spec['title']}: mean ± s.d. over seeds (dots: seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _plot_against(arms, results, spec, path: Path) -> None:
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    x_label, x_path, paths = spec["against"]
+    fig, axes = _figure(len(paths), 6.5, 2.4)
+    for ax, y_path in zip(axes, paths, strict=True):
+        series: dict[str, list[tuple[float, float, float]]] = {}
+        for label, found in arms.items():
+            xs = [metric_value(r["summary"], r["rows"], x_path) for r in found]
+            m = results["arms"][label]["metrics"][y_path]
+            if not found or not m["n"]:
+                continue
+            name = label.split(" @ ")[0]
+            series.setdefault(name, []).append((float(np.nanmean(xs)), m["mean"], m["sd"]))
+        for name, pts in series.items():
+            x, y, sd = (np.asarray(v) for v in zip(*sorted(pts), strict=True))
+            ax.errorbar(x, y, yerr=sd, marker="o", capsize=3, label=name)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylabel(next(n for n, p in spec["table"] if p == y_path), fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[-1].set_xlabel(f"{x_label} (log scale); mean ± 1 s.d. over seeds")
+    fig.suptitle(spec["title"])
     fig.tight_layout()
     fig.savefig(path, dpi=110)

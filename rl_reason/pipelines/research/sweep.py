@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import subprocess
 import sys
 import time
@@ -94,7 +95,7 @@ class Experiment:
         base = self.base_config()
         wanted = None if seeds is None else set(seeds)
         out = []
-        for raw in self.module.get_hyper(hyper):
+        for raw in self._sweep():
             raw = dict(raw)
             label = str(raw.pop(hyper.ARM, "default"))
             config = apply_overrides(base, raw)
@@ -112,6 +113,13 @@ class Experiment:
         if len(labels) != len(out):
             raise ValueError(f"{self.path}: two sweep points share an arm label and RL seed")
         return sorted(out, key=_order)  # stable: arm order kept within a seed
+
+    def _sweep(self) -> list[dict]:
+        # get_hyper(hyper) or get_hyper(hyper, arg): a sweep may differ in smoke mode.
+        fn = self.module.get_hyper
+        if len(inspect.signature(fn).parameters) > 1:
+            return fn(hyper, self.arg)
+        return fn(hyper)
 
 
 def _order(p: Point) -> tuple[int, int]:
@@ -139,6 +147,8 @@ EXPERIMENTS = (
     "research_cold_start",
     "research_algorithms",
     "research_field_algorithms",
+    "research_scale",
+    "research_self_correction",
 )
 
 
