@@ -224,3 +224,7 @@ def test_trainer_credits_step_rewards_to_their_tokens():
         np.testing.assert_allclose(np.asarray(batch.advantages) * on, want * on, atol=1e-5)
         metrics = trainer._train_on(batch)
         assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+        # A whole step through the loop logs the scored steps.
+        logged = trainer.step()
+        assert logged["process_steps_mean"] > 0
+        assert 0 <= logged["process_step_reward_mean"] <= 1

@@ -72,6 +72,13 @@ def step_metrics(
     # round did not see counts 0 in it).
     for name in sorted({n for st in turn_stats for n in st}):
         metrics[f"mt_{name}"] = float(np.mean([st.get(name, 0.0) for st in turn_stats]))
+    scored = [r for r in parts if r.step_mask is not None]
+    if scored:
+        # Process supervision per step: the scored steps per sample and their mean reward.
+        n_steps = sum(float(r.step_mask.sum()) for r in scored)
+        metrics["process_steps_mean"] = n_steps / sum(r.step_mask.shape[0] for r in scored)
+        total = sum(float(r.step_rewards.sum()) for r in scored)
+        metrics["process_step_reward_mean"] = total / n_steps if n_steps else float("nan")
     if cfg.loss.correction != "none":
         metrics["mismatch_token_frac"] = train["mismatch_token_frac"]
         metrics["mismatch_seq_frac"] = train["mismatch_seq_frac"]
