@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.cold_start = ml_collections.ConfigDict(
             dict(
                 examples=0,  # worked solutions for SFT before RL; 0 = R1-Zero (no SFT)
+                source="worked",  # or "corpus": the same SFT on corpus texts (compute-matched)
                 steps=40,
                 batch_size=16,
                 seq_len=256,
@@ -93,6 +94,8 @@ REWARD_ARMS = {
     "both per step": {"config.reward.mode": "both_steps", "config.reward.process_weight": 0.5},
 }
 COLD_START = {"config.cold_start.examples": 300}
+# The zero arm with the cold start's extra SFT steps, spent on texts of its own corpus.
+COMPUTE_MATCHED_ZERO = {"config.cold_start.examples": 300, "config.cold_start.source": "corpus"}
 ALGORITHM_ARMS = {
     "GRPO": {},
     # Dr. GRPO: no std division, and a constant normaliser (N x max_len) instead of lengths.
@@ -118,6 +121,21 @@ ALGORITHM_ARMS = {
     # Same samples per step (P x G = 128) for every group size.
     "G=4": {"config.grpo.group_size": 4, "config.grpo.prompts_per_step": 32},
     "G=16": {"config.grpo.group_size": 16, "config.grpo.prompts_per_step": 8},
+    # G=16 at the baseline's 16 prompts (twice the samples per step): G alone varies.
+    "G=16, 16 prompts": {"config.grpo.group_size": 16, "config.grpo.prompts_per_step": 16},
+    # GRPO as DeepSeekMath writes it: each sequence's token mean, then the mean over sequences
+    # (the length normalisation Dr. GRPO removes), at the baseline's budget and at one where
+    # responses can grow.
+    "GRPO, per-sequence mean": {"config.grpo.loss.aggregation": "seq-mean-token-mean"},
+    "GRPO, per-sequence mean, 160 tokens": {
+        "config.grpo.loss.aggregation": "seq-mean-token-mean",
+        "config.grpo.max_new_tokens": 160,
+    },
+    "Dr. GRPO, 160 tokens": {
+        "config.grpo.loss.advantage_estimator": "dr_grpo",
+        "config.grpo.loss.aggregation": "seq-mean-token-sum-norm",
+        "config.grpo.max_new_tokens": 160,
+    },
     # One-step-off-policy pipelining: step k+1 is sampled with the weights before step k's update.
     "GRPO, 1-step off-policy": {"config.grpo.off_policy_steps": 1},
 }

@@ -3,8 +3,10 @@
 R1 starts RL from a model fine-tuned on a few thousand readable long chains of thought;
 R1-Zero starts from the base model. Here: 40 SFT steps on 300 worked solutions written in the
 RL template (prompt + "Step i: a op b = c" lines + answer), then the same GRPO run, vs GRPO
-from the base model. Measured: accuracy, response length and readability (the share of
-well-formed step lists: nothing but numbered step lines in the think block, then one answer).
+from the base model, and vs a compute-matched zero arm that spends the same 40 SFT steps on 300
+texts of its own pretraining corpus. Each RL seed fine-tunes on its own 300 problems.
+Measured: accuracy, response length and readability (the share of well-formed step lists:
+nothing but numbered step lines in the think block, then one answer).
 
 Launch:
   python -m experiments.research --config=experiments/configs/research_cold_start.py
@@ -18,7 +20,11 @@ def get_config(arg: str | None = None):
 
 
 def get_hyper(hyper):
-    table = {"zero (R1-Zero)": research.BASELINE, "cold start (R1)": research.COLD_START}
+    table = {
+        "zero (R1-Zero)": research.BASELINE,
+        "cold start (R1)": research.COLD_START,
+        "zero + 40 SFT steps on corpus texts": research.COMPUTE_MATCHED_ZERO,
+    }
     return hyper.product([research.seeds(hyper), research.arms(hyper, table)])
 
 

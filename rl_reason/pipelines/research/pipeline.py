@@ -89,9 +89,16 @@ class RewardConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ColdStartConfig:
-    """SFT before RL on `examples` worked solutions (0: none, the R1-Zero setting)."""
+    """SFT before RL on `examples` worked solutions (0: none, the R1-Zero setting).
+
+    `source` "corpus" spends the same SFT steps on `examples` texts of the pretraining corpus
+    instead: the compute-matched zero arm, which gets the extra updates but no new solutions.
+    The worked problems (or corpus texts) are drawn by `seed`, the RL seed in the sweeps, so
+    each seed fine-tunes on its own set.
+    """
 
     examples: int = 0
+    source: str = "worked"
     steps: int = 40
     batch_size: int = 16
     seq_len: int = 256
@@ -102,6 +109,8 @@ class ColdStartConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.source not in ("worked", "corpus"):
+            raise ValueError(f"cold_start.source={self.source!r}; valid: 'worked', 'corpus'")
         if self.examples < 0 or self.steps < 1:
             raise ValueError(
                 f"cold_start needs examples >= 0 and steps >= 1, got {self.examples}, {self.steps}"
@@ -120,12 +129,22 @@ class ColdStartConfig:
 
 def build_data(config) -> dict[str, Any]:
     """r1_zero's task, eval set and RL pool (the corpus is made only if stage 1 runs), plus
-    the cold-start problems (disjoint from the eval set and the RL pool)."""
-    data = r1_zero.build_data(config, with_corpus=False)
+    the cold-start texts: worked solutions of problems disjoint from the eval set and the RL
+    pool, or corpus texts (see `ColdStartConfig`)."""
+    cold = config.cold_start
+    source = cold.get("source", "worked")
+    data = r1_zero.build_data(config, with_corpus=bool(cold.examples) and source == "corpus")
     task = data["task"]
     held_out = {task.key(p) for p in data["eval_set"] + data["rl_pool"]}
-    n = config.cold_start.examples
-    data["sft"] = task.eval_set(config.seed + 2, n, exclude_keys=held_out) if n else []
+    n = cold.examples
+    data["sft_texts"] = []
+    if n and source == "corpus":
+        pick = np.random.default_rng([cold.seed, 17]).choice(len(data["corpus"]), n, replace=False)
+        data["sft_texts"] = [data["corpus"][i] for i in pick]
+    elif n:
+        # Seed 0 keeps the set the experiments had before the SFT set varied with the seed.
+        stream = config.seed + 2 + 1000 * cold.seed
+        data["sft_texts"] = sft_texts(task.eval_set(stream, n, exclude_keys=held_out))
     return data
 
 
@@ -260,7 +279,7 @@ def run(config) -> dict[str, Any]:
                     graphdef,
                     params,
                     tokenizer,
-                    sft_texts(data["sft"]),
+                    data["sft_texts"],
                     cold_cfg.pretrain_config(),
                     mesh=mesh,
                 )
