@@ -20,6 +20,8 @@ CORE = [
     "safetensors",
     "tensorboardX",
     "matplotlib",
+    # t quantiles of the research summaries' confidence intervals (jax needs it too).
+    "scipy",
 ]
 
 setup(

@@ -361,3 +361,28 @@ def test_cold_start_texts_vary_with_the_seed_and_the_matched_arm_reads_the_corpu
     assert len(matched) == 6 and set(matched) <= set(built["corpus"])
     with pytest.raises(ValueError, match="cold_start.source"):
         pipeline.ColdStartConfig(source="web")
+
+
+def test_differences_have_paired_and_welch_intervals():
+    from scipy import stats
+
+    a = {0: 0.71, 1: 0.64, 2: 0.69}
+    b = {0: 0.60, 1: 0.55, 2: 0.58}
+    paired = summary.difference(a, b)
+    want = stats.ttest_rel(list(a.values()), list(b.values())).confidence_interval(0.95)
+    assert paired["method"] == "paired t" and paired["n"] == 3
+    assert (paired["low"], paired["high"]) == pytest.approx((want.low, want.high))
+    assert paired["mean"] == pytest.approx(np.mean([0.11, 0.09, 0.11]))
+    # Other seeds: Welch's interval.
+    c = {3: 0.5, 4: 0.58, 5: 0.52, 6: 0.49}
+    welch = summary.difference(a, c)
+    want = stats.ttest_ind(list(a.values()), list(c.values()), equal_var=False)
+    lo, hi = want.confidence_interval(0.95)
+    assert welch["method"] == "Welch t" and (welch["low"], welch["high"]) == pytest.approx((lo, hi))
+    one = summary.difference({0: 0.5}, b)
+    assert math.isnan(one["low"]) and one["method"] == "none"
+    # An interval that holds 0 reads as no detectable difference.
+    assert "no detectable difference" in summary._fmt_diff(
+        summary.difference(a, {0: 0.7, 1: 0.6, 2: 0.72})
+    )
+    assert "no detectable difference" not in summary._fmt_diff(paired)

@@ -4,8 +4,12 @@
 
 writes into `out_dir`:
 
-  results.json   per arm: the seeds found, each table metric per seed, its mean and s.d.
-  results.md     the table, "mean ± s.d. (n seeds)" per cell
+  results.json   per arm: the seeds found, each table metric per seed, its mean and s.d.; and
+                 each arm's difference from the first arm per metric with its 95% interval
+                 (`difference`: paired over the seeds both arms have, else Welch's)
+  results.md     the table, "mean ± s.d. (n seeds)" per cell, then the differences, each
+                 "mean [low, high] (n)" and marked "no detectable difference" when the
+                 interval holds 0
   curves.png     each curve metric per RL step: mean over seeds (5-step moving average of each
                  seed first), shaded ± 1 s.d. across seeds
   bars.png       each table metric as bars with ± 1 s.d. error bars and the seeds as dots
@@ -119,6 +123,7 @@ def summarize(
                 "n": n,
             }
         results["arms"][label] = entry
+    results["differences"] = differences(results, spec)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True))
     (out_dir / "results.md").write_text(markdown_table(results, spec))
     if any(arms.values()):
@@ -128,6 +133,80 @@ def summarize(
         if spec.get("against"):
             _plot_against(arms, results, spec, out_dir / "against.png")
     return results
+
+
+def difference(
+    a: Mapping[int, float], b: Mapping[int, float], level: float = 0.95
+) -> dict[str, Any]:
+    """mean(a) − mean(b) with its `level` interval, over finite values by seed.
+
+    When the two arms share at least two seeds (the same base model and RL seed, e.g. two
+    arms of one sweep), the paired t interval over those seeds; otherwise Welch's t interval
+    (unequal variances, Welch–Satterthwaite degrees of freedom). NaN bounds when either side
+    has fewer than two values.
+    """
+    from scipy import stats
+
+    a = {s: v for s, v in a.items() if math.isfinite(v)}
+    b = {s: v for s, v in b.items() if math.isfinite(v)}
+    nan = math.nan
+    shared = sorted(set(a) & set(b))
+    if len(shared) >= 2:
+        d = np.asarray([a[s] - b[s] for s in shared], np.float64)
+        half = stats.t.ppf(0.5 + level / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size)
+        mean = float(d.mean())
+        return {
+            "mean": mean,
+            "low": mean - half,
+            "high": mean + half,
+            "n": d.size,
+            "method": "paired t",
+        }
+    x, y = np.asarray(list(a.values())), np.asarray(list(b.values()))
+    if x.size < 2 or y.size < 2:
+        mean = float(x.mean() - y.mean()) if x.size and y.size else nan
+        return {"mean": mean, "low": nan, "high": nan, "n": min(x.size, y.size), "method": "none"}
+    va, vb = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (x.size - 1) + vb**2 / (y.size - 1)) if se > 0 else 1.0
+    half = stats.t.ppf(0.5 + level / 2, df) * se
+    mean = float(x.mean() - y.mean())
+    return {
+        "mean": mean,
+        "low": mean - half,
+        "high": mean + half,
+        "n": min(x.size, y.size),
+        "method": "Welch t",
+    }
+
+
+def differences(results: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Every arm but the first against the first (the experiment's reference arm)."""
+    labels = list(results["arms"])
+    if len(labels) < 2:
+        return {}
+    ref = results["arms"][labels[0]]
+    out: dict[str, Any] = {"reference": labels[0], "arms": {}}
+    for label in labels[1:]:
+        arm = results["arms"][label]
+        out["arms"][label] = {
+            path: difference(
+                dict(zip(arm["seeds"], arm["metrics"][path]["values"], strict=True)),
+                dict(zip(ref["seeds"], ref["metrics"][path]["values"], strict=True)),
+            )
+            for _, path in spec["table"]
+        }
+    return out
+
+
+def _fmt_diff(d: Mapping[str, Any]) -> str:
+    if not math.isfinite(d["mean"]):
+        return "–"
+    digits = 1 if abs(d["mean"]) >= 10 else 3
+    if not math.isfinite(d["low"]):
+        return f"{d['mean']:+.{digits}f} (n = {d['n']}, no interval)"
+    cell = f"{d['mean']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}] ({d['n']})"
+    return cell + (" no detectable difference" if d["low"] <= 0 <= d["high"] else "")
 
 
 def markdown_table(results: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
@@ -143,6 +222,19 @@ def markdown_table(results: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
             cells.append(_fmt(m["mean"], m["sd"], m["n"]))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Mean ± s.d. over seeds (number of seeds in brackets)."]
+    diffs = results.get("differences") or {}
+    if diffs:
+        lines += ["", f"Differences from {diffs['reference']}:", ""]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for label, by_path in diffs["arms"].items():
+            cells = [label] + [_fmt_diff(by_path[path]) for _, path in spec["table"]]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Mean difference [95% interval] (seeds): a paired t interval over the seeds both "
+            "arms have, else Welch's. An interval that holds 0 is no detectable difference.",
+        ]
     return "\n".join(lines) + "\n"
 
 
