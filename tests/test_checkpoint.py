@@ -375,7 +375,7 @@ def test_best_mode_min_and_bad_metric(tmp_path):
 # ~128 MB of arrays: the background write takes long enough to be killed in the middle.
 KILLED_WRITER = textwrap.dedent(
     """
-    import sys, time
+    import pathlib, sys, time
     import jax.numpy as jnp
     from rl_reason.infra.checkpoint import Checkpointer
 
@@ -384,6 +384,13 @@ KILLED_WRITER = textwrap.dedent(
     ckpt.save(1, state(1), meta={"step": 1})
     ckpt.wait()
     ckpt.save(2, state(2), meta={"step": 2})
+    # The background write makes its temporary directory when it starts: wait for it, so the
+    # kill comes mid-write however busy the machine is.
+    root, deadline = pathlib.Path(sys.argv[1]), time.monotonic() + 60
+    while not any(p.name.startswith("2.") for p in root.iterdir()):
+        if time.monotonic() > deadline:
+            raise SystemExit("orbax never started writing step 2")
+        time.sleep(0.002)
     print("writing", flush=True)
     time.sleep(60)
     """
