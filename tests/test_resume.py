@@ -15,6 +15,7 @@ bit for bit, and every step must appear exactly once in metrics.jsonl.
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -228,6 +229,11 @@ def test_every_fault_in_one_run_leaves_it_identical_to_the_straight_run(
     # 4. The disk fills up: the next save fails, the run stops with an error naming the
     # problem, and nothing written before it is lost.
     if small_disk is not None:
+        # The killed run may have left a save in progress; the next run deletes its temporary
+        # directory on open, which would free room for its own saves. Remove it first, so that
+        # the ballast leaves no room whatever the kill interrupted.
+        for tmp in (workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp)
         ballast = small_disk / "ballast"
         free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
         with open(ballast, "wb") as f:
