@@ -7,7 +7,10 @@
 
 Results go to experiments/results/<experiment>/ (results.json, results.md, curves.png,
 bars.png); runs to runs/research/ (one directory per distinct arm and seed, shared across
-experiments). Points already run are skipped, so a stopped campaign continues where it was.
+experiments), and each finished run's record (summary.json, metrics.jsonl) to
+experiments/results/runs/<run directory name>, which is committed. Points already run, here or
+in a record, are skipped, so a stopped campaign continues where it was, on this machine or on
+a fresh checkout.
 """
 
 from pathlib import Path
@@ -24,6 +27,7 @@ _ALL = flags.DEFINE_bool("all", False, f"every experiment: {', '.join(sweep.EXPE
 _SEEDS = flags.DEFINE_list("seeds", None, "only these seeds (default: the sweep's)")
 _RUNS_ROOT = flags.DEFINE_string("runs_root", None, "override config.runs_root")
 _RESULTS = flags.DEFINE_string("results_root", "experiments/results", "where summaries go")
+_RECORDS = flags.DEFINE_string("records", None, "run records (default: <results_root>/runs)")
 _SUMMARIZE_ONLY = flags.DEFINE_bool("summarize_only", False, "only regenerate tables/plots")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the commands, run nothing")
 
@@ -35,8 +39,9 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     seeds = None if _SEEDS.value is None else [int(s) for s in _SEEDS.value]
+    records = Path(_RECORDS.value or Path(_RESULTS.value) / "runs")
     if not _SUMMARIZE_ONLY.value:
-        results = sweep.run_sweep(exps, seeds=seeds, dry_run=_DRY_RUN.value)
+        results = sweep.run_sweep(exps, seeds=seeds, dry_run=_DRY_RUN.value, records=records)
         failed = [p for p, status in results if status.startswith("failed")]
         for p in failed:
             print(f"FAILED: {p.label} seed {p.seed}: {p.workdir}/run.log")
@@ -44,7 +49,7 @@ def main(argv):
         return
     for exp in exps:
         out = Path(_RESULTS.value) / (exp.name + ("_" + exp.arg if exp.arg else ""))
-        summary.summarize(exp, out, seeds)
+        summary.summarize(exp, out, seeds, records)
         print(f"wrote {out}/results.md")
         print((out / "results.md").read_text())
 

@@ -7,6 +7,7 @@ checked against a per-text forward pass with numpy's log-softmax.
 import functools
 import json
 import math
+import shutil
 
 import jax
 import numpy as np
@@ -229,6 +230,39 @@ def test_summarize_tables_seeds_with_mean_and_sd(tmp_path):
     assert (out / "curves.png").stat().st_size > 1000
     assert (out / "bars.png").stat().st_size > 1000
     assert json.loads((out / "results.json").read_text())["experiment"] == "research_cold_start"
+
+
+def test_a_campaign_continues_from_its_records_on_a_fresh_checkout(tmp_path):
+    exp = _experiment("cold_start", "smoke", str(tmp_path / "runs"))
+    records = tmp_path / "records"
+    (first, second, *_) = exp.points(seeds=[0])
+    for p, acc in ((first, 0.25), (second, 0.75)):
+        p.workdir.mkdir(parents=True)
+        (p.workdir / "metrics.jsonl").write_text(json.dumps({"step": 1, "accuracy": acc}) + "\n")
+        (p.workdir / runs.SUMMARY_FILE).write_text(json.dumps({"after": {"accuracy": acc}}))
+        (p.workdir / "checkpoints").mkdir()  # stays behind: not part of a record
+    (second.workdir / runs.SUMMARY_FILE).unlink()  # the second run did not finish
+    with pytest.raises(FileNotFoundError, match="not finished"):
+        runs.write_record(second.workdir, records)
+    want = summary.summarize(exp, tmp_path / "here", seeds=[0], records=records)
+    rec = records / first.workdir.name
+    assert sorted(f.name for f in rec.iterdir()) == ["metrics.jsonl", runs.SUMMARY_FILE]
+    assert not (records / second.workdir.name).exists()
+
+    # A fresh checkout: the run directories are gone, the records are there.
+    shutil.rmtree(tmp_path / "runs")
+    got = summary.summarize(exp, tmp_path / "fresh", seeds=[0], records=records)
+    assert got["arms"][first.label]["workdirs"] == [str(rec)]
+    assert got["arms"][first.label]["metrics"] == want["arms"][first.label]["metrics"]
+    assert summary.summarize(exp, tmp_path / "none", seeds=[0])["arms"][first.label]["seeds"] == []
+    # The sweep counts the recorded point as done and would run only the others.
+    said = []
+    status = dict(
+        (p.workdir, s)
+        for p, s in sweep.run_sweep(exp, seeds=[0], dry_run=True, echo=said.append, records=records)
+    )
+    assert status[first.workdir] == "done" and status[second.workdir] == "dry run"
+    assert sum(s == "done" for s in status.values()) == 1
 
 
 def build_tiny_model(directory):

@@ -69,17 +69,24 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
 
 
-def collect(exp: Experiment, seeds: Sequence[int] | None = None) -> dict[str, list[dict]]:
-    """arm label -> the finished runs of that arm: {seed, workdir, summary, rows}."""
+def collect(
+    exp: Experiment, seeds: Sequence[int] | None = None, records: str | Path | None = None
+) -> dict[str, list[dict]]:
+    """arm label -> the finished runs of that arm: {seed, workdir, summary, rows}.
+
+    A run is read from its directory, else from its record under `records`; `workdir` says
+    which was read.
+    """
     arms: dict[str, list[dict]] = {}
     for p in exp.points(seeds):
         arms.setdefault(p.label, [])
-        if not runs.is_done(p.workdir):
+        where = runs.finished(p.workdir, records)
+        if where is None:
             continue
-        summary = json.loads((p.workdir / runs.SUMMARY_FILE).read_text())
-        rows = read_jsonl(p.workdir / "metrics.jsonl")
+        summary = json.loads((where / runs.SUMMARY_FILE).read_text())
+        rows = read_jsonl(where / "metrics.jsonl")
         arms[p.label].append(
-            {"seed": p.seed, "workdir": str(p.workdir), "summary": summary, "rows": rows}
+            {"seed": p.seed, "workdir": str(where), "summary": summary, "rows": rows}
         )
     return arms
 
@@ -92,13 +99,24 @@ def _fmt(mean: float, sd: float, n: int) -> str:
 
 
 def summarize(
-    exp: Experiment, out_dir: str | Path, seeds: Sequence[int] | None = None
+    exp: Experiment,
+    out_dir: str | Path,
+    seeds: Sequence[int] | None = None,
+    records: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Writes results.json, results.md, curves.png and bars.png; returns the results dict."""
+    """Writes results.json, results.md, curves.png and bars.png; returns the results dict.
+
+    With `records`, every finished run directory first leaves its record there (a campaign
+    begun before records existed gets them), and runs without a directory are read from it.
+    """
     spec = exp.summary_spec
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    arms = collect(exp, seeds)
+    if records is not None:
+        for p in exp.points(seeds):
+            if runs.is_done(p.workdir):
+                runs.write_record(p.workdir, records)
+    arms = collect(exp, seeds, records)
     results: dict[str, Any] = {
         "experiment": exp.name,
         "title": spec["title"],

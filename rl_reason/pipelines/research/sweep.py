@@ -172,12 +172,14 @@ def run_sweep(
     seeds: Iterable[int] | None = None,
     dry_run: bool = False,
     echo: Callable[[str], None] = print,
+    records: str | Path | None = None,
 ) -> list[tuple[Point, str]]:
     """Runs every point not done yet, one process at a time; returns (point, status) pairs.
 
     With several experiments their points run seed by seed across all of them (a stopped
     campaign then has every experiment at the same number of seeds), each distinct run once.
-    `seeds` selects RL seeds.
+    `seeds` selects RL seeds. With `records` (a directory), a point whose record is there
+    counts as done, and each run that finishes leaves its record there (`runs.write_record`).
     Status: "done" (already had a summary), "ran", "failed (rc N)" or "dry run".
     """
     exps = [exps] if isinstance(exps, Experiment) else list(exps)
@@ -190,7 +192,7 @@ def run_sweep(
     results, seconds = [], []
     for i, p in enumerate(ordered, 1):
         head = f"[sweep {i}/{len(ordered)}] {p.label} seed {p.seed} -> {p.workdir}"
-        if runs.is_done(p.workdir):
+        if runs.finished(p.workdir, records):
             echo(f"{head}: done")
             results.append((p, "done"))
             continue
@@ -203,8 +205,10 @@ def run_sweep(
         with open(p.workdir / "run.log", "a") as log:
             rc = subprocess.call(p.command, stdout=log, stderr=subprocess.STDOUT)
         status = "ran" if rc == 0 and runs.is_done(p.workdir) else f"failed (rc {rc})"
+        if status == "ran" and records is not None:
+            runs.write_record(p.workdir, records)
         seconds.append(time.perf_counter() - t0)
-        left = sum(not runs.is_done(q.workdir) for q in ordered[i:])
+        left = sum(not runs.finished(q.workdir, records) for q in ordered[i:])
         eta = f", ETA {format_duration(left * sum(seconds) / len(seconds))}" if left else ""
         echo(
             f"{head}: {status} in {seconds[-1]:.0f}s, {left} to run{eta} (log {p.workdir}/run.log)"
