@@ -25,6 +25,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 _CONFIG = flags.DEFINE_string("config", None, "experiment config file[:arg]")
 _ALL = flags.DEFINE_bool("all", False, f"every experiment: {', '.join(sweep.EXPERIMENTS)}")
 _SEEDS = flags.DEFINE_list("seeds", None, "only these seeds (default: the sweep's)")
+_ARMS = flags.DEFINE_list("arms", None, "only these arm labels (default: every arm)")
 _RUNS_ROOT = flags.DEFINE_string("runs_root", None, "override config.runs_root")
 _RESULTS = flags.DEFINE_string("results_root", "experiments/results", "where summaries go")
 _RECORDS = flags.DEFINE_string("records", None, "run records (default: <results_root>/runs)")
@@ -41,7 +42,12 @@ def main(argv):
     seeds = None if _SEEDS.value is None else [int(s) for s in _SEEDS.value]
     records = Path(_RECORDS.value or Path(_RESULTS.value) / "runs")
     if not _SUMMARIZE_ONLY.value:
-        results = sweep.run_sweep(exps, seeds=seeds, dry_run=_DRY_RUN.value, records=records)
+        try:
+            results = sweep.run_sweep(
+                exps, seeds=seeds, dry_run=_DRY_RUN.value, records=records, arms=_ARMS.value
+            )
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
         failed = [p for p, status in results if status.startswith("failed")]
         for p in failed:
             print(f"FAILED: {p.label} seed {p.seed}: {p.workdir}/run.log")

@@ -265,6 +265,15 @@ def test_a_campaign_continues_from_its_records_on_a_fresh_checkout(tmp_path):
     assert sum(s == "done" for s in status.values()) == 1
 
 
+def test_a_sweep_runs_only_the_arms_it_is_given(tmp_path):
+    exp = _experiment("cold_start", "smoke", str(tmp_path / "runs"))
+    labels = [p.label for p in exp.points(seeds=[0])]
+    status = sweep.run_sweep(exp, seeds=[0, 1], dry_run=True, echo=lambda _: None, arms=[labels[1]])
+    assert [(p.label, p.seed) for p, _ in status] == [(labels[1], 0), (labels[1], 1)]
+    with pytest.raises(ValueError, match="no arm"):
+        sweep.run_sweep(exp, dry_run=True, echo=lambda _: None, arms=[labels[1] + "x"])
+
+
 def build_tiny_model(directory):
     """A 1-layer random model and a sentencepiece tokenizer trained on a small arithmetic corpus
     in `directory`: (tokenizer, model config, mesh, graphdef, params)."""

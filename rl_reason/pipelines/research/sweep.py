@@ -173,12 +173,14 @@ def run_sweep(
     dry_run: bool = False,
     echo: Callable[[str], None] = print,
     records: str | Path | None = None,
+    arms: Iterable[str] | None = None,
 ) -> list[tuple[Point, str]]:
     """Runs every point not done yet, one process at a time; returns (point, status) pairs.
 
     With several experiments their points run seed by seed across all of them (a stopped
     campaign then has every experiment at the same number of seeds), each distinct run once.
-    `seeds` selects RL seeds. With `records` (a directory), a point whose record is there
+    `seeds` selects RL seeds and `arms` arm labels (a label no experiment has is an error, so
+    a typo does not silently run nothing). With `records` (a directory), a point whose record is there
     counts as done, and each run that finishes leaves its record there (`runs.write_record`).
     Status: "done" (already had a summary), "ran", "failed (rc N)" or "dry run".
     """
@@ -188,6 +190,12 @@ def run_sweep(
     for exp in exps:
         for p in exp.points(seeds):
             todo.setdefault(p.workdir, p)
+    if arms is not None:
+        arms = set(arms)
+        known = {p.label for exp in exps for p in exp.points(seeds)}
+        if arms - known:
+            raise ValueError(f"no arm {sorted(arms - known)}; the arms are {sorted(known)}")
+        todo = {w: p for w, p in todo.items() if p.label in arms}
     ordered = sorted(todo.values(), key=_order)
     results, seconds = [], []
     for i, p in enumerate(ordered, 1):
