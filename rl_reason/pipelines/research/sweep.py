@@ -180,8 +180,9 @@ def run_sweep(
     With several experiments their points run seed by seed across all of them (a stopped
     campaign then has every experiment at the same number of seeds), each distinct run once.
     `seeds` selects RL seeds and `arms` arm labels (a label no experiment has is an error, so
-    a typo does not silently run nothing). With `records` (a directory), a point whose record is there
-    counts as done, and each run that finishes leaves its record there (`runs.write_record`).
+    a typo does not silently run nothing). With `records` (a directory), a point whose record
+    is there counts as done, and each run that finishes leaves its record there
+    (`runs.write_record`).
     Status: "done" (already had a summary), "ran", "failed (rc N)" or "dry run".
     """
     exps = [exps] if isinstance(exps, Experiment) else list(exps)
