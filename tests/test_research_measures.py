@@ -198,6 +198,13 @@ def test_metric_paths():
     assert summary.metric_value(s, spiky, "rollout.accuracy.median") == 1.5
     with pytest.raises(ValueError, match="rollout"):
         summary.metric_value(s, rows, "rollout.accuracy.p90")
+    # At matched accuracy: the steps whose accuracy is in [lo%, hi%), whatever their number.
+    learn = [
+        {"step": i + 1, "accuracy": a, "d": 10.0 * i} for i, a in enumerate([0.2, 0.5, 0.7, 0.8])
+    ]
+    assert summary.metric_value(s, learn, "rollout.d.acc50-80") == 15.0  # steps 2 and 3
+    assert summary.metric_value(s, learn, "rollout.accuracy.acc0-30") == 0.2
+    assert math.isnan(summary.metric_value(s, learn, "rollout.d.acc90-100"))
 
 
 def test_summarize_tables_seeds_with_mean_and_sd(tmp_path):

@@ -5,10 +5,11 @@ deviations in the process correct themselves. Three model sizes spanning ~43x in
 (SIZES: 68,400, 875,136 and 2.91M), each pretrained from scratch on the same corpus for its
 own number of steps (chosen to reach a plateau; each run reports
 `stage1.pretrain_plateau_drop`, the relative drop of the mean loss between the last two
-tenths of pretraining), 3 base seeds per size (each its own
-base model and RL seed), then the same outcome-only GRPO. Measured against log(parameters):
-accuracy, process-correct completions, the deviation rate D (first vs last 10 RL steps) and
-the error-injection recovery rate (`research/injection.py`) before and after RL.
+tenths of pretraining), 3 base seeds per size (each its own base model and RL seed), then
+the same outcome-only GRPO. Measured against log(parameters): accuracy, process-correct
+completions, the deviation rate D (first vs last 10 RL steps, and over the steps at training
+accuracy 50-80%, matched across sizes since they learn at different speeds) and the
+error-injection recovery rate (`research/injection.py`) before and after RL.
 
 Launch (9 stage-1 runs and 9 RL runs; on the 2-core machine stage 1 took 9 min at 0.07M,
 25-36 min at 0.9M and about an hour at 3M, RL 3-5 min):
@@ -70,6 +71,9 @@ TABLE = [
     ("process-correct after RL", "after.frac_process_correct"),
     ("D, first 10 steps", "rollout.rollout_deviation_rate.first10"),
     ("D, last 10 steps", "rollout.rollout_deviation_rate.last10"),
+    # Sizes learn at different speeds, so D is also compared at matched training accuracy:
+    # over the steps whose accuracy (T = 1) is in [50%, 80%), which every size passes through.
+    ("D at train acc. 50-80%", "rollout.rollout_deviation_rate.acc50-80"),
     ("D after RL (held-out)", "after.deviation_rate"),
     ("injection recovery before RL", "injection_before.injection_recovery_rate"),
     ("injection recovery after RL", "injection_after.injection_recovery_rate"),
@@ -94,6 +98,7 @@ SUMMARY = {
         [
             "after.accuracy",
             "rollout.rollout_deviation_rate.last10",
+            "rollout.rollout_deviation_rate.acc50-80",
             "injection_after.injection_recovery_rate",
         ],
     ),

@@ -19,13 +19,17 @@ writes into `out_dir`:
 
 Table metrics are paths: ``after.accuracy`` (a field of summary.json, nested with dots) or
 ``rollout.<metric>.<mean|median|first10|last10>`` (a per-step metric of metrics.jsonl: mean or
-median over all steps, mean over the first ten or the last ten).
+median over all steps, mean over the first ten or the last ten), or
+``rollout.<metric>.acc<lo>-<hi>``: its mean over the steps whose training accuracy lies in
+[lo%, hi%), which compares runs that learn at different speeds at matched accuracy rather
+than at the same step (NaN for a run that never enters the band).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,7 +42,8 @@ from rl_reason.pipelines.research import runs
 from rl_reason.pipelines.research.sweep import Experiment
 
 SMOOTH = 5
-AGGREGATES = ("mean", "median", "first10", "last10")
+AGGREGATES = ("mean", "median", "first10", "last10", "acc<lo>-<hi>")
+_BAND = re.compile(r"acc(\d+)-(\d+)")
 
 
 def metric_value(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], path: str) -> float:
@@ -46,10 +51,16 @@ def metric_value(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], 
     head, _, rest = path.partition(".")
     if head == "rollout":
         key, _, agg = rest.rpartition(".")
-        if agg not in AGGREGATES or not key:
+        band = _BAND.fullmatch(agg)
+        if not key or not (agg in AGGREGATES or band):
             raise ValueError(f"{path!r}: use rollout.<metric>.<{'|'.join(AGGREGATES)}>")
-        _, values = series(rows, key)
-        part = {"first10": values[:10], "last10": values[-10:]}.get(agg, values)
+        steps, values = series(rows, key)
+        if band:
+            lo, hi = int(band[1]) / 100, int(band[2]) / 100
+            acc = dict(zip(*series(rows, "accuracy"), strict=True))
+            part = values[[lo <= acc.get(s, math.nan) < hi for s in steps]]
+        else:
+            part = {"first10": values[:10], "last10": values[-10:]}.get(agg, values)
         part = part[np.isfinite(part)]
         if not part.size:
             return math.nan
