@@ -19,7 +19,16 @@ from models import get_config as model_preset
 from rl_reason import verifiers
 from rl_reason.infra import sharding
 from rl_reason.infra.tokenizer import train_sentencepiece
-from rl_reason.pipelines.research import base_cache, bridge, hyper, measures, runs, summary, sweep
+from rl_reason.pipelines.research import (
+    base_cache,
+    bridge,
+    hyper,
+    measures,
+    runs,
+    summary,
+    sweep,
+    trend,
+)
 from rl_reason.tasks import arithmetic, templates
 
 PROBLEM = {
@@ -279,6 +288,46 @@ def test_a_sweep_runs_only_the_arms_it_is_given(tmp_path):
     assert [(p.label, p.seed) for p, _ in status] == [(labels[1], 0), (labels[1], 1)]
     with pytest.raises(ValueError, match="no arm"):
         sweep.run_sweep(exp, dry_run=True, echo=lambda _: None, arms=[labels[1] + "x"])
+
+
+def test_trend_slope_per_decade_matches_a_hand_fit():
+    sizes = [1e5, 1e5, 1e6, 1e6, 1e7, 1e7]
+    values = [0.10, 0.14, 0.20, 0.22, 0.31, 0.29]
+    got = trend.slope_per_decade(sizes, values)
+    x = np.log10(sizes)
+    slope, icept = np.polyfit(x, values, 1)
+    resid = np.asarray(values) - (slope * x + icept)
+    se = math.sqrt(resid @ resid / (len(x) - 2) / ((x - x.mean()) @ (x - x.mean())))
+    half = 2.7764451051977987 * se  # t(0.975, 4 degrees of freedom)
+    assert got["slope"] == pytest.approx(slope) and got["n"] == 6
+    assert (got["low"], got["high"]) == pytest.approx((slope - half, slope + half))
+    assert trend.fmt(got).endswith("(6)")  # the interval excludes 0: no verdict words
+    flat = trend.slope_per_decade(sizes, [0.2, 0.3, 0.3, 0.2, 0.2, 0.3])
+    assert flat["low"] < 0 < flat["high"] and "no detectable trend" in trend.fmt(flat)
+    assert math.isnan(trend.slope_per_decade([1e5, 1e5], [0.1, 0.2])["slope"])  # one size
+    two = trend.slope_per_decade([1e5, 1e6], [0.1, 0.2])
+    assert two["slope"] == pytest.approx(0.1) and "no interval" in trend.fmt(two)
+    by = trend.trends({"a @ s": [(1e5, {"m": 0.1})], "a @ l": [(1e6, {"m": 0.3})]}, ["m"])
+    assert by["a"]["m"]["slope"] == pytest.approx(0.2)
+
+
+def test_differences_against_each_arms_own_reference():
+    def arm(values):
+        stats = {"mean": np.mean(values), "sd": np.std(values, ddof=1), "n": len(values)}
+        return {"seeds": [0, 1, 2], "metrics": {"m": {"values": values, **stats}}}
+
+    results = {"arms": {"base": arm([0.0] * 3), "c2": arm([1.0] * 3), "t2": arm([1.5, 1.6, 1.7])}}
+    spec = {"table": [("metric", "m")], "reference": lambda s: "c2" if s == "t2" else None}
+    diffs = summary.differences(results, spec)
+    assert diffs["references"] == {"c2": "base", "t2": "c2"}
+    assert diffs["arms"]["t2"]["m"]["mean"] == pytest.approx(0.6)
+    assert diffs["arms"]["c2"]["m"]["mean"] == pytest.approx(1.0)
+    table = summary.markdown_table(
+        {**results, "differences": diffs}, {**spec, "title": "t", "question": "q"}
+    )
+    assert "| t2 | c2 | +0.600 [" in table
+    with pytest.raises(ValueError, match="reference arm 'gone'"):
+        summary.differences(results, {**spec, "reference": lambda _: "gone"})
 
 
 def build_tiny_model(directory):

@@ -33,8 +33,16 @@ def get_hyper(hyper, arg: str = ""):
     return hyper.product([hyper.seeds(research.SEEDS), research.arms(hyper, table)])
 
 
+def own_size_control(label: str) -> str | None:
+    """A retry arm is compared with the 0% arm of its own size; the 0% arms with the first."""
+    if not label.startswith("retries"):
+        return None
+    return "no retries (0%) @ " + label.split(" @ ")[1]
+
+
 SUMMARY = {
     "title": "Self-correction",
+    "reference": own_size_control,
     "question": (
         "After outcome-only RL, does a model whose corpus shows retried steps recover from an "
         "injected error more often than one whose corpus never does, and does RL change it?"

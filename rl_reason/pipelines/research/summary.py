@@ -15,7 +15,9 @@ writes into `out_dir`:
   bars.png       each table metric as bars with ± 1 s.d. error bars and the seeds as dots
   against.png    with ``spec["against"]`` (label, path, table paths): those metrics against
                  the path's value (e.g. the model's parameters, log scale), one line per series
-                 (arms labelled "<series> @ <point>"), mean ± 1 s.d. over seeds
+                 (arms labelled "<series> @ <point>"), mean ± 1 s.d. over seeds; results.json
+                 and results.md then hold each series' slope per decade with its interval
+                 (`trend.py`)
 
 Table metrics are paths: ``after.accuracy`` (a field of summary.json, nested with dots) or
 ``rollout.<metric>.<mean|median|first10|last10>`` (a per-step metric of metrics.jsonl: mean or
@@ -38,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from rl_reason.infra.metrics import read_jsonl, series
-from rl_reason.pipelines.research import runs
+from rl_reason.pipelines.research import runs, trend
 from rl_reason.pipelines.research.sweep import Experiment
 
 SMOOTH = 5
@@ -102,6 +104,21 @@ def collect(
     return arms
 
 
+def _trends(arms: Mapping[str, list[dict]], spec: Mapping[str, Any]) -> dict[str, Any]:
+    _, x_path, paths = spec["against"]
+    per_run = {
+        label: [
+            (
+                metric_value(r["summary"], r["rows"], x_path),
+                {p: metric_value(r["summary"], r["rows"], p) for p in paths},
+            )
+            for r in found
+        ]
+        for label, found in arms.items()
+    }
+    return {"x": x_path, "by_series": trend.trends(per_run, paths)}
+
+
 def _fmt(mean: float, sd: float, n: int) -> str:
     if n == 0:
         return "–"
@@ -153,6 +170,8 @@ def summarize(
             }
         results["arms"][label] = entry
     results["differences"] = differences(results, spec)
+    if spec.get("against"):
+        results["trends"] = _trends(arms, spec)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True))
     (out_dir / "results.md").write_text(markdown_table(results, spec))
     if any(arms.values()):
@@ -210,14 +229,20 @@ def difference(
 
 
 def differences(results: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Every arm but the first against the first (the experiment's reference arm)."""
+    """Every arm but the first against its reference: the first arm (the experiment's
+    reference arm), or the arm that ``spec["reference"](label)`` names where it names one
+    (e.g. each size's retry arm against its own size's control)."""
     labels = list(results["arms"])
     if len(labels) < 2:
         return {}
-    ref = results["arms"][labels[0]]
-    out: dict[str, Any] = {"reference": labels[0], "arms": {}}
+    pick = spec.get("reference") or (lambda _: None)
+    out: dict[str, Any] = {"reference": labels[0], "arms": {}, "references": {}}
     for label in labels[1:]:
-        arm = results["arms"][label]
+        ref_label = pick(label) or labels[0]
+        if ref_label not in results["arms"]:
+            raise ValueError(f"{label!r}: its reference arm {ref_label!r} is not in the sweep")
+        arm, ref = results["arms"][label], results["arms"][ref_label]
+        out["references"][label] = ref_label
         out["arms"][label] = {
             path: difference(
                 dict(zip(arm["seeds"], arm["metrics"][path]["values"], strict=True)),
@@ -253,16 +278,37 @@ def markdown_table(results: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
     lines += ["", "Mean ± s.d. over seeds (number of seeds in brackets)."]
     diffs = results.get("differences") or {}
     if diffs:
-        lines += ["", f"Differences from {diffs['reference']}:", ""]
+        refs = diffs.get("references") or {}
+        single = set(refs.values()) <= {diffs["reference"]}
+        if single:
+            lines += ["", f"Differences from {diffs['reference']}:", ""]
+        else:
+            lines += ["", "Differences, each arm minus its reference arm:", ""]
+            header = ["arm", "reference"] + header[1:]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for label, by_path in diffs["arms"].items():
-            cells = [label] + [_fmt_diff(by_path[path]) for _, path in spec["table"]]
+            cells = [label] + ([] if single else [refs[label]])
+            cells += [_fmt_diff(by_path[path]) for _, path in spec["table"]]
             lines.append("| " + " | ".join(cells) + " |")
         lines += [
             "",
             "Mean difference [95% interval] (seeds): a paired t interval over the seeds both "
             "arms have, else Welch's. An interval that holds 0 is no detectable difference.",
+        ]
+    by_series = (results.get("trends") or {}).get("by_series") or {}
+    if by_series:
+        x_label, _, paths = spec["against"]
+        names = {p: n for n, p in spec["table"]}
+        lines += ["", f"Trend per 10x {x_label} (slope on log10):", ""]
+        lines.append("| series | " + " | ".join(names[p] for p in paths) + " |")
+        lines.append("|" + "---|" * (len(paths) + 1))
+        for series, by_path in by_series.items():
+            lines.append(f"| {series} | " + " | ".join(trend.fmt(by_path[p]) for p in paths) + " |")
+        lines += [
+            "",
+            "Least-squares slope [95% t interval] (runs) over every run of the series, each its "
+            "own base model and RL seed. An interval that holds 0 is no detectable trend.",
         ]
     return "\n".join(lines) + "\n"
 
