@@ -11,8 +11,8 @@ completions, the deviation rate D (first vs last 10 RL steps, and over the steps
 accuracy 50-80%, matched across sizes since they learn at different speeds) and the
 error-injection recovery rate (`research/injection.py`) before and after RL.
 
-Launch (9 stage-1 runs and 9 RL runs; on the 2-core machine stage 1 took 9 min at 0.07M,
-25-36 min at 0.9M and about an hour at 3M, RL 3-5 min):
+Launch (9 stage-1 runs and 9 RL runs; on the 2-core machine stage 1 took 8 min at 0.07M,
+11-12 min at 0.9M (31 min on a shared machine) and 76 min at 3M; the rest of a run 1-4 min):
   python -m experiments.research --config=experiments/configs/research_scale.py
 """
 
