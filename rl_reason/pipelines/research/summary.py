@@ -4,7 +4,8 @@
 
 writes into `out_dir`:
 
-  results.json   per arm: the seeds found, each table metric per seed, its mean and s.d.; and
+  results.json   per arm: the RL seeds found, each run's base seed (None for the shipped base)
+                 and base model key, each table metric per seed, its mean and s.d.; and
                  each arm's difference from the first arm per metric with its 95% interval
                  (`difference`: paired over the seeds both arms have, else Welch's)
   results.md     the table, "mean ± s.d. (n seeds)" per cell, then the differences, each
@@ -99,7 +100,14 @@ def collect(
         summary = json.loads((where / runs.SUMMARY_FILE).read_text())
         rows = read_jsonl(where / "metrics.jsonl")
         arms[p.label].append(
-            {"seed": p.seed, "workdir": str(where), "summary": summary, "rows": rows}
+            {
+                "seed": p.seed,
+                # a base pretrained per seed has that seed; the shipped base has none
+                "base_seed": p.base_seed if p.config.base == "scratch" else None,
+                "workdir": str(where),
+                "summary": summary,
+                "rows": rows,
+            }
         )
     return arms
 
@@ -154,6 +162,8 @@ def summarize(
     for label, found in arms.items():
         entry: dict[str, Any] = {
             "seeds": [r["seed"] for r in found],
+            "base_seeds": [r["base_seed"] for r in found],
+            "base_models": [r["summary"].get("stage1", {}).get("key") for r in found],
             "workdirs": [r["workdir"] for r in found],
             "wall_seconds": [r["summary"].get("wall_seconds") for r in found],
             "metrics": {},
