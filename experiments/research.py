@@ -5,12 +5,10 @@
   python -m experiments.research --all --summarize_only     # tables and plots from the runs
   python -m experiments.research --config=...py:smoke --seeds=0 --runs_root=/tmp/r  # quick
 
-Results go to experiments/results/<experiment>/ (results.json, results.md, curves.png,
-bars.png); runs to runs/research/ (one directory per distinct arm and seed, shared across
-experiments), and each finished run's record (summary.json, metrics.jsonl) to
-experiments/results/runs/<run directory name>, which is committed. Points already run, here or
-in a record, are skipped, so a stopped campaign continues where it was, on this machine or on
-a fresh checkout.
+Summaries go to experiments/results/<experiment>/, runs to runs/research/ (one directory per
+distinct arm and seed), each finished run's record to experiments/results/runs/ (committed).
+Points already run or recorded are skipped, so a stopped campaign continues, here or on a
+fresh checkout (rl_reason/pipelines/research/sweep.py).
 """
 
 from pathlib import Path
@@ -37,19 +35,17 @@ def main(argv):
     del argv
     try:
         exps = sweep.select_experiments(_CONFIG.value, _ALL.value, _RUNS_ROOT.value, CONFIG_DIR)
+        if _ARMS.value is not None:
+            sweep.check_arms(exps, _ARMS.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     seeds = None if _SEEDS.value is None else [int(s) for s in _SEEDS.value]
     records = Path(_RECORDS.value or Path(_RESULTS.value) / "runs")
     if not _SUMMARIZE_ONLY.value:
-        try:
-            results = sweep.run_sweep(
-                exps, seeds=seeds, dry_run=_DRY_RUN.value, records=records, arms=_ARMS.value
-            )
-        except ValueError as e:
-            raise app.UsageError(str(e)) from None
-        failed = [p for p, status in results if status.startswith("failed")]
-        for p in failed:
+        results = sweep.run_sweep(
+            exps, seeds=seeds, dry_run=_DRY_RUN.value, records=records, arms=_ARMS.value
+        )
+        for p in [p for p, status in results if status.startswith("failed")]:
             print(f"FAILED: {p.label} seed {p.seed}: {p.workdir}/run.log")
     if _DRY_RUN.value:
         return

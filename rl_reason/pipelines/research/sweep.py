@@ -166,6 +166,13 @@ def select_experiments(
     return out
 
 
+def check_arms(exps: Sequence[Experiment], arms: Iterable[str]) -> None:
+    """Raises ValueError, listing the arms, for a label that none of `exps` has."""
+    known = {p.label for exp in exps for p in exp.points()}
+    if unknown := set(arms) - known:
+        raise ValueError(f"no arm {sorted(unknown)}; the arms are {sorted(known)}")
+
+
 def run_sweep(
     exps: Sequence[Experiment] | Experiment,
     *,
@@ -192,11 +199,8 @@ def run_sweep(
         for p in exp.points(seeds):
             todo.setdefault(p.workdir, p)
     if arms is not None:
-        arms = set(arms)
-        known = {p.label for exp in exps for p in exp.points(seeds)}
-        if arms - known:
-            raise ValueError(f"no arm {sorted(arms - known)}; the arms are {sorted(known)}")
-        todo = {w: p for w, p in todo.items() if p.label in arms}
+        check_arms(exps, arms)
+        todo = {w: p for w, p in todo.items() if p.label in set(arms)}
     ordered = sorted(todo.values(), key=_order)
     results, seconds = [], []
     for i, p in enumerate(ordered, 1):
