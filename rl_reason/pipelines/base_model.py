@@ -31,6 +31,7 @@ from models import from_pretrained, save_pretrained
 from models import get_config as model_preset
 from rl_reason import verifiers
 from rl_reason.infra import sharding
+from rl_reason.infra.checkpoint import Checkpointer
 from rl_reason.infra.progress import Progress
 from rl_reason.infra.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from rl_reason.pipelines import pretrain
@@ -144,21 +145,39 @@ def train_base(
     echo: Callable[[str], None] = print,
     should_stop: Callable[[int], bool] | None = None,
     symbols: Sequence[str] = SPECIAL_TOKENS,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> tuple[Tokenizer, Any, nnx.State, dict[str, Any]] | None:
     """Stage 1: a sentencepiece tokenizer (written to `tokenizer_dir`/tokenizer.model, with
     `symbols` single tokens) and a decoder pretrained on `corpus`. Returns (tokenizer,
-    graphdef, params, facts), or None when `should_stop` interrupted it."""
-    tokenizer = train_sentencepiece(
-        corpus[: config.tokenizer.train_texts],
-        Path(tokenizer_dir) / "tokenizer.model",
-        vocab_size=config.tokenizer.vocab_size,
-        user_defined_symbols=symbols,
-    )
+    graphdef, params, facts), or None when `should_stop` interrupted it.
+
+    With `checkpoint_dir`, pretraining saves there every twentieth of its steps (and when
+    stopped) and a later call with the same directory and config continues from the newest
+    checkpoint, bit for bit the straight run (an hour-long base model survives a kill)."""
+    pre_cfg = config_from(pretrain.PretrainConfig, config.pretrain)
+    checkpointer, resumed_from, elapsed = None, None, [0.0]
+    if checkpoint_dir is not None:
+        every = max(1, pre_cfg.steps // 20)
+        checkpointer = Checkpointer(
+            checkpoint_dir, save_every=every, max_to_keep=1, async_save=False
+        )
+        resumed_from = checkpointer.latest_step()
+    tokenizer_path = Path(tokenizer_dir) / "tokenizer.model"
+    if resumed_from is not None and tokenizer_path.exists():
+        # The checkpoint's embeddings index this tokenizer's pieces: keep it, never retrain it.
+        tokenizer = Tokenizer.load(tokenizer_path)
+        echo(f"[stage 1] continuing from the checkpoint of step {resumed_from}")
+    else:
+        tokenizer = train_sentencepiece(
+            corpus[: config.tokenizer.train_texts],
+            tokenizer_path,
+            vocab_size=config.tokenizer.vocab_size,
+            user_defined_symbols=symbols,
+        )
     model_cfg = model_preset(
         config.model.preset, vocab_size=tokenizer.vocab_size, **dict(config.model.overrides)
     )
     graphdef, params = sharding.create_model(model_cfg, mesh, seed=config.seed)
-    pre_cfg = config_from(pretrain.PretrainConfig, config.pretrain)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     echo(
         f"[stage 1] base model: {n_params / 1e6:.2f}M params, vocab {tokenizer.vocab_size}, "
@@ -166,16 +185,26 @@ def train_base(
     )
     progress = Progress("stage 1", pre_cfg.steps, echo, unit="steps")
     t0 = time.perf_counter()
-    params, losses = pretrain.pretrain(
-        graphdef,
-        params,
-        tokenizer,
-        corpus,
-        pre_cfg,
-        lambda step, loss, _: progress.update(step, loss=loss),
-        mesh=mesh,
-        should_stop=should_stop,
-    )
+
+    def log(step: int, loss: float, seconds: float) -> None:
+        elapsed[0] = seconds
+        progress.update(step, loss=loss)
+
+    try:
+        params, losses = pretrain.pretrain(
+            graphdef,
+            params,
+            tokenizer,
+            corpus,
+            pre_cfg,
+            log,
+            mesh=mesh,
+            should_stop=should_stop,
+            checkpointer=checkpointer,
+        )
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
     if len(losses) < pre_cfg.steps:
         return None
     facts = {
@@ -185,6 +214,9 @@ def train_base(
         "num_params": n_params,
         **plateau(losses),
     }
+    if resumed_from is not None:
+        # The loop's time over every process that ran it (this one's setup is not counted).
+        facts.update(pretrain_resumed_from=resumed_from, pretrain_seconds=elapsed[0])
     return tokenizer, graphdef, params, facts
 
 

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from rl_reason.core import update as train_step
 from rl_reason.core.config import MAX_LEARNING_RATE, OptimOptions, broken_rules, finite
 from rl_reason.infra import sharding
+from rl_reason.infra.checkpoint import Checkpointer
 from rl_reason.infra.tokenizer import Tokenizer
 
 
@@ -124,6 +125,7 @@ def pretrain(
     *,
     mesh: Mesh | None = None,
     should_stop: Callable[[int], bool] | None = None,
+    checkpointer: Checkpointer | None = None,
 ):
     """Train on `texts` (each wrapped in bos/eos) for cfg.steps; returns (params, losses).
 
@@ -131,6 +133,11 @@ def pretrain(
     sharded by the rules and rows over data x fsdp; every process packs the same corpus and
     feeds its rows of each batch. `should_stop(step)` is asked after each step (preemption):
     True ends training early.
+
+    With a `checkpointer`, training starts from its newest checkpoint (if any) and saves every
+    `checkpointer.save_every` steps and when stopped: params, optimizer state, the data order
+    and cursor, the numpy generator's state and the losses so far, so a resumed run is the
+    straight run bit for bit. `losses` then covers every step, the resumed ones included.
     """
     mesh = sharding.mesh_of(params) if mesh is None else mesh
     if cfg.batch_size % sharding.batch_shards(mesh):
@@ -162,8 +169,31 @@ def pretrain(
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(packed.ids))
-    cursor, history, t0 = 0, [], time.perf_counter()
-    for step in range(cfg.steps):
+    start, cursor, history, t0 = 0, 0, [], time.perf_counter()
+    if checkpointer is not None:
+        restored = checkpointer.restore_latest({"params": params, "opt_state": opt_state})
+        if restored is not None:
+            start, state, meta = restored
+            params, opt_state = state["params"], state["opt_state"]
+            order = np.asarray(meta["order"], dtype=order.dtype)
+            cursor, history = meta["cursor"], [float(x) for x in meta["losses"]]
+            rng.bit_generator.state = meta["rng_state"]
+            t0 -= meta["seconds"]  # log_fn's elapsed time counts the earlier runs' steps too
+
+    def save(done: int, force: bool = False) -> None:
+        if checkpointer is None:
+            return
+        meta = {
+            "order": order.tolist(),
+            "cursor": cursor,
+            "losses": history,
+            "rng_state": rng.bit_generator.state,
+            "seconds": time.perf_counter() - t0,
+        }
+        state = {"params": params, "opt_state": opt_state}
+        checkpointer.save(done, state, meta, force=force)
+
+    for step in range(start, cfg.steps):
         if cursor + cfg.batch_size > len(order):
             order, cursor = rng.permutation(len(packed.ids)), 0
         idx = order[cursor : cursor + cfg.batch_size]
@@ -176,6 +206,10 @@ def pretrain(
         history.append(float(loss))  # blocks each step: honest timing, bounded queue
         if log_fn is not None:
             log_fn(step + 1, history[-1], time.perf_counter() - t0)
-        if should_stop is not None and should_stop(step + 1):
+        stop = should_stop is not None and should_stop(step + 1)
+        save(step + 1, force=stop)
+        if stop:
             break
+    if checkpointer is not None:
+        checkpointer.wait()
     return params, history

@@ -9,17 +9,20 @@ cache directory holds one entry per distinct stage-1 setting::
 
 The key is a hash of everything stage 1 depends on (seed, task, data, tokenizer, model and
 pretraining sections of the config), so changing any of them trains a new base model, and an
-entry is written to a temporary directory and renamed into place: a killed run leaves no half
-entry behind.
+entry is written to `<cache>/.<key>.partial` and renamed into place: a killed run leaves no half
+entry behind. Pretraining checkpoints into that directory as it goes, so the next run of the
+same key continues where a killed one stopped, bit for bit the straight run. A lock file
+(`<cache>/.<key>.lock`) keeps two processes off the same key: the second waits, then finds
+the entry made.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -101,9 +104,21 @@ def load_or_train(
     `make_corpus()` gives the pretraining texts; it is called only on a cache miss.
 
     `info` has the cache key, whether it was a hit, and the pretraining facts (steps, final
-    loss, seconds). Returns None when `should_stop` interrupted pretraining (nothing cached).
+    loss, seconds). Returns None when `should_stop` interrupted pretraining: nothing is cached
+    and its checkpoint is kept for the next call.
     """
     key = stage1_key(config)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(cache_dir) / f".{key}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            echo(f"[stage 1] another process is pretraining base model {key}: waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _load_or_train_locked(config, key, make_corpus, mesh, cache_dir, echo, should_stop)
+
+
+def _load_or_train_locked(config, key, make_corpus, mesh, cache_dir, echo, should_stop):
     entry = Path(cache_dir) / key
     if (entry / "params.npz").exists():
         tokenizer = Tokenizer.load(entry / "tokenizer.model")
@@ -117,21 +132,22 @@ def load_or_train(
         return tokenizer, graphdef, params, {"key": key, "cache_hit": True, **stage1["log"]}
 
     corpus = make_corpus()
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir))
-    echo(f"[stage 1] base model {key}: not cached, pretraining")
-    base = train_base(config, corpus, mesh, tmp, echo, should_stop)
-    if base is None:
-        shutil.rmtree(tmp, ignore_errors=True)
+    tmp = Path(cache_dir) / f".{key}.partial"
+    tmp.mkdir(exist_ok=True)
+    echo(f"[stage 1] base model {key}: not cached, pretraining (checkpoints in {tmp})")
+    ckpt = tmp / "checkpoints"
+    base = train_base(config, corpus, mesh, tmp, echo, should_stop, checkpoint_dir=ckpt)
+    if base is None:  # stopped: its checkpoint stays for the next run to continue from
         return None
     tokenizer, graphdef, params, facts = base
+    shutil.rmtree(ckpt, ignore_errors=True)
     save_params(params, tmp / "params.npz")
     (tmp / "stage1.json").write_text(
         json.dumps({"settings": stage1_settings(config), "log": facts}, indent=2)
     )
     try:
         os.rename(tmp, entry)
-    except OSError:  # another process cached the same key meanwhile: keep theirs
+    except OSError:  # an entry made meanwhile outside the lock (another cache root?): keep it
         shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = Tokenizer.load(entry / "tokenizer.model")
     return tokenizer, graphdef, params, {"key": key, "cache_hit": False, **facts}
