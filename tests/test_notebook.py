@@ -33,4 +33,7 @@ def test_quickstart_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
     # Both arms ran in the notebook's run directory and shared one cached base model.
     summaries = list((tmp_path / "runs").glob("*/summary.json"))
     assert len(summaries) == 2
-    assert len(list((tmp_path / "runs" / "base").iterdir())) == 1
+    # One base model, its lock file, and no unfinished pretraining left behind.
+    entries = sorted(p.name for p in (tmp_path / "runs" / "base").iterdir())
+    models = [name for name in entries if not name.startswith(".")]
+    assert len(models) == 1 and entries == sorted([models[0], f".{models[0]}.lock"])
