@@ -181,7 +181,8 @@ def pretrain(
             t0 -= meta["seconds"]  # log_fn's elapsed time counts the earlier runs' steps too
 
     def save(done: int, force: bool = False) -> None:
-        if checkpointer is None:
+        # Checked first: the meta copies the whole data order, not worth doing on every step.
+        if checkpointer is None or not checkpointer.should_save(done, force=force):
             return
         meta = {
             "order": order.tolist(),
