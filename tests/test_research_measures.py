@@ -332,6 +332,42 @@ def test_differences_against_each_arms_own_reference():
         summary.differences(results, {**spec, "reference": lambda _: "gone"})
 
 
+def test_a_share_of_a_few_cases_needs_its_pooled_cases_to_differ():
+    # One recovered case in 251 at each of three seeds against none: the paired differences
+    # are equal, so the t interval has zero width and excludes 0, but three cases in 753
+    # against none is what chance gives (Fisher's two-sided p, from the hypergeometric law:
+    # P(3 of the 3 successes in the first arm) + P(0 of them), each C(753, 3) / C(1506, 3)).
+    def arm(rates, cases):
+        m = {"values": rates, "mean": np.mean(rates), "sd": np.std(rates, ddof=1), "n": 3}
+        return {"seeds": [0, 1, 2], "metrics": {"r": {**m, "cases": cases}}}
+
+    spec = {"table": [("recovery", "r")], "title": "t", "question": "q"}
+    few = {"arms": {"ref": arm([0.0] * 3, [251] * 3), "x": arm([1 / 251] * 3, [251] * 3)}}
+    d = summary.differences(few, spec)["arms"]["x"]["r"]
+    assert d["low"] > 0 and d["method"] == "paired t"
+    want = 2 * math.comb(753, 3) / math.comb(1506, 3)
+    assert d["pooled"] == {
+        "k_a": 3,
+        "n_a": 753,
+        "k_b": 0,
+        "n_b": 753,
+        "p_fisher": pytest.approx(want),
+    }
+    assert not summary.detectable(d)
+    cell = summary._fmt_diff(d)
+    assert "pooled cases 3/753 vs 0/753, Fisher p = 0.25: no detectable difference" in cell
+    # Thirty cases at every seed against none: both the interval and the cases say so.
+    many = {"arms": {"ref": arm([0.0] * 3, [251] * 3), "x": arm([0.10, 0.12, 0.14], [251] * 3)}}
+    d = summary.differences(many, spec)["arms"]["x"]["r"]
+    assert d["pooled"]["k_a"] == round(0.10 * 251) + round(0.12 * 251) + round(0.14 * 251)
+    assert d["pooled"]["p_fisher"] < 1e-9
+    assert summary.detectable(d) and "no detectable" not in summary._fmt_diff(d)
+    # Without counted cases the interval alone decides.
+    plain = {k: v for k, v in d.items() if k != "pooled"}
+    assert summary.detectable(plain)
+    assert summary.pooled_cases({0: (0.1, 0)}, {0: (0.0, 251)}) is None  # no cases counted
+
+
 def build_tiny_model(directory):
     """A 1-layer random model and a sentencepiece tokenizer trained on a small arithmetic corpus
     in `directory`: (tokenizer, model config, mesh, graphdef, params)."""

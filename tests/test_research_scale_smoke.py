@@ -40,3 +40,8 @@ def test_scale_and_self_correction_smoke(tmp_path):
     assert (tmp_path / "summary" / "against.png").stat().st_size > 1000
     finished = {label for label, arm in results["arms"].items() if arm["seeds"]}
     assert finished == {"retries (10%) @ tiny"}
+    # The injection rates carry their counted cases, for the pooled test of differences.
+    recovery = results["arms"]["retries (10%) @ tiny"]["metrics"][
+        "injection_after.injection_recovery_rate"
+    ]
+    assert recovery["cases"] == [written["injection_after"]["injection_cases"]]

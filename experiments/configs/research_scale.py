@@ -81,6 +81,17 @@ TABLE = [
     ("train acc. (mean over run)", "rollout.accuracy.mean"),
 ]
 
+# Table metrics that are shares of counted cases (held-out problems, injected errors): their
+# differences also get the pooled cases' exact test (summary.pooled_cases).
+CASES = {
+    **{p: "eval_size" for p in ("before.accuracy", "after.accuracy", "after.frac_process_correct")},
+    **{
+        f"injection_{when}.injection_{what}_rate": f"injection_{when}.injection_cases"
+        for when in ("before", "after")
+        for what in ("recovery", "follow", "retry")
+    },
+}
+
 SUMMARY = {
     "title": "Scale",
     "question": (
@@ -88,6 +99,7 @@ SUMMARY = {
         "more often from an injected error?"
     ),
     "table": TABLE,
+    "cases": CASES,
     "curves": [
         ("training accuracy (T=1)", "accuracy"),
         ("D (rollouts)", "rollout_deviation_rate"),

@@ -43,6 +43,7 @@ def own_size_control(label: str) -> str | None:
 SUMMARY = {
     "title": "Self-correction",
     "reference": own_size_control,
+    "cases": research_scale.CASES,
     "question": (
         "After outcome-only RL, does a model whose corpus shows retried steps recover from an "
         "injected error more often than one whose corpus never does, and does RL change it?"

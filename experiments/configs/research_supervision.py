@@ -49,6 +49,18 @@ SUMMARY = {
         ("truncated after RL", "after.truncated_frac"),
         ("has an answer (rollouts, last 10)", "rollout.rollout_frac_has_answer.last10"),
     ],
+    # shares of the held-out problems: their differences also get the pooled cases' exact test
+    "cases": {
+        p: "eval_size"
+        for p in (
+            "before.accuracy",
+            "after.accuracy",
+            "after.frac_process_correct",
+            "after.frac_well_formed",
+            "after.frac_has_answer",
+            "after.truncated_frac",
+        )
+    },
     "curves": [
         ("training accuracy (T=1)", "accuracy"),
         ("process-correct (rollouts)", "rollout_frac_process_correct"),

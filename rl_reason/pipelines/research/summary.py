@@ -7,10 +7,12 @@ writes into `out_dir`:
   results.json   per arm: the RL seeds found, each run's base seed (None for the shipped base)
                  and base model key, each table metric per seed, its mean and s.d.; and
                  each arm's difference from the first arm per metric with its 95% interval
-                 (`difference`: paired over the seeds both arms have, else Welch's)
+                 (`difference`: paired over the seeds both arms have, else Welch's); a
+                 share of counted cases named in ``spec["cases"]`` also gets the pooled
+                 cases of each arm and Fisher's exact test on them (`pooled_cases`)
   results.md     the table, "mean ± s.d. (n seeds)" per cell, then the differences, each
                  "mean [low, high] (n)" and marked "no detectable difference" when the
-                 interval holds 0
+                 interval holds 0, or when the pooled cases' test does not reject (p >= 0.05)
   curves.png     each curve metric per RL step: mean over seeds (5-step moving average of each
                  seed first), shaded ± 1 s.d. across seeds
   bars.png       each table metric as bars with ± 1 s.d. error bars and the seeds as dots
@@ -178,6 +180,11 @@ def summarize(
                 "sd": sd,
                 "n": n,
             }
+            count_path = spec.get("cases", {}).get(path)
+            if count_path:
+                entry["metrics"][path]["cases"] = [
+                    metric_value(r["summary"], r["rows"], count_path) for r in found
+                ]
         results["arms"][label] = entry
     results["differences"] = differences(results, spec)
     if spec.get("against"):
@@ -238,6 +245,42 @@ def difference(
     }
 
 
+def pooled_cases(
+    a: Mapping[int, tuple[float, float]], b: Mapping[int, tuple[float, float]]
+) -> dict[str, Any] | None:
+    """Each arm's cases pooled over seeds, and Fisher's exact test of equal shares.
+
+    `a` and `b` map seed -> (share, number of cases), e.g. an injection recovery rate of one
+    base model and its number of injected cases. Over the seeds both arms have when they share
+    two or more (as `difference` pairs them), else over each arm's own. With three seeds a
+    paired t interval can exclude 0 on a handful of cases (one recovered case in 251 at every
+    seed against none gives a near-zero s.d.); the pooled test asks whether the cases
+    themselves could come from one share. It treats the cases as independent, ignoring the
+    spread between base models, so it is used as a second condition, never on its own.
+    """
+    from scipy import stats
+
+    def finite(m):
+        return {s: v for s, v in m.items() if all(math.isfinite(x) for x in v) and v[1] > 0}
+
+    a, b = finite(a), finite(b)
+    shared = sorted(set(a) & set(b))
+    if len(shared) >= 2:
+        a, b = {s: a[s] for s in shared}, {s: b[s] for s in shared}
+    if not a or not b:
+        return None
+    k_a = int(sum(round(p * n) for p, n in a.values()))
+    n_a = int(sum(n for _, n in a.values()))
+    k_b = int(sum(round(p * n) for p, n in b.values()))
+    n_b = int(sum(n for _, n in b.values()))
+    p = float(stats.fisher_exact([[k_a, n_a - k_a], [k_b, n_b - k_b]]).pvalue)
+    return {"k_a": k_a, "n_a": n_a, "k_b": k_b, "n_b": n_b, "p_fisher": p}
+
+
+def _by_seed(entry: Mapping[str, Any], path: str) -> dict[int, float]:
+    return dict(zip(entry["seeds"], entry["metrics"][path]["values"], strict=True))
+
+
 def differences(results: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
     """Every arm but the first against its reference: the first arm (the experiment's
     reference arm), or the arm that ``spec["reference"](label)`` names where it names one
@@ -253,13 +296,16 @@ def differences(results: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str
             raise ValueError(f"{label!r}: its reference arm {ref_label!r} is not in the sweep")
         arm, ref = results["arms"][label], results["arms"][ref_label]
         out["references"][label] = ref_label
-        out["arms"][label] = {
-            path: difference(
-                dict(zip(arm["seeds"], arm["metrics"][path]["values"], strict=True)),
-                dict(zip(ref["seeds"], ref["metrics"][path]["values"], strict=True)),
-            )
-            for _, path in spec["table"]
-        }
+        out["arms"][label] = {}
+        for _, path in spec["table"]:
+            d = difference(_by_seed(arm, path), _by_seed(ref, path))
+            if "cases" in arm["metrics"][path] and "cases" in ref["metrics"][path]:
+                cases = [
+                    {s: (v, n) for s, v, n in zip(e["seeds"], m["values"], m["cases"])}
+                    for e, m in ((arm, arm["metrics"][path]), (ref, ref["metrics"][path]))
+                ]
+                d["pooled"] = pooled_cases(*cases)
+            out["arms"][label][path] = d
     return out
 
 
@@ -270,7 +316,26 @@ def _fmt_diff(d: Mapping[str, Any]) -> str:
     if not math.isfinite(d["low"]):
         return f"{d['mean']:+.{digits}f} (n = {d['n']}, no interval)"
     cell = f"{d['mean']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}] ({d['n']})"
-    return cell + (" no detectable difference" if d["low"] <= 0 <= d["high"] else "")
+    if detectable(d):
+        return cell
+    pooled = d.get("pooled")
+    if d["low"] <= 0 <= d["high"] or not pooled:
+        return cell + " no detectable difference"
+    return cell + (
+        f"; pooled cases {pooled['k_a']}/{pooled['n_a']} vs {pooled['k_b']}/{pooled['n_b']}"
+        f", Fisher p = {pooled['p_fisher']:.2f}: no detectable difference"
+    )
+
+
+def detectable(d: Mapping[str, Any]) -> bool:
+    """A difference is stated only when its interval excludes 0 and, for a share of counted
+    cases, the pooled cases' exact test rejects equal shares at 5%."""
+    if not (math.isfinite(d["low"]) and math.isfinite(d["high"])):
+        return False
+    if d["low"] <= 0 <= d["high"]:
+        return False
+    pooled = d.get("pooled")
+    return not (pooled and pooled["p_fisher"] >= 0.05)
 
 
 def markdown_table(results: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
@@ -304,7 +369,9 @@ def markdown_table(results: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
         lines += [
             "",
             "Mean difference [95% interval] (seeds): a paired t interval over the seeds both "
-            "arms have, else Welch's. An interval that holds 0 is no detectable difference.",
+            "arms have, else Welch's. An interval that holds 0 is no detectable difference; so "
+            "is a share of counted cases whose cases, pooled over the seeds, do not differ by "
+            "Fisher's exact test (p >= 0.05).",
         ]
     by_series = (results.get("trends") or {}).get("by_series") or {}
     if by_series:
