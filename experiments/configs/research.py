@@ -73,13 +73,16 @@ SEEDS = (0, 1, 2)
 
 
 def seeds(hyper) -> list:
-    """The seeds of every experiment: RL seeds on one base model (stage 1 with seed 0).
+    """The seeds of every experiment: each seed is its own base model (corpus, tokenizer,
+    initialisation, pretraining) and its own RL and SFT seeds, so a difference between arms is
+    measured against the spread of base models as well as of RL runs.
 
-    Stage 1 took 30-40 min per seed on the shared 2-core machine, so the campaign varies what
-    follows it (sampling, problem order, SFT) and keeps one base model; `hyper.seeds(SEEDS)`
-    gives each seed its own base model and data (one more stage 1 per seed).
+    The base models are cached per stage-1 setting (runs_root/base), so every experiment's arms
+    at one seed share one base, and stage 1 runs once per seed (~12 min on 2 quiet CPU cores).
+    The previous task's campaign used `hyper.rl_seeds(SEEDS)` (RL seeds on one base model);
+    its results stay in experiments/results/research_*/ as run then.
     """
-    return hyper.rl_seeds(SEEDS)
+    return hyper.seeds(SEEDS)
 
 
 # The arms the experiments share, as sweep overrides. Equal overrides give equal configs, hence
