@@ -237,8 +237,8 @@ def test_summarize_tables_seeds_with_mean_and_sd(tmp_path):
     results = summary.summarize(exp, out)
     cold = results["arms"]["cold start (R1)"]["metrics"]["after.accuracy"]
     assert cold["values"] == [0.5, 0.7] and cold["n"] == 2
-    # Two RL seeds on the one base this smoke sweep pretrains from scratch (base seed 0).
-    assert results["arms"]["cold start (R1)"]["base_seeds"] == [0, 0] == [0, other.base_seed]
+    # Each seed is its own base model, pretrained from scratch with that seed.
+    assert results["arms"]["cold start (R1)"]["base_seeds"] == [0, 1] == [0, other.base_seed]
     assert cold["mean"] == pytest.approx(0.6)
     assert cold["sd"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
     zero = results["arms"]["zero (R1-Zero)"]["metrics"]["rollout.accuracy.mean"]

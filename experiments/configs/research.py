@@ -12,7 +12,7 @@ Launch one arm:
 
 The run directory is runs/research/s<seed>-r<RL seed>-<hash of the config> unless
 --config.workdir is given; stage 1 (~12 min on 2 quiet CPU cores) is cached per stage-1 setting
-in runs/research/base and shared by every arm (and, in the sweeps, every RL seed). An arm then
+in runs/research/base and shared by every arm at that seed (in every experiment). An arm then
 takes ~4 min: 30 GRPO steps of 16 prompts x 8 samples (two minibatch updates each), greedy
 held-out evaluation (256 problems) and the bridge measurement before and after.
 """
