@@ -368,6 +368,30 @@ def test_a_share_of_a_few_cases_needs_its_pooled_cases_to_differ():
     assert summary.pooled_cases({0: (0.1, 0)}, {0: (0.0, 251)}) is None  # no cases counted
 
 
+def test_changes_within_an_arm_are_paired_over_its_seeds():
+    from scipy import stats
+
+    def arm(first, last):
+        return {
+            "seeds": [0, 1, 2],
+            "metrics": {
+                "d.first": {"values": first, "cases": [200] * 3},
+                "d.last": {"values": last, "cases": [200] * 3},
+            },
+        }
+
+    first, last = [0.10, 0.12, 0.08], [0.02, 0.03, 0.04]
+    spec = {"table": [("D first", "d.first"), ("D last", "d.last")]}
+    spec["changes"] = [("D, last minus first", "d.first", "d.last")]
+    got = summary.changes({"arms": {"a": arm(first, last)}}, spec)["D, last minus first"]["a"]
+    want = stats.ttest_rel(last, first).confidence_interval(0.95)
+    assert got["mean"] == pytest.approx(np.mean(last) - np.mean(first))
+    assert (got["low"], got["high"]) == pytest.approx((want.low, want.high))
+    assert got["pooled"]["k_a"] == 4 + 6 + 8 and got["pooled"]["k_b"] == 20 + 24 + 16
+    with pytest.raises(ValueError, match="not in the table"):
+        summary.changes({"arms": {}}, {**spec, "changes": [("x", "d.first", "d.gone")]})
+
+
 def build_tiny_model(directory):
     """A 1-layer random model and a sentencepiece tokenizer trained on a small arithmetic corpus
     in `directory`: (tokenizer, model config, mesh, graphdef, params)."""

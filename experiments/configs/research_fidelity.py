@@ -74,6 +74,19 @@ SUMMARY = {
         ("has an answer, held-out after", "after.frac_has_answer"),
         ("truncated, held-out after", "after.truncated_frac"),
     ],
+    "changes": [
+        (
+            "D, last 10 minus first 10 steps",
+            "rollout.rollout_deviation_rate.first10",
+            "rollout.rollout_deviation_rate.last10",
+        ),
+        (
+            "writes steps, last 10 minus first 10",
+            "rollout.rollout_frac_wrote_steps.first10",
+            "rollout.rollout_frac_wrote_steps.last10",
+        ),
+        ("D held-out, after minus before RL", "before.deviation_rate", "after.deviation_rate"),
+    ],
     "curves": [
         ("wrong step given correct answer", "rollout_wrong_step_given_correct"),
         ("steps not exact given correct answer", "rollout_not_process_given_correct"),

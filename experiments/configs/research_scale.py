@@ -100,6 +100,18 @@ SUMMARY = {
     ),
     "table": TABLE,
     "cases": CASES,
+    "changes": [
+        (
+            "D, last 10 minus first 10 steps",
+            "rollout.rollout_deviation_rate.first10",
+            "rollout.rollout_deviation_rate.last10",
+        ),
+        (
+            "injection recovery, after minus before RL",
+            "injection_before.injection_recovery_rate",
+            "injection_after.injection_recovery_rate",
+        ),
+    ],
     "curves": [
         ("training accuracy (T=1)", "accuracy"),
         ("D (rollouts)", "rollout_deviation_rate"),

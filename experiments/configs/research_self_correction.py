@@ -44,6 +44,14 @@ SUMMARY = {
     "title": "Self-correction",
     "reference": own_size_control,
     "cases": research_scale.CASES,
+    "changes": [
+        (
+            f"injection {what}, after minus before RL",
+            f"injection_before.injection_{what}_rate",
+            f"injection_after.injection_{what}_rate",
+        )
+        for what in ("recovery", "follow", "retry")
+    ],
     "question": (
         "After outcome-only RL, does a model whose corpus shows retried steps recover from an "
         "injected error more often than one whose corpus never does, and does RL change it?"

@@ -61,6 +61,7 @@ SUMMARY = {
             "after.truncated_frac",
         )
     },
+    "changes": [("accuracy, after minus before RL", "before.accuracy", "after.accuracy")],
     "curves": [
         ("training accuracy (T=1)", "accuracy"),
         ("process-correct (rollouts)", "rollout_frac_process_correct"),

@@ -9,7 +9,10 @@ writes into `out_dir`:
                  each arm's difference from the first arm per metric with its 95% interval
                  (`difference`: paired over the seeds both arms have, else Welch's); a
                  share of counted cases named in ``spec["cases"]`` also gets the pooled
-                 cases of each arm and Fisher's exact test on them (`pooled_cases`)
+                 cases of each arm and Fisher's exact test on them (`pooled_cases`);
+                 with ``spec["changes"]`` (name, from path, to path), each arm's change
+                 between two of its table metrics (e.g. D over the first and the last 10
+                 steps, recovery before and after RL), paired over its seeds
   results.md     the table, "mean ± s.d. (n seeds)" per cell, then the differences, each
                  "mean [low, high] (n)" and marked "no detectable difference" when the
                  interval holds 0, or when the pooled cases' test does not reject (p >= 0.05)
@@ -187,6 +190,8 @@ def summarize(
                 ]
         results["arms"][label] = entry
     results["differences"] = differences(results, spec)
+    if spec.get("changes"):
+        results["changes"] = changes(results, spec)
     if spec.get("against"):
         results["trends"] = _trends(arms, spec)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True))
@@ -296,16 +301,40 @@ def differences(results: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str
             raise ValueError(f"{label!r}: its reference arm {ref_label!r} is not in the sweep")
         arm, ref = results["arms"][label], results["arms"][ref_label]
         out["references"][label] = ref_label
-        out["arms"][label] = {}
-        for _, path in spec["table"]:
-            d = difference(_by_seed(arm, path), _by_seed(ref, path))
-            if "cases" in arm["metrics"][path] and "cases" in ref["metrics"][path]:
-                cases = [
-                    {s: (v, n) for s, v, n in zip(e["seeds"], m["values"], m["cases"])}
-                    for e, m in ((arm, arm["metrics"][path]), (ref, ref["metrics"][path]))
-                ]
-                d["pooled"] = pooled_cases(*cases)
-            out["arms"][label][path] = d
+        out["arms"][label] = {
+            path: _compare(arm, path, ref, path) for _, path in spec["table"]
+        }
+    return out
+
+
+def _compare(entry_a, path_a, entry_b, path_b) -> dict[str, Any]:
+    """`difference` of path_a in entry_a minus path_b in entry_b, with the pooled cases when
+    both are shares of counted cases."""
+    m_a, m_b = entry_a["metrics"][path_a], entry_b["metrics"][path_b]
+    d = difference(_by_seed(entry_a, path_a), _by_seed(entry_b, path_b))
+    if "cases" in m_a and "cases" in m_b:
+        d["pooled"] = pooled_cases(
+            *[
+                {s: (v, n) for s, v, n in zip(e["seeds"], m["values"], m["cases"], strict=True)}
+                for e, m in ((entry_a, m_a), (entry_b, m_b))
+            ]
+        )
+    return d
+
+
+def changes(results: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Per arm, each ``spec["changes"]`` entry (name, from path, to path): to − from within
+    the arm's own runs, paired over its seeds (e.g. D in the last 10 RL steps minus the first
+    10, or injection recovery after RL minus before)."""
+    table = {path for _, path in spec["table"]}
+    out: dict[str, Any] = {}
+    for name, src, dst in spec["changes"]:
+        missing = {src, dst} - table
+        if missing:
+            raise ValueError(f"change {name!r}: {sorted(missing)} not in the table")
+        out[name] = {
+            label: _compare(entry, dst, entry, src) for label, entry in results["arms"].items()
+        }
     return out
 
 
@@ -373,6 +402,14 @@ def markdown_table(results: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
             "is a share of counted cases whose cases, pooled over the seeds, do not differ by "
             "Fisher's exact test (p >= 0.05).",
         ]
+    by_change = results.get("changes") or {}
+    if by_change:
+        lines += ["", "Changes within each arm (to minus from, paired over its seeds):", ""]
+        lines.append("| arm | " + " | ".join(by_change) + " |")
+        lines.append("|" + "---|" * (len(by_change) + 1))
+        for label in results["arms"]:
+            cells = [_fmt_diff(by_arm[label]) for by_arm in by_change.values()]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     by_series = (results.get("trends") or {}).get("by_series") or {}
     if by_series:
         x_label, _, paths = spec["against"]
