@@ -547,3 +547,35 @@ def test_differences_have_paired_and_welch_intervals():
         summary.difference(a, {0: 0.7, 1: 0.6, 2: 0.72})
     )
     assert "no detectable difference" not in summary._fmt_diff(paired)
+
+
+def test_against_chance_pools_cases_and_matches_a_hand_binomial_test():
+    from rl_reason.pipelines.research import chance, summary
+
+    def run(rate, frac_deviated, answer_chance, eval_size=256):
+        after = {"correct_given_deviated": rate, "frac_deviated": frac_deviated}
+        s = {"after": after, "answer_chance": answer_chance, "eval_size": eval_size}
+        return {"summary": s, "rows": []}
+
+    spec = {
+        "chance": [("c|w", "after.correct_given_deviated", "after.frac_deviated", "answer_chance")]
+    }
+    found = {
+        # 5 of 13 and 1 of 5 wrong-step problems correct; a seed without any is left out.
+        "a": [run(5 / 13, 13 / 256, 0.061), run(1 / 5, 5 / 256, 0.059), run(None, 0.0, 0.5)],
+        "b": [run(None, 0.0, 0.06)],
+    }
+    out = chance.against_chance(found, spec, summary.metric_value)["c|w"]
+    assert out["b"] is None
+    a = out["a"]
+    assert (a["k"], a["n"], a["seeds"]) == (6, 18, 2)
+    assert a["chance"] == pytest.approx(0.06)
+    # Two-sided exact test: the probability of every count no likelier than the one seen.
+    pmf = [math.comb(18, i) * 0.06**i * 0.94 ** (18 - i) for i in range(19)]
+    hand = sum(q for q in pmf if q <= pmf[6] * (1 + 1e-7))
+    assert a["p_binom"] == pytest.approx(hand, rel=1e-6)
+    assert a["differs"] and hand < 1e-3
+    # At the chance level itself the test does not reject.
+    level = chance.pooled_against([(0.0625, 16.0, 0.06)])
+    assert (level["k"], level["n"]) == (1, 16) and not level["differs"]
+    assert "no detectable difference from chance" in chance.fmt(level)

@@ -87,6 +87,16 @@ SUMMARY = {
         ),
         ("D held-out, after minus before RL", "before.deviation_rate", "after.deviation_rate"),
     ],
+    # A wrong chain lands on the gold answer by chance about sum(p^2) of the time; well above
+    # that, answers survive wrong steps (the chain is not what produces them).
+    "chance": [
+        (
+            "correct given a wrong step, held-out after",
+            "after.correct_given_deviated",
+            "after.frac_deviated",
+            "answer_chance",
+        ),
+    ],
     "curves": [
         ("wrong step given correct answer", "rollout_wrong_step_given_correct"),
         ("steps not exact given correct answer", "rollout_not_process_given_correct"),

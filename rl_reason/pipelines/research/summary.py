@@ -12,7 +12,9 @@ writes into `out_dir`:
                  cases of each arm and Fisher's exact test on them (`pooled_cases`);
                  with ``spec["changes"]`` (name, from path, to path), each arm's change
                  between two of its table metrics (e.g. D over the first and the last 10
-                 steps, recovery before and after RL), paired over its seeds
+                 steps, recovery before and after RL), paired over its seeds; with
+                 ``spec["chance"]``, a conditional share's cases pooled over seeds against
+                 its chance level (`chance.py`)
   results.md     the table, "mean ± s.d. (n seeds)" per cell, then the differences, each
                  "mean [low, high] (n)" and marked "no detectable difference" when the
                  interval holds 0, or when the pooled cases' test does not reject (p >= 0.05)
@@ -46,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from rl_reason.infra.metrics import read_jsonl, series
-from rl_reason.pipelines.research import runs, trend
+from rl_reason.pipelines.research import chance, runs, trend
 from rl_reason.pipelines.research.sweep import Experiment
 
 SMOOTH = 5
@@ -194,6 +196,8 @@ def summarize(
         results["changes"] = changes(results, spec)
     if spec.get("against"):
         results["trends"] = _trends(arms, spec)
+    if spec.get("chance"):
+        results["chance"] = chance.against_chance(arms, spec, metric_value)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True))
     (out_dir / "results.md").write_text(markdown_table(results, spec))
     if any(arms.values()):
@@ -410,6 +414,7 @@ def markdown_table(results: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
         for label in results["arms"]:
             cells = [_fmt_diff(by_arm[label]) for by_arm in by_change.values()]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += chance.markdown(results.get("chance") or {})
     by_series = (results.get("trends") or {}).get("by_series") or {}
     if by_series:
         x_label, _, paths = spec["against"]
