@@ -41,6 +41,22 @@ SUMMARY = {
         ("tokens after RL", "after.mean_response_tokens"),
         ("train acc. (mean over run)", "rollout.accuracy.mean"),
     ],
+    # shares of the held-out problems: their differences also get the pooled cases' exact test
+    "cases": {
+        p: "eval_size"
+        for p in (
+            "before.accuracy",
+            "after.accuracy",
+            "before.frac_well_formed",
+            "after.frac_well_formed",
+            "after.frac_process_correct",
+        )
+    },
+    # what RL adds on top of each start (a cold start begins near the ceiling)
+    "changes": [
+        ("accuracy, after minus before RL", "before.accuracy", "after.accuracy"),
+        ("well-formed, after minus before RL", "before.frac_well_formed", "after.frac_well_formed"),
+    ],
     "curves": [
         ("training accuracy (T=1)", "accuracy"),
         ("response tokens", "response_length_mean"),
