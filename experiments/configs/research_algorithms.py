@@ -41,6 +41,8 @@ SUMMARY = {
         ("sampling rounds (mean)", "rollout.sampling_rounds.mean"),
         ("seconds per RL step", "rollout.time_step.mean"),
     ],
+    # a share of the held-out problems: its differences also get the pooled cases' exact test
+    "cases": {"after.accuracy": "eval_size"},
     "curves": [
         ("training accuracy (T=1)", "accuracy"),
         ("wrong-answer tokens (rollouts)", "rollout_wrong_length_mean"),

@@ -39,6 +39,8 @@ SUMMARY = {
         ("value loss, last 10 (PPO)", "rollout.value_loss.last10"),
         ("seconds per RL step", "rollout.time_step.mean"),
     ],
+    # a share of the held-out problems: its differences also get the pooled cases' exact test
+    "cases": {p: "eval_size" for p in ("before.accuracy", "after.accuracy")},
     "curves": [
         ("training accuracy (T=1)", "accuracy"),
         ("response tokens", "response_length_mean"),
