@@ -22,8 +22,13 @@ def get_hyper(hyper):
     return hyper.product([research.seeds(hyper), research.arms(hyper, research.ALGORITHM_ARMS)])
 
 
+# The length-bias question at a budget where length can grow: DeepSeekMath's per-sequence mean
+# against Dr. GRPO's constant normaliser, both at 160 tokens. Every other arm against GRPO.
+REFERENCES = {"GRPO, per-sequence mean, 160 tokens": "Dr. GRPO, 160 tokens"}
+
 SUMMARY = {
     "title": "Algorithm ablations",
+    "reference": REFERENCES.get,
     "question": (
         "Which estimator / objective learns most in the same compute, and which lengthens wrong "
         "answers?"
