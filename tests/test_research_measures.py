@@ -542,6 +542,11 @@ def test_differences_have_paired_and_welch_intervals():
     assert welch["method"] == "Welch t" and (welch["low"], welch["high"]) == pytest.approx((lo, hi))
     one = summary.difference({0: 0.5}, b)
     assert math.isnan(one["low"]) and one["method"] == "none"
+    # One seed that the other arm shares: the difference on that base model (0.5 - 0.60),
+    # not against the other arm's mean over its three bases (0.5 - 0.577).
+    assert one["mean"] == pytest.approx(-0.10) and one["n"] == 1
+    apart = summary.difference({9: 0.5}, b)  # no shared seed: the means are all there is
+    assert apart["mean"] == pytest.approx(0.5 - np.mean(list(b.values())))
     # An interval that holds 0 reads as no detectable difference.
     assert "no detectable difference" in summary._fmt_diff(
         summary.difference(a, {0: 0.7, 1: 0.6, 2: 0.72})

@@ -217,7 +217,8 @@ def difference(
     When the two arms share at least two seeds (the same base model and RL seed, e.g. two
     arms of one sweep), the paired t interval over those seeds; otherwise Welch's t interval
     (unequal variances, Welch–Satterthwaite degrees of freedom). NaN bounds when either side
-    has fewer than two values.
+    has fewer than two values; then, if the two share one seed, the mean is that seed's
+    difference.
     """
     from scipy import stats
 
@@ -237,6 +238,11 @@ def difference(
             "method": "paired t",
         }
     x, y = np.asarray(list(a.values())), np.asarray(list(b.values()))
+    if (x.size < 2 or y.size < 2) and len(shared) == 1:
+        # One arm has one seed, which the other shares: the difference on that base model,
+        # not one base against the mean of several (which would mix base-model spread in).
+        s = shared[0]
+        return {"mean": float(a[s] - b[s]), "low": nan, "high": nan, "n": 1, "method": "none"}
     if x.size < 2 or y.size < 2:
         mean = float(x.mean() - y.mean()) if x.size and y.size else nan
         return {"mean": mean, "low": nan, "high": nan, "n": min(x.size, y.size), "method": "none"}
@@ -402,7 +408,8 @@ def markdown_table(results: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
         lines += [
             "",
             "Mean difference [95% interval] (seeds): a paired t interval over the seeds both "
-            "arms have, else Welch's. An interval that holds 0 is no detectable difference; so "
+            "arms have, else Welch's; an arm with one seed gets its difference on that seed's base "
+            "model, with no interval. An interval that holds 0 is no detectable difference; so "
             "is a share of counted cases whose cases, pooled over the seeds, do not differ by "
             "Fisher's exact test (p >= 0.05).",
         ]
