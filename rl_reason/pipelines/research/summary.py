@@ -311,9 +311,7 @@ def differences(results: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str
             raise ValueError(f"{label!r}: its reference arm {ref_label!r} is not in the sweep")
         arm, ref = results["arms"][label], results["arms"][ref_label]
         out["references"][label] = ref_label
-        out["arms"][label] = {
-            path: _compare(arm, path, ref, path) for _, path in spec["table"]
-        }
+        out["arms"][label] = {path: _compare(arm, path, ref, path) for _, path in spec["table"]}
     return out
 
 
