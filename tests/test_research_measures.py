@@ -547,6 +547,9 @@ def test_differences_have_paired_and_welch_intervals():
     assert one["mean"] == pytest.approx(-0.10) and one["n"] == 1
     apart = summary.difference({9: 0.5}, b)  # no shared seed: the means are all there is
     assert apart["mean"] == pytest.approx(0.5 - np.mean(list(b.values())))
+    # The pooled cases of a one-seed arm are set against the same base model's cases only.
+    pooled = summary.pooled_cases({0: (0.5, 10)}, {0: (0.2, 10), 1: (0.3, 10), 2: (0.1, 10)})
+    assert (pooled["k_a"], pooled["n_a"], pooled["k_b"], pooled["n_b"]) == (5, 10, 2, 10)
     # An interval that holds 0 reads as no detectable difference.
     assert "no detectable difference" in summary._fmt_diff(
         summary.difference(a, {0: 0.7, 1: 0.6, 2: 0.72})

@@ -214,20 +214,19 @@ def difference(
 ) -> dict[str, Any]:
     """mean(a) − mean(b) with its `level` interval, over finite values by seed.
 
-    When the two arms share at least two seeds (the same base model and RL seed, e.g. two
-    arms of one sweep), the paired t interval over those seeds; otherwise Welch's t interval
-    (unequal variances, Welch–Satterthwaite degrees of freedom). NaN bounds when either side
-    has fewer than two values; then, if the two share one seed, the mean is that seed's
-    difference.
+    Over the seeds `_matched` picks: when they are shared and two or more (the same base model
+    and RL seed, e.g. two arms of one sweep), the paired t interval; otherwise Welch's t
+    interval (unequal variances, Welch–Satterthwaite degrees of freedom). NaN bounds when
+    either side has fewer than two values.
     """
     from scipy import stats
 
     a = {s: v for s, v in a.items() if math.isfinite(v)}
     b = {s: v for s, v in b.items() if math.isfinite(v)}
     nan = math.nan
-    shared = sorted(set(a) & set(b))
-    if len(shared) >= 2:
-        d = np.asarray([a[s] - b[s] for s in shared], np.float64)
+    a, b, paired = _matched(a, b)
+    if paired and len(a) >= 2:
+        d = np.asarray([a[s] - b[s] for s in a], np.float64)
         half = stats.t.ppf(0.5 + level / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size)
         mean = float(d.mean())
         return {
@@ -238,11 +237,6 @@ def difference(
             "method": "paired t",
         }
     x, y = np.asarray(list(a.values())), np.asarray(list(b.values()))
-    if (x.size < 2 or y.size < 2) and len(shared) == 1:
-        # One arm has one seed, which the other shares: the difference on that base model,
-        # not one base against the mean of several (which would mix base-model spread in).
-        s = shared[0]
-        return {"mean": float(a[s] - b[s]), "low": nan, "high": nan, "n": 1, "method": "none"}
     if x.size < 2 or y.size < 2:
         mean = float(x.mean() - y.mean()) if x.size and y.size else nan
         return {"mean": mean, "low": nan, "high": nan, "n": min(x.size, y.size), "method": "none"}
@@ -260,14 +254,25 @@ def difference(
     }
 
 
+def _matched(a: Mapping[int, Any], b: Mapping[int, Any]) -> tuple[dict, dict, bool]:
+    """The seeds two arms are compared over, and whether they are paired: the seeds both have
+    when they share two or more, or when one arm has a single seed that the other shares (its
+    difference on that base model, not one base against the mean of several, which would mix
+    the spread of base models in); otherwise each arm's own."""
+    shared = sorted(set(a) & set(b))
+    if len(shared) >= 2 or (shared and min(len(a), len(b)) < 2):
+        return {s: a[s] for s in shared}, {s: b[s] for s in shared}, True
+    return dict(a), dict(b), False
+
+
 def pooled_cases(
     a: Mapping[int, tuple[float, float]], b: Mapping[int, tuple[float, float]]
 ) -> dict[str, Any] | None:
     """Each arm's cases pooled over seeds, and Fisher's exact test of equal shares.
 
     `a` and `b` map seed -> (share, number of cases), e.g. an injection recovery rate of one
-    base model and its number of injected cases. Over the seeds both arms have when they share
-    two or more (as `difference` pairs them), else over each arm's own. With three seeds a
+    base model and its number of injected cases. Over the seeds `_matched` picks, as
+    `difference` does. With three seeds a
     paired t interval can exclude 0 on a handful of cases (one recovered case in 251 at every
     seed against none gives a near-zero s.d.); the pooled test asks whether the cases
     themselves could come from one share. It treats the cases as independent, ignoring the
@@ -278,10 +283,7 @@ def pooled_cases(
     def finite(m):
         return {s: v for s, v in m.items() if all(math.isfinite(x) for x in v) and v[1] > 0}
 
-    a, b = finite(a), finite(b)
-    shared = sorted(set(a) & set(b))
-    if len(shared) >= 2:
-        a, b = {s: a[s] for s in shared}, {s: b[s] for s in shared}
+    a, b, _ = _matched(finite(a), finite(b))
     if not a or not b:
         return None
     k_a = int(sum(round(p * n) for p, n in a.values()))
