@@ -22,6 +22,7 @@ from rl_reason.infra.tokenizer import train_sentencepiece
 from rl_reason.pipelines.research import (
     base_cache,
     bridge,
+    compare,
     hyper,
     measures,
     runs,
@@ -320,7 +321,7 @@ def test_differences_against_each_arms_own_reference():
 
     results = {"arms": {"base": arm([0.0] * 3), "c2": arm([1.0] * 3), "t2": arm([1.5, 1.6, 1.7])}}
     spec = {"table": [("metric", "m")], "reference": lambda s: "c2" if s == "t2" else None}
-    diffs = summary.differences(results, spec)
+    diffs = compare.differences(results, spec)
     assert diffs["references"] == {"c2": "base", "t2": "c2"}
     assert diffs["arms"]["t2"]["m"]["mean"] == pytest.approx(0.6)
     assert diffs["arms"]["c2"]["m"]["mean"] == pytest.approx(1.0)
@@ -329,7 +330,7 @@ def test_differences_against_each_arms_own_reference():
     )
     assert "| t2 | c2 | +0.600 [" in table
     with pytest.raises(ValueError, match="reference arm 'gone'"):
-        summary.differences(results, {**spec, "reference": lambda _: "gone"})
+        compare.differences(results, {**spec, "reference": lambda _: "gone"})
 
 
 def test_a_share_of_a_few_cases_needs_its_pooled_cases_to_differ():
@@ -343,7 +344,7 @@ def test_a_share_of_a_few_cases_needs_its_pooled_cases_to_differ():
 
     spec = {"table": [("recovery", "r")], "title": "t", "question": "q"}
     few = {"arms": {"ref": arm([0.0] * 3, [251] * 3), "x": arm([1 / 251] * 3, [251] * 3)}}
-    d = summary.differences(few, spec)["arms"]["x"]["r"]
+    d = compare.differences(few, spec)["arms"]["x"]["r"]
     assert d["low"] > 0 and d["method"] == "paired t"
     want = 2 * math.comb(753, 3) / math.comb(1506, 3)
     assert d["pooled"] == {
@@ -353,19 +354,19 @@ def test_a_share_of_a_few_cases_needs_its_pooled_cases_to_differ():
         "n_b": 753,
         "p_fisher": pytest.approx(want),
     }
-    assert not summary.detectable(d)
-    cell = summary._fmt_diff(d)
+    assert not compare.detectable(d)
+    cell = compare.fmt_diff(d)
     assert "pooled cases 3/753 vs 0/753, Fisher p = 0.25: no detectable difference" in cell
     # Thirty cases at every seed against none: both the interval and the cases say so.
     many = {"arms": {"ref": arm([0.0] * 3, [251] * 3), "x": arm([0.10, 0.12, 0.14], [251] * 3)}}
-    d = summary.differences(many, spec)["arms"]["x"]["r"]
+    d = compare.differences(many, spec)["arms"]["x"]["r"]
     assert d["pooled"]["k_a"] == round(0.10 * 251) + round(0.12 * 251) + round(0.14 * 251)
     assert d["pooled"]["p_fisher"] < 1e-9
-    assert summary.detectable(d) and "no detectable" not in summary._fmt_diff(d)
+    assert compare.detectable(d) and "no detectable" not in compare.fmt_diff(d)
     # Without counted cases the interval alone decides.
     plain = {k: v for k, v in d.items() if k != "pooled"}
-    assert summary.detectable(plain)
-    assert summary.pooled_cases({0: (0.1, 0)}, {0: (0.0, 251)}) is None  # no cases counted
+    assert compare.detectable(plain)
+    assert compare.pooled_cases({0: (0.1, 0)}, {0: (0.0, 251)}) is None  # no cases counted
 
 
 def test_changes_within_an_arm_are_paired_over_its_seeds():
@@ -383,13 +384,13 @@ def test_changes_within_an_arm_are_paired_over_its_seeds():
     first, last = [0.10, 0.12, 0.08], [0.02, 0.03, 0.04]
     spec = {"table": [("D first", "d.first"), ("D last", "d.last")]}
     spec["changes"] = [("D, last minus first", "d.first", "d.last")]
-    got = summary.changes({"arms": {"a": arm(first, last)}}, spec)["D, last minus first"]["a"]
+    got = compare.changes({"arms": {"a": arm(first, last)}}, spec)["D, last minus first"]["a"]
     want = stats.ttest_rel(last, first).confidence_interval(0.95)
     assert got["mean"] == pytest.approx(np.mean(last) - np.mean(first))
     assert (got["low"], got["high"]) == pytest.approx((want.low, want.high))
     assert got["pooled"]["k_a"] == 4 + 6 + 8 and got["pooled"]["k_b"] == 20 + 24 + 16
     with pytest.raises(ValueError, match="not in the table"):
-        summary.changes({"arms": {}}, {**spec, "changes": [("x", "d.first", "d.gone")]})
+        compare.changes({"arms": {}}, {**spec, "changes": [("x", "d.first", "d.gone")]})
 
 
 def build_tiny_model(directory):
@@ -529,32 +530,32 @@ def test_differences_have_paired_and_welch_intervals():
 
     a = {0: 0.71, 1: 0.64, 2: 0.69}
     b = {0: 0.60, 1: 0.55, 2: 0.58}
-    paired = summary.difference(a, b)
+    paired = compare.difference(a, b)
     want = stats.ttest_rel(list(a.values()), list(b.values())).confidence_interval(0.95)
     assert paired["method"] == "paired t" and paired["n"] == 3
     assert (paired["low"], paired["high"]) == pytest.approx((want.low, want.high))
     assert paired["mean"] == pytest.approx(np.mean([0.11, 0.09, 0.11]))
     # Other seeds: Welch's interval.
     c = {3: 0.5, 4: 0.58, 5: 0.52, 6: 0.49}
-    welch = summary.difference(a, c)
+    welch = compare.difference(a, c)
     want = stats.ttest_ind(list(a.values()), list(c.values()), equal_var=False)
     lo, hi = want.confidence_interval(0.95)
     assert welch["method"] == "Welch t" and (welch["low"], welch["high"]) == pytest.approx((lo, hi))
-    one = summary.difference({0: 0.5}, b)
+    one = compare.difference({0: 0.5}, b)
     assert math.isnan(one["low"]) and one["method"] == "none"
     # One seed that the other arm shares: the difference on that base model (0.5 - 0.60),
     # not against the other arm's mean over its three bases (0.5 - 0.577).
     assert one["mean"] == pytest.approx(-0.10) and one["n"] == 1
-    apart = summary.difference({9: 0.5}, b)  # no shared seed: the means are all there is
+    apart = compare.difference({9: 0.5}, b)  # no shared seed: the means are all there is
     assert apart["mean"] == pytest.approx(0.5 - np.mean(list(b.values())))
     # The pooled cases of a one-seed arm are set against the same base model's cases only.
-    pooled = summary.pooled_cases({0: (0.5, 10)}, {0: (0.2, 10), 1: (0.3, 10), 2: (0.1, 10)})
+    pooled = compare.pooled_cases({0: (0.5, 10)}, {0: (0.2, 10), 1: (0.3, 10), 2: (0.1, 10)})
     assert (pooled["k_a"], pooled["n_a"], pooled["k_b"], pooled["n_b"]) == (5, 10, 2, 10)
     # An interval that holds 0 reads as no detectable difference.
-    assert "no detectable difference" in summary._fmt_diff(
-        summary.difference(a, {0: 0.7, 1: 0.6, 2: 0.72})
+    assert "no detectable difference" in compare.fmt_diff(
+        compare.difference(a, {0: 0.7, 1: 0.6, 2: 0.72})
     )
-    assert "no detectable difference" not in summary._fmt_diff(paired)
+    assert "no detectable difference" not in compare.fmt_diff(paired)
 
 
 def test_against_chance_pools_cases_and_matches_a_hand_binomial_test():

@@ -82,7 +82,7 @@ TABLE = [
 ]
 
 # Table metrics that are shares of counted cases (held-out problems, injected errors): their
-# differences also get the pooled cases' exact test (summary.pooled_cases).
+# differences also get the pooled cases' exact test (compare.pooled_cases).
 CASES = {
     **{p: "eval_size" for p in ("before.accuracy", "after.accuracy", "after.frac_process_correct")},
     **{

@@ -10,7 +10,7 @@ seeds and an exact two-sided binomial test asks whether they could come from the
 the problems that meet the condition, and the condition is itself a share of the run's
 held-out set (``eval_size`` problems), so a run's cases are round(condition × eval_size) and
 its successes round(rate × cases). The chance level is the mean of the chance path over the
-seeds that have cases. Like `summary.pooled_cases`, the test treats cases as independent and
+seeds that have cases. Like `compare.pooled_cases`, the test treats cases as independent and
 ignores the spread between base models.
 """
 

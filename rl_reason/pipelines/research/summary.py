@@ -1,5 +1,8 @@
 """Tables and plots of an experiment from its run directories (regenerated at any time).
 
+This module reads the runs and lays out the results; the statistics are `compare.py`'s and the
+figures `plots.py`'s.
+
     summarize(load_experiment("experiments/configs/research_supervision.py"), out_dir)
 
 writes into `out_dir`:
@@ -7,9 +10,9 @@ writes into `out_dir`:
   results.json   per arm: the RL seeds found, each run's base seed (None for the shipped base)
                  and base model key, each table metric per seed, its mean and s.d.; and
                  each arm's difference from the first arm per metric with its 95% interval
-                 (`difference`: paired over the seeds both arms have, else Welch's); a
+                 (`compare.difference`: paired over the seeds both arms have, else Welch's); a
                  share of counted cases named in ``spec["cases"]`` also gets the pooled
-                 cases of each arm and Fisher's exact test on them (`pooled_cases`);
+                 cases of each arm and Fisher's exact test on them (`compare.pooled_cases`);
                  with ``spec["changes"]`` (name, from path, to path), each arm's change
                  between two of its table metrics (e.g. D over the first and the last 10
                  steps, recovery before and after RL), paired over its seeds; with
@@ -40,7 +43,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,10 +50,9 @@ from typing import Any
 import numpy as np
 
 from rl_reason.infra.metrics import read_jsonl, series
-from rl_reason.pipelines.research import chance, runs, trend
+from rl_reason.pipelines.research import chance, compare, plots, runs, trend
 from rl_reason.pipelines.research.sweep import Experiment
 
-SMOOTH = 5
 AGGREGATES = ("mean", "median", "first10", "last10", "acc<lo>-<hi>")
 _BAND = re.compile(r"acc(\d+)-(\d+)")
 
@@ -191,9 +192,9 @@ def summarize(
                     metric_value(r["summary"], r["rows"], count_path) for r in found
                 ]
         results["arms"][label] = entry
-    results["differences"] = differences(results, spec)
+    results["differences"] = compare.differences(results, spec)
     if spec.get("changes"):
-        results["changes"] = changes(results, spec)
+        results["changes"] = compare.changes(results, spec)
     if spec.get("against"):
         results["trends"] = _trends(arms, spec)
     if spec.get("chance"):
@@ -201,180 +202,12 @@ def summarize(
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True))
     (out_dir / "results.md").write_text(markdown_table(results, spec))
     if any(arms.values()):
-        _plot_bars(results, spec, out_dir / "bars.png")
+        plots.bars(results, spec, out_dir / "bars.png")
         if spec["curves"]:
-            _plot_curves(arms, spec, out_dir / "curves.png")
+            plots.curves(arms, spec, out_dir / "curves.png")
         if spec.get("against"):
-            _plot_against(arms, results, spec, out_dir / "against.png")
+            plots.against(arms, results, spec, out_dir / "against.png", metric_value)
     return results
-
-
-def difference(
-    a: Mapping[int, float], b: Mapping[int, float], level: float = 0.95
-) -> dict[str, Any]:
-    """mean(a) − mean(b) with its `level` interval, over finite values by seed.
-
-    Over the seeds `_matched` picks: when they are shared and two or more (the same base model
-    and RL seed, e.g. two arms of one sweep), the paired t interval; otherwise Welch's t
-    interval (unequal variances, Welch–Satterthwaite degrees of freedom). NaN bounds when
-    either side has fewer than two values.
-    """
-    from scipy import stats
-
-    a = {s: v for s, v in a.items() if math.isfinite(v)}
-    b = {s: v for s, v in b.items() if math.isfinite(v)}
-    nan = math.nan
-    a, b, paired = _matched(a, b)
-    if paired and len(a) >= 2:
-        d = np.asarray([a[s] - b[s] for s in a], np.float64)
-        half = stats.t.ppf(0.5 + level / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size)
-        mean = float(d.mean())
-        return {
-            "mean": mean,
-            "low": mean - half,
-            "high": mean + half,
-            "n": d.size,
-            "method": "paired t",
-        }
-    x, y = np.asarray(list(a.values())), np.asarray(list(b.values()))
-    if x.size < 2 or y.size < 2:
-        mean = float(x.mean() - y.mean()) if x.size and y.size else nan
-        return {"mean": mean, "low": nan, "high": nan, "n": min(x.size, y.size), "method": "none"}
-    va, vb = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
-    se = math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va**2 / (x.size - 1) + vb**2 / (y.size - 1)) if se > 0 else 1.0
-    half = stats.t.ppf(0.5 + level / 2, df) * se
-    mean = float(x.mean() - y.mean())
-    return {
-        "mean": mean,
-        "low": mean - half,
-        "high": mean + half,
-        "n": min(x.size, y.size),
-        "method": "Welch t",
-    }
-
-
-def _matched(a: Mapping[int, Any], b: Mapping[int, Any]) -> tuple[dict, dict, bool]:
-    """The seeds two arms are compared over, and whether they are paired: the seeds both have
-    when they share two or more, or when one arm has a single seed that the other shares (its
-    difference on that base model, not one base against the mean of several, which would mix
-    the spread of base models in); otherwise each arm's own."""
-    shared = sorted(set(a) & set(b))
-    if len(shared) >= 2 or (shared and min(len(a), len(b)) < 2):
-        return {s: a[s] for s in shared}, {s: b[s] for s in shared}, True
-    return dict(a), dict(b), False
-
-
-def pooled_cases(
-    a: Mapping[int, tuple[float, float]], b: Mapping[int, tuple[float, float]]
-) -> dict[str, Any] | None:
-    """Each arm's cases pooled over seeds, and Fisher's exact test of equal shares.
-
-    `a` and `b` map seed -> (share, number of cases), e.g. an injection recovery rate of one
-    base model and its number of injected cases. Over the seeds `_matched` picks, as
-    `difference` does. With three seeds a
-    paired t interval can exclude 0 on a handful of cases (one recovered case in 251 at every
-    seed against none gives a near-zero s.d.); the pooled test asks whether the cases
-    themselves could come from one share. It treats the cases as independent, ignoring the
-    spread between base models, so it is used as a second condition, never on its own.
-    """
-    from scipy import stats
-
-    def finite(m):
-        return {s: v for s, v in m.items() if all(math.isfinite(x) for x in v) and v[1] > 0}
-
-    a, b, _ = _matched(finite(a), finite(b))
-    if not a or not b:
-        return None
-    k_a = int(sum(round(p * n) for p, n in a.values()))
-    n_a = int(sum(n for _, n in a.values()))
-    k_b = int(sum(round(p * n) for p, n in b.values()))
-    n_b = int(sum(n for _, n in b.values()))
-    p = float(stats.fisher_exact([[k_a, n_a - k_a], [k_b, n_b - k_b]]).pvalue)
-    return {"k_a": k_a, "n_a": n_a, "k_b": k_b, "n_b": n_b, "p_fisher": p}
-
-
-def _by_seed(entry: Mapping[str, Any], path: str) -> dict[int, float]:
-    return dict(zip(entry["seeds"], entry["metrics"][path]["values"], strict=True))
-
-
-def differences(results: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Every arm but the first against its reference: the first arm (the experiment's
-    reference arm), or the arm that ``spec["reference"](label)`` names where it names one
-    (e.g. each size's retry arm against its own size's control)."""
-    labels = list(results["arms"])
-    if len(labels) < 2:
-        return {}
-    pick = spec.get("reference") or (lambda _: None)
-    out: dict[str, Any] = {"reference": labels[0], "arms": {}, "references": {}}
-    for label in labels[1:]:
-        ref_label = pick(label) or labels[0]
-        if ref_label not in results["arms"]:
-            raise ValueError(f"{label!r}: its reference arm {ref_label!r} is not in the sweep")
-        arm, ref = results["arms"][label], results["arms"][ref_label]
-        out["references"][label] = ref_label
-        out["arms"][label] = {path: _compare(arm, path, ref, path) for _, path in spec["table"]}
-    return out
-
-
-def _compare(entry_a, path_a, entry_b, path_b) -> dict[str, Any]:
-    """`difference` of path_a in entry_a minus path_b in entry_b, with the pooled cases when
-    both are shares of counted cases."""
-    m_a, m_b = entry_a["metrics"][path_a], entry_b["metrics"][path_b]
-    d = difference(_by_seed(entry_a, path_a), _by_seed(entry_b, path_b))
-    if "cases" in m_a and "cases" in m_b:
-        d["pooled"] = pooled_cases(
-            *[
-                {s: (v, n) for s, v, n in zip(e["seeds"], m["values"], m["cases"], strict=True)}
-                for e, m in ((entry_a, m_a), (entry_b, m_b))
-            ]
-        )
-    return d
-
-
-def changes(results: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Per arm, each ``spec["changes"]`` entry (name, from path, to path): to − from within
-    the arm's own runs, paired over its seeds (e.g. D in the last 10 RL steps minus the first
-    10, or injection recovery after RL minus before)."""
-    table = {path for _, path in spec["table"]}
-    out: dict[str, Any] = {}
-    for name, src, dst in spec["changes"]:
-        missing = {src, dst} - table
-        if missing:
-            raise ValueError(f"change {name!r}: {sorted(missing)} not in the table")
-        out[name] = {
-            label: _compare(entry, dst, entry, src) for label, entry in results["arms"].items()
-        }
-    return out
-
-
-def _fmt_diff(d: Mapping[str, Any]) -> str:
-    if not math.isfinite(d["mean"]):
-        return "–"
-    digits = 1 if abs(d["mean"]) >= 10 else 3
-    if not math.isfinite(d["low"]):
-        return f"{d['mean']:+.{digits}f} (n = {d['n']}, no interval)"
-    cell = f"{d['mean']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}] ({d['n']})"
-    if detectable(d):
-        return cell
-    pooled = d.get("pooled")
-    if d["low"] <= 0 <= d["high"] or not pooled:
-        return cell + " no detectable difference"
-    return cell + (
-        f"; pooled cases {pooled['k_a']}/{pooled['n_a']} vs {pooled['k_b']}/{pooled['n_b']}"
-        f", Fisher p = {pooled['p_fisher']:.2f}: no detectable difference"
-    )
-
-
-def detectable(d: Mapping[str, Any]) -> bool:
-    """A difference is stated only when its interval excludes 0 and, for a share of counted
-    cases, the pooled cases' exact test rejects equal shares at 5%."""
-    if not (math.isfinite(d["low"]) and math.isfinite(d["high"])):
-        return False
-    if d["low"] <= 0 <= d["high"]:
-        return False
-    pooled = d.get("pooled")
-    return not (pooled and pooled["p_fisher"] >= 0.05)
 
 
 def markdown_table(results: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
@@ -403,7 +236,7 @@ def markdown_table(results: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
         lines.append("|" + "---|" * len(header))
         for label, by_path in diffs["arms"].items():
             cells = [label] + ([] if single else [refs[label]])
-            cells += [_fmt_diff(by_path[path]) for _, path in spec["table"]]
+            cells += [compare.fmt_diff(by_path[path]) for _, path in spec["table"]]
             lines.append("| " + " | ".join(cells) + " |")
         lines += [
             "",
@@ -419,7 +252,7 @@ def markdown_table(results: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
         lines.append("| arm | " + " | ".join(by_change) + " |")
         lines.append("|" + "---|" * (len(by_change) + 1))
         for label in results["arms"]:
-            cells = [_fmt_diff(by_arm[label]) for by_arm in by_change.values()]
+            cells = [compare.fmt_diff(by_arm[label]) for by_arm in by_change.values()]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += chance.markdown(results.get("chance") or {})
     by_series = (results.get("trends") or {}).get("by_series") or {}
@@ -437,112 +270,3 @@ def markdown_table(results: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
             "own base model and RL seed. An interval that holds 0 is no detectable trend.",
         ]
     return "\n".join(lines) + "\n"
-
-
-def _figure(n_panels: int, width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height * n_panels + 0.8))
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(n_panels, 1, squeeze=False)[:, 0]
-
-
-def _smooth(values: np.ndarray, window: int = SMOOTH) -> np.ndarray:
-    out = np.full(values.shape, np.nan)
-    for i in range(len(values)):
-        part = values[max(0, i - window + 1) : i + 1]
-        part = part[np.isfinite(part)]
-        if part.size:
-            out[i] = part.mean()
-    return out
-
-
-def _plot_curves(arms: Mapping[str, list[dict]], spec: Mapping[str, Any], path: Path) -> None:
-    fig, axes = _figure(len(spec["curves"]), 7.5, 2.4)
-    for ax, (name, key) in zip(axes, spec["curves"], strict=True):
-        for label, found in arms.items():
-            curves = []
-            for r in found:
-                steps, values = series(r["rows"], key)
-                if steps.size:
-                    curves.append((steps, _smooth(values)))
-            if not curves:
-                continue
-            n = min(len(s) for s, _ in curves)
-            steps = curves[0][0][:n]
-            stack = np.stack([v[:n] for _, v in curves])
-            with warnings.catch_warnings():  # steps where no seed has a value stay NaN
-                warnings.simplefilter("ignore", RuntimeWarning)
-                mean = np.nanmean(stack, axis=0)
-                sd = np.nanstd(stack, axis=0, ddof=1) if len(curves) > 1 else np.zeros(n)
-            (line,) = ax.plot(steps, mean, label=f"{label} ({len(curves)})", linewidth=1.4)
-            ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.18)
-        ax.set_ylabel(name, fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
-    axes[-1].set_xlabel(f"RL step (each seed smoothed over {SMOOTH} steps; band ± 1 s.d.)")
-    fig.suptitle(spec["title"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def _plot_bars(results: Mapping[str, Any], spec: Mapping[str, Any], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    labels = list(results["arms"])
-    n = len(spec["table"])
-    ncols = min(4, n)
-    nrows = -(-n // ncols)
-    width = max(2.0, 0.45 * len(labels) + 1.2)
-    fig = Figure(figsize=(width * ncols, 2.7 * nrows + 0.6))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    x = np.arange(len(labels))
-    for ax, (name, key) in zip(axes, spec["table"], strict=False):
-        ms = [results["arms"][a]["metrics"][key] for a in labels]
-        means = np.asarray([m["mean"] for m in ms], np.float64)
-        sds = np.asarray([m["sd"] for m in ms], np.float64)
-        ax.bar(x, np.nan_to_num(means), yerr=np.nan_to_num(sds), capsize=3, alpha=0.7)
-        for i, m in enumerate(ms):
-            pts = [v for v in m["values"] if math.isfinite(v)]
-            ax.plot([i] * len(pts), pts, "k.", markersize=4)
-        ax.set_title(name, fontsize=8)
-        ax.set_xticks(x, labels, fontsize=7, rotation=35, ha="right")
-        ax.tick_params(axis="y", labelsize=7)
-        ax.grid(alpha=0.3, axis="y")
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    fig.suptitle(f"{spec['title']}: mean ± s.d. over seeds (dots: seeds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def _plot_against(arms, results, spec, path: Path) -> None:
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    x_label, x_path, paths = spec["against"]
-    fig, axes = _figure(len(paths), 6.5, 2.4)
-    for ax, y_path in zip(axes, paths, strict=True):
-        series: dict[str, list[tuple[float, float, float]]] = {}
-        for label, found in arms.items():
-            xs = [metric_value(r["summary"], r["rows"], x_path) for r in found]
-            m = results["arms"][label]["metrics"][y_path]
-            if not found or not m["n"]:
-                continue
-            name = label.split(" @ ")[0]
-            series.setdefault(name, []).append((float(np.nanmean(xs)), m["mean"], m["sd"]))
-        for name, pts in series.items():
-            x, y, sd = (np.asarray(v) for v in zip(*sorted(pts), strict=True))
-            ax.errorbar(x, y, yerr=sd, marker="o", capsize=3, label=name)
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_ylabel(next(n for n, p in spec["table"] if p == y_path), fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    axes[-1].set_xlabel(f"{x_label} (log scale); mean ± 1 s.d. over seeds")
-    fig.suptitle(spec["title"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
