@@ -172,6 +172,21 @@ def _verifier_workers(pid: int) -> list[int]:
     return [p for p, parent in below.items() if parent in zygotes]
 
 
+def _kill_a_verifier_worker(pid: int) -> bool:
+    """SIGKILL one of the pool's workers; False when none is alive at this moment.
+
+    The pool retires and replaces workers as it goes, so a worker listed a moment ago may be
+    gone: the caller retries rather than trusting an earlier listing.
+    """
+    for worker in _verifier_workers(pid):
+        try:
+            os.kill(worker, signal.SIGKILL)
+            return True
+        except ProcessLookupError:
+            continue
+    return False
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         return open(f"/proc/{pid}/cmdline", "rb").read()
@@ -219,9 +234,8 @@ def test_every_fault_in_one_run_leaves_it_identical_to_the_straight_run(
         f.write_bytes(f.read_bytes()[:7])
     # 3. A verifier worker is killed while the run trains; then SIGKILL at a later step.
     proc = _start(workdir)
-    _wait_for(lambda: _verifier_workers(proc.pid) and newest + 1 in _steps_written(workdir), proc)
-    workers = _verifier_workers(proc.pid)
-    os.kill(workers[0], signal.SIGKILL)
+    _wait_for(lambda: newest + 1 in _steps_written(workdir), proc)
+    _wait_for(lambda: _kill_a_verifier_worker(proc.pid), proc)
     _wait_for(lambda: newest + 2 in _steps_written(workdir), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
