@@ -333,6 +333,50 @@ def test_differences_against_each_arms_own_reference():
         compare.differences(results, {**spec, "reference": lambda _: "gone"})
 
 
+def test_series_differences_pool_every_point_and_seed():
+    # Per size, three seeds cannot separate the series (a spread of 0.1 around +0.05); the
+    # nine pairs together can. The hand values: mean of the nine differences and a paired t
+    # interval with 8 degrees of freedom.
+    def arm(values, cases=None):
+        m = {"values": values, "mean": np.mean(values), "sd": np.std(values, ddof=1), "n": 3}
+        return {"seeds": [0, 1, 2], "metrics": {"m": {**m, **({"cases": cases} if cases else {})}}}
+
+    deltas = {"s": [0.0, 0.05, 0.1], "l": [0.02, 0.07, 0.12], "xl": [-0.01, 0.04, 0.09]}
+    results = {"arms": {}}
+    for point, d in deltas.items():
+        results["arms"][f"control @ {point}"] = arm([0.5, 0.6, 0.7], [100] * 3)
+        results["arms"][f"treated @ {point}"] = arm([0.5 + d[0], 0.6 + d[1], 0.7 + d[2]], [100] * 3)
+    spec = {
+        "table": [("metric", "m")],
+        "reference": lambda s: "control @ " + s.split(" @ ")[1] if s.startswith("t") else None,
+    }
+    per_size = compare.differences(results, spec)["arms"]["treated @ s"]["m"]
+    assert per_size["low"] < 0 < per_size["high"]
+    got = compare.series_differences(results, spec)
+    assert list(got) == ["treated"] and got["treated"]["reference"] == "control"
+    assert got["treated"]["points"] == ["s", "l", "xl"]
+    d = got["treated"]["metrics"]["m"]
+    diffs = np.asarray([x for v in deltas.values() for x in v])
+    half = 2.306004135204166 * diffs.std(ddof=1) / 3  # t(0.975, 8) * s / sqrt(9)
+    assert d["n"] == 9 and d["method"] == "paired t"
+    assert d["mean"] == pytest.approx(diffs.mean())
+    assert (d["low"], d["high"]) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
+    assert d["low"] > 0
+    # The cases pool over all nine runs: 100 each, the shares' sums times 100.
+    assert d["pooled"]["n_a"] == d["pooled"]["n_b"] == 900
+    assert d["pooled"]["k_b"] == 3 * (50 + 60 + 70)
+    assert d["pooled"]["k_a"] == round(100 * (3 * 1.8 + diffs.sum()))
+    table = summary.markdown_table(
+        {**results, "differences": compare.differences(results, spec), "series_differences": got},
+        {**spec, "title": "t", "question": "q"},
+    )
+    assert "| treated | control | s, l, xl | +0.053 [" in table
+    # No series pairs without " @ " labels or with a reference at another point.
+    assert compare.series_differences({"arms": {"a": arm([1.0] * 3)}}, spec) == {}
+    other = {**spec, "reference": lambda s: "control @ s" if s.startswith("t") else None}
+    assert set(compare.series_differences(results, other)["treated"]["points"]) == {"s"}
+
+
 def test_a_share_of_a_few_cases_needs_its_pooled_cases_to_differ():
     # One recovered case in 251 at each of three seeds against none: the paired differences
     # are equal, so the t interval has zero width and excludes 0, but three cases in 753

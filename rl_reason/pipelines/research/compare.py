@@ -125,6 +125,52 @@ def differences(results: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str
     return out
 
 
+def series_differences(results: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Each series against its reference series, pooled over the points both have.
+
+    Arms labelled "<series> @ <point>" whose reference (``spec["reference"]``) is an arm of
+    another series at the same point (e.g. each size's retry arm against its own size's
+    control) form pairs; here the runs of every point count together, each (point, seed) one
+    pair, so a difference too small for three seeds at one size can show over all sizes.
+    Returns {series: {"reference": series, "points": [...], "metrics": {path: difference}}};
+    empty when no arm pairs so.
+    """
+    pick = spec.get("reference") or (lambda _: None)
+    pairs: dict[tuple[str, str], list[str]] = {}
+    for label in results["arms"]:
+        ref = pick(label)
+        if ref is None or " @ " not in label or ref not in results["arms"] or " @ " not in ref:
+            continue
+        (series, point), (ref_series, ref_point) = label.split(" @ ", 1), ref.split(" @ ", 1)
+        if point == ref_point and series != ref_series:
+            pairs.setdefault((series, ref_series), []).append(point)
+    out: dict[str, Any] = {}
+    for (series, ref_series), points in pairs.items():
+        arm = _over_points(results, series, points)
+        ref = _over_points(results, ref_series, points)
+        out[series] = {
+            "reference": ref_series,
+            "points": points,
+            "metrics": {path: _compare(arm, path, ref, path) for _, path in spec["table"]},
+        }
+    return out
+
+
+def _over_points(results: Mapping[str, Any], series: str, points: list[str]) -> dict[str, Any]:
+    """One entry holding a series' runs at every point, each keyed "<point>/<seed>"."""
+    entries = [results["arms"][f"{series} @ {point}"] for point in points]
+    merged: dict[str, Any] = {
+        "seeds": [f"{p}/{s}" for p, e in zip(points, entries, strict=True) for s in e["seeds"]],
+        "metrics": {},
+    }
+    for path in entries[0]["metrics"]:
+        metric = {"values": [v for e in entries for v in e["metrics"][path]["values"]]}
+        if all("cases" in e["metrics"][path] for e in entries):
+            metric["cases"] = [c for e in entries for c in e["metrics"][path]["cases"]]
+        merged["metrics"][path] = metric
+    return merged
+
+
 def _compare(entry_a, path_a, entry_b, path_b) -> dict[str, Any]:
     """`difference` of path_a in entry_a minus path_b in entry_b, with the pooled cases when
     both are shares of counted cases."""

@@ -17,7 +17,9 @@ writes into `out_dir`:
                  between two of its table metrics (e.g. D over the first and the last 10
                  steps, recovery before and after RL), paired over its seeds; with
                  ``spec["chance"]``, a conditional share's cases pooled over seeds against
-                 its chance level (`chance.py`)
+                 its chance level (`chance.py`); where arms "<series> @ <point>" have a
+                 reference of another series at the same point, each series against that
+                 series pooled over the points (`compare.series_differences`)
   results.md     the table, "mean ± s.d. (n seeds)" per cell, then the differences, each
                  "mean [low, high] (n)" and marked "no detectable difference" when the
                  interval holds 0, or when the pooled cases' test does not reject (p >= 0.05)
@@ -193,6 +195,9 @@ def summarize(
                 ]
         results["arms"][label] = entry
     results["differences"] = compare.differences(results, spec)
+    pooled_series = compare.series_differences(results, spec)
+    if pooled_series:
+        results["series_differences"] = pooled_series
     if spec.get("changes"):
         results["changes"] = compare.changes(results, spec)
     if spec.get("against"):
@@ -245,6 +250,20 @@ def markdown_table(results: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
             "model, with no interval. An interval that holds 0 is no detectable difference; so "
             "is a share of counted cases whose cases, pooled over the seeds, do not differ by "
             "Fisher's exact test (p >= 0.05).",
+        ]
+    by_series_diff = results.get("series_differences") or {}
+    if by_series_diff:
+        lines += ["", "Each series minus its reference series, over all its points:", ""]
+        names = [name.replace("|", "\\|") for name, _ in spec["table"]]
+        lines.append("| series | reference | points | " + " | ".join(names) + " |")
+        lines.append("|" + "---|" * (len(spec["table"]) + 3))
+        for series, d in by_series_diff.items():
+            cells = [series, d["reference"], ", ".join(d["points"])]
+            cells += [compare.fmt_diff(d["metrics"][path]) for _, path in spec["table"]]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Paired over every (point, seed) both series have; the pooled cases likewise.",
         ]
     by_change = results.get("changes") or {}
     if by_change:
