@@ -40,6 +40,9 @@ ARGS = [
     "--config.data.eval_size=8",
 ]
 TIMING = ("time_", "generated_tokens_per_s")
+# How many verifier workers this process replaced: a count of the faults injected, which the
+# faulted run reports and the straight run does not; everything else must be equal.
+REPLACED = "verifier_workers_replaced"
 
 
 def _start(workdir):
@@ -71,7 +74,9 @@ def _wait_for(predicate, proc, timeout=300):
 
 def _metrics(workdir) -> list[dict]:
     rows = read_jsonl(workdir / "metrics.jsonl")
-    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
+    return [
+        {k: v for k, v in r.items() if not k.startswith(TIMING) and k != REPLACED} for r in rows
+    ]
 
 
 def _final_state(workdir) -> dict[str, np.ndarray]:
@@ -194,9 +199,13 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def _steps_written(workdir) -> list[int]:
+def _rows(workdir) -> list[dict]:
     jsonl = workdir / "metrics.jsonl"
-    return [r["step"] for r in read_jsonl(jsonl)] if jsonl.exists() else []
+    return read_jsonl(jsonl) if jsonl.exists() else []
+
+
+def _steps(workdir) -> list[int]:
+    return [r["step"] for r in _rows(workdir)]
 
 
 @pytest.fixture
@@ -233,10 +242,17 @@ def test_every_fault_in_one_run_leaves_it_identical_to_the_straight_run(
     for f in (workdir / "checkpoints" / str(newest) / "state" / "d").iterdir():
         f.write_bytes(f.read_bytes()[:7])
     # 3. A verifier worker is killed while the run trains; then SIGKILL at a later step.
+    jsonl = workdir / "metrics.jsonl"
+    old_file = jsonl.stat().st_ino
     proc = _start(workdir)
-    _wait_for(lambda: newest + 1 in _steps_written(workdir), proc)
+    # Training has begun once the run has cut metrics.jsonl back (a new file) and written the
+    # corrupted step again: from then on only the training's verifier pool is alive (stage 1
+    # has its own, closed before), so the worker killed is one the run must replace.
+    _wait_for(lambda: jsonl.stat().st_ino != old_file and newest in _steps(workdir), proc)
     _wait_for(lambda: _kill_a_verifier_worker(proc.pid), proc)
-    _wait_for(lambda: newest + 2 in _steps_written(workdir), proc)
+    # The pool notices the death when it next hands that worker an item; the step's row then
+    # counts the replacement.
+    _wait_for(lambda: any(r.get(REPLACED, 0) >= 1 for r in _rows(workdir)), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert not (workdir / "summary.json").exists()  # it died mid-run
