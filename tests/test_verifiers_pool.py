@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -164,13 +165,45 @@ def test_killed_worker_takes_its_sandbox_with_it(pool):
         "```python\nwhile True:\n    pass\n```",
         {"io": [{"stdout": ""}], "timeout_s": 30},
     )
+    # Only this item's sandbox is checked: the other test worker may be running tool
+    # sandboxes of its own (a multi-turn smoke run), which look the same on the host.
+    workers, ours, done = set(pool.worker_pids()), set(), threading.Event()
+
+    def watch():
+        while not done.is_set():
+            ours.update(p for p in _sandbox_pids() if _ancestors(p) & workers)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     start = time.monotonic()
-    assert pool.map([item])[0].reason == "timeout"
+    try:
+        assert pool.map([item])[0].reason == "timeout"
+    finally:
+        done.set()
+        watcher.join()
     assert time.monotonic() - start < POOL_TIMEOUT_S + 1.0
+    assert ours, "the sandbox was never seen under the pool's worker"
     deadline = time.monotonic() + 3.0
-    while sandbox_processes() and time.monotonic() < deadline:
+    while ours & _sandbox_pids() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert sandbox_processes() == []
+    assert ours & _sandbox_pids() == set()
+
+
+def _sandbox_pids() -> set[int]:
+    return {int(line.split(":", 1)[0]) for line in sandbox_processes()}
+
+
+def _ancestors(pid: int) -> set[int]:
+    found = set()
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        found.add(pid)
+    return found
 
 
 NESTED = "(" * 10_000 + "1" + ")" * 10_000
