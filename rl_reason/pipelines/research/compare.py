@@ -82,9 +82,9 @@ def pooled_cases(
     base model and its number of injected cases. Over the seeds `_matched` picks, as
     `difference` does. With three seeds a paired t interval can exclude 0 on a handful of
     cases (one recovered case in 251 at every seed against none gives a near-zero s.d.); the
-    pooled test asks whether the cases
-    themselves could come from one share. It treats the cases as independent, ignoring the
-    spread between base models, so it is used as a second condition, never on its own.
+    pooled test asks whether the cases themselves could come from one share. It treats the
+    cases as independent, ignoring the spread between base models, so it is used as a second
+    condition, never on its own.
     """
     from scipy import stats
 

@@ -218,7 +218,8 @@ def summarize(
 def markdown_table(results: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
     """Arms as rows, table metrics as columns; each cell mean ± s.d. (seeds)."""
     lines = [f"### {spec['title']}", "", spec["question"], ""]
-    header = ["arm"] + [name.replace("|", "\\|") for name, _ in spec["table"]]
+    names = [name.replace("|", "\\|") for name, _ in spec["table"]]
+    header = ["arm"] + names
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for label, entry in results["arms"].items():
@@ -254,7 +255,6 @@ def markdown_table(results: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
     by_series_diff = results.get("series_differences") or {}
     if by_series_diff:
         lines += ["", "Each series minus its reference series, over all its points:", ""]
-        names = [name.replace("|", "\\|") for name, _ in spec["table"]]
         lines.append("| series | reference | points | " + " | ".join(names) + " |")
         lines.append("|" + "---|" * (len(spec["table"]) + 3))
         for series, d in by_series_diff.items():
@@ -277,9 +277,9 @@ def markdown_table(results: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
     by_series = (results.get("trends") or {}).get("by_series") or {}
     if by_series:
         x_label, _, paths = spec["against"]
-        names = {p: n for n, p in spec["table"]}
+        label_of = {p: n for n, p in spec["table"]}
         lines += ["", f"Trend per 10x {x_label} (slope on log10):", ""]
-        lines.append("| series | " + " | ".join(names[p] for p in paths) + " |")
+        lines.append("| series | " + " | ".join(label_of[p] for p in paths) + " |")
         lines.append("|" + "---|" * (len(paths) + 1))
         for series, by_path in by_series.items():
             lines.append(f"| {series} | " + " | ".join(trend.fmt(by_path[p]) for p in paths) + " |")
