@@ -64,6 +64,18 @@ def alive(pid: int) -> bool:
         return False
 
 
+def _ancestors(pid: int) -> set[int]:
+    found = set()
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        found.add(pid)
+    return found
+
+
 def wait_until_dead(pids, timeout_s=5.0):
     deadline = time.monotonic() + timeout_s
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
@@ -184,26 +196,11 @@ def test_killed_worker_takes_its_sandbox_with_it(pool):
         watcher.join()
     assert time.monotonic() - start < POOL_TIMEOUT_S + 1.0
     assert ours, "the sandbox was never seen under the pool's worker"
-    deadline = time.monotonic() + 3.0
-    while ours & _sandbox_pids() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert ours & _sandbox_pids() == set()
+    assert wait_until_dead(ours, timeout_s=3.0) == []
 
 
 def _sandbox_pids() -> set[int]:
     return {int(line.split(":", 1)[0]) for line in sandbox_processes()}
-
-
-def _ancestors(pid: int) -> set[int]:
-    found = set()
-    while pid > 1:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-        found.add(pid)
-    return found
 
 
 NESTED = "(" * 10_000 + "1" + ")" * 10_000
