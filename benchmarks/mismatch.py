@@ -40,7 +40,7 @@ _PROMPTS = flags.DEFINE_integer("prompts", 16, "Prompts (arithmetic chains).")
 _GROUP = flags.DEFINE_integer("group", 8, "Samples per prompt.")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "Completion budget.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
-_SMOKE = flags.DEFINE_bool("smoke", False, "2 prompts x 2 samples of 16 tokens.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "4 prompts x 4 samples of 32 tokens.")
 
 SETUPS = {  # sampler dtype, trainer dtype
     "float32": ("float32", "float32"),
@@ -124,7 +124,7 @@ def main(argv: list[str]) -> None:
     del argv
     prompts_n, group, new = _PROMPTS.value, _GROUP.value, _NEW.value
     if _SMOKE.value:
-        prompts_n, group, new = 2, 2, 16
+        prompts_n, group, new = 4, 4, 32
     tokenizer = load_tokenizer(_MODEL.value)
     task = arithmetic.ArithmeticTask(arithmetic.ArithmeticConfig(max_value=19, ops="+-"))
     texts = [task.prompt(ex) for ex in task.eval_set(0, prompts_n)]

@@ -155,28 +155,17 @@ def test_the_shipped_base_model_float32_gap_is_rounding_and_bfloat16_is_not():
     than the full forward pass's (README, "parity gate"). Computing in bfloat16 makes the gap
     orders of magnitude larger (benchmarks/mismatch.py reports it at full size, with what each
     correction touches)."""
+    import json
     import subprocess
     import sys
     from pathlib import Path
 
     from benchmarks import mismatch
 
+    # The script itself, as a user runs it: its smoke size is this check's (4 prompts x 4
+    # samples of 32 tokens), and its float32 and bfloat16-sampler / float32-trainer setups are
+    # the two compared here.
     root = Path(__file__).resolve().parents[1]
-    path = str(root / "models/bases/arithmetic_chains_tiny")
-    tok = mismatch.load_tokenizer(path)
-    task = mismatch.arithmetic.ArithmeticTask(
-        mismatch.arithmetic.ArithmeticConfig(max_value=19, ops="+-")
-    )
-    prompts = tok.encode_batch([task.prompt(ex) for ex in task.eval_set(0, 4)], add_bos=True)
-    f32 = mismatch.measure(path, prompts, 4, 32, 1.0, "float32", "float32")
-    bf16 = mismatch.measure(path, prompts, 4, 32, 1.0, "bfloat16", "float32")
-    print(f"base model: float32 {f32['token_gap_max']:.2e}, bfloat16 {bf16['token_gap_max']:.2e}")
-    assert f32["tokens"] > 100 and f32["token_gap_mean"] < 2e-6
-    assert f32["token_gap_max"] < 5e-5
-    assert bf16["token_gap_mean"] > 100 * f32["token_gap_mean"]
-    for kind in mismatch.CAPS:
-        assert f32[kind]["token_frac"] == 0 and 0 <= bf16[kind]["seq_frac"] <= 1
-    # The script itself, as a user runs it.
     out = root / "benchmarks" / "results" / ".mismatch_smoke.json"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.mismatch", "--smoke", f"--json={out}"],
@@ -186,4 +175,15 @@ def test_the_shipped_base_model_float32_gap_is_rounding_and_bfloat16_is_not():
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
     out.unlink()
+    assert record["model"] == "models/bases/arithmetic_chains_tiny"
+    f32 = record["setups"]["float32"]
+    bf16 = record["setups"]["bfloat16_sampler_float32_trainer"]
+    assert f32["sequences"] == 16 and bf16["sequences"] == 16
+    print(f"base model: float32 {f32['token_gap_max']:.2e}, bfloat16 {bf16['token_gap_max']:.2e}")
+    assert f32["tokens"] > 100 and f32["token_gap_mean"] < 2e-6
+    assert f32["token_gap_max"] < 5e-5
+    assert bf16["token_gap_mean"] > 100 * f32["token_gap_mean"]
+    for kind in mismatch.CAPS:
+        assert f32[kind]["token_frac"] == 0 and 0 <= bf16[kind]["seq_frac"] <= 1
