@@ -1,12 +1,14 @@
 """The parity gate and the new objectives on one mesh; results written for the test to compare.
 
-One computation of the shared 8-device process (tests/multidevice/runner.py) per mesh, for
-tests/test_parity_gate.py. For each sampling configuration it samples with the static sampler
-and scores the same tokens as the trainer does (`StepFns.logprobs`, the function behind the
-rescored old log-probs) and from the full forward pass's logits, filtered in numpy by the
-definition of temperature / top-k / top-p; it writes the largest gaps. Then one update per
-algorithm configuration (REINFORCE++ advantages, CISPO / dual-clip, a mismatch correction)
-with two microbatches, whose advantages, loss, grad norm and params the test compares with the
+One computation per mesh for tests/test_parity_gate.py: the sharded meshes' in the shared
+8-device process (tests/multidevice/runner.py), the one-device reference (1x1x1) in the test's
+own process, where the parity tests have compiled its model, sampler and scoring already. For
+each sampling configuration it samples with the static sampler and scores the same tokens as
+the trainer does (`StepFns.logprobs`, the function behind the rescored old log-probs) and from
+the full forward pass's logits, filtered in numpy by the definition of temperature / top-k /
+top-p; it writes the largest gaps. Then one update per algorithm configuration (REINFORCE++
+advantages, CISPO / dual-clip, a mismatch correction) with two microbatches, on one sampled
+round shared by them, whose advantages, loss, grad norm and params the test compares with the
 one-device run.
 """
 
@@ -154,12 +156,25 @@ def parity_gaps(
     }
 
 
-def algorithm_update(graphdef, params, mesh, loss_cfg: LossOptions) -> dict[str, np.ndarray]:
-    """One update of `loss_cfg` on a sampled round whose sampler log-probs carry a fixed gap."""
-    ref_graphdef, ref_params = sharding.create_model(CFG, mesh, seed=1)
+def algorithm_round(graphdef, params, mesh, fns):
+    """The sampled round every algorithm's update trains on, with the trainer's old log-probs and
+    a reference's: the same weights unsharpened (x1 against the policy's x2), so the KL penalty
+    in the rewards is not zero. One per mesh, shared by the algorithms."""
     out = sampling.sample(
         (graphdef, params), PROMPTS, jax.random.key(5), group_size=G, max_new_tokens=NEW, mesh=mesh
     )
+    args = (out.prompt_ids, out.prompt_mask, out.tokens, out.mask)
+    old = fns.logprobs(params, *args)
+    ref = fns.logprobs(sharpen(params, 0.5), *args)
+    return out, old, ref
+
+
+def algorithm_update(
+    graphdef, params, mesh, loss_cfg: LossOptions, round_
+) -> dict[str, np.ndarray]:
+    """One update of `loss_cfg` on the sampled round (`algorithm_round`) whose sampler log-probs
+    carry a fixed gap."""
+    out, old, ref = round_
     opts = (
         CriticOptions(gamma=0.97, lam=0.9)
         if losses.needs_critic(loss_cfg.advantage_estimator)
@@ -169,8 +184,6 @@ def algorithm_update(graphdef, params, mesh, loss_cfg: LossOptions) -> dict[str,
         graphdef, params, optax.sgd(0.5, momentum=0.9), loss_cfg, mesh, microbatches=2, critic=opts
     )
     args = (out.prompt_ids, out.prompt_mask, out.tokens, out.mask)
-    old = fns.logprobs(params, *args)
-    ref = fns.logprobs(sharpen(ref_params), *args)
     rng = np.random.default_rng(0)
     noise = rng.normal(0, 0.3, out.tokens.shape).astype(np.float32)
     rec = RolloutArrays.from_sample(out, ref_logprobs=ref, old_logprobs=old)
@@ -231,7 +244,8 @@ def compute(name: str, out_dir: str) -> None:
         gaps = parity_gaps(graphdef, params, mesh, fns, temperature, top_k, top_p)
         for k, v in gaps.items():
             record[f"gap/{label}/{k}"] = np.asarray(v)
+    round_ = algorithm_round(graphdef, params, mesh, fns)
     for label, loss_cfg in ALGORITHMS.items():
-        for k, v in algorithm_update(graphdef, params, mesh, loss_cfg).items():
+        for k, v in algorithm_update(graphdef, params, mesh, loss_cfg, round_).items():
             record[f"update/{label}/{k}"] = v
     np.savez(os.path.join(out_dir, f"{name}.npz"), **record)
