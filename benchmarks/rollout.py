@@ -267,9 +267,16 @@ def main(argv) -> None:
     del argv
     smoke = _SMOKE.value
     preset = "tiny" if smoke else _PRESET.value
-    prompts_n, group = (2, 2) if smoke else (_PROMPTS.value, _GROUP.value)
-    prompt_len = 8 if smoke else _PROMPT_LEN.value
-    max_new, mean = (64, 8) if smoke else (_MAX_NEW.value, _MEAN.value)
+    # Smoke sizes that share compiled programs between the smoke runs (a test suite's
+    # persistent compilation cache): the uniform case's static sampler is the sampling
+    # benchmark's smoke call (4 prompts of 16 tokens, group 1, plain sampling, a 16-token
+    # buffer), and the long-tailed case's engine call (the same shapes, stop token 2 at mean 2)
+    # is every turn of the multi-turn smoke's re-prefill path: its 4 rows of 8-token prompts
+    # stay within a 16-token context (budget 8), its marker is token 2 with mean 2, and with
+    # one-token observations nearly every row goes on to the second turn (4 rows again).
+    prompts_n, group = (4, 1) if smoke else (_PROMPTS.value, _GROUP.value)
+    prompt_len = (8 if _MULTI.value else 16) if smoke else _PROMPT_LEN.value
+    max_new, mean = (16, 2) if smoke else (_MAX_NEW.value, _MEAN.value)
     uniform = 16 if smoke else _UNIFORM.value
     repeats = 1 if smoke else _REPEATS.value
     cfg = get_config(preset)
@@ -395,9 +402,9 @@ def _multi_turn(model, prompts, group, repeats, smoke, preset) -> None:
         model,
         prompts,
         group_size=group,
-        max_new_tokens=64 if smoke else _MT_MAX_NEW.value,
-        turn_tokens=8 if smoke else _MT_TURN.value,
-        observation_tokens=4 if smoke else _MT_OBS.value,
+        max_new_tokens=8 if smoke else _MT_MAX_NEW.value,
+        turn_tokens=2 if smoke else _MT_TURN.value,
+        observation_tokens=1 if smoke else _MT_OBS.value,
         turns=2 if smoke else _MT_TURNS.value,
         repeats=repeats,
     )
@@ -409,7 +416,7 @@ def _multi_turn(model, prompts, group, repeats, smoke, preset) -> None:
         "prompts": len(prompts),
         "group_size": group,
         "prompt_len": len(prompts[0]),
-        "max_new_tokens": 64 if smoke else _MT_MAX_NEW.value,
+        "max_new_tokens": 8 if smoke else _MT_MAX_NEW.value,
         "repeats": repeats,
         **got,
         "environment": common.environment(),

@@ -79,7 +79,7 @@ _CPUS = flags.DEFINE_integer(
     "cpus", 0, "Confine both sides to this many CPUs (common.limit_cpus); 0: all of them."
 )
 _SMOKE = flags.DEFINE_bool(
-    "smoke", False, "Tiny preset, batch 4, prompt 8, 8 new tokens, 1 repeat: checks it runs."
+    "smoke", False, "Tiny preset, batch 4, prompt 16, 8 new tokens, 1 repeat: checks it runs."
 )
 
 TARGET_RATIO = 3.0
@@ -281,7 +281,8 @@ def _hf_prefill(ref, prompts: np.ndarray):
 
 def _settings() -> dict[str, Any]:
     if _SMOKE.value:
-        return dict(preset="tiny", batch=4, prompt_len=8, new_tokens=8, repeats=1, group=2)
+        # Prompts of 16: the rollout benchmark's smoke samples the same group-1 program.
+        return dict(preset="tiny", batch=4, prompt_len=16, new_tokens=8, repeats=1, group=2)
     return dict(
         preset=_PRESET.value,
         batch=_BATCH.value,

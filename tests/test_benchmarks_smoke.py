@@ -47,7 +47,9 @@ def test_roofline_smoke(tmp_path):
 @pytest.mark.ref
 def test_sampling_smoke(tmp_path):
     pytest.importorskip("transformers")
-    rec = _run("benchmarks.sampling", tmp_path, "--nohf_one_thread")
+    # One torch thread: on a loaded machine torch's default threads spin-wait on each other
+    # through every generate step (seconds of CPU); the timing code is the same either way.
+    rec = _run("benchmarks.sampling", tmp_path, "--nohf_one_thread", "--torch_threads=1")
     assert rec["smoke"] and rec["max_logit_diff_vs_hf"] < 1e-3
     assert _positive(rec["ours_tokens_per_s"], rec["hf_tokens_per_s"], rec["ratio"])
     assert _positive(rec["prefill_seconds_ours"], rec["prefill_seconds_hf"])
