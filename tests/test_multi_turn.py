@@ -136,23 +136,28 @@ def test_cache_continuation_equals_recomputing_the_context(model, ref, slots):
 def test_without_answers_it_is_the_single_turn_sampler(model):
     static = jax.tree.map(np.asarray, sampling.sample(model, PROMPTS, KEY, **KW))
     never = CFG.vocab_size + 1  # past the vocabulary: never drawn
-    # A turn marker the policy never draws, and one that is also a stop token (the stop wins):
-    # the environment is never asked, and every array is the single-turn one, bit for bit.
-    for stop_ids in ((never,), CONFIG.stop_token_ids):
-        host = Host(stop_ids=stop_ids)
-        eng = engine.EngineConfig(slots=0, min_slots=2)
-        out = engine.sample(model, PROMPTS, KEY, engine=eng, turns=host, stream_steps=8, **KW)
-        plain = engine.sample(model, PROMPTS, KEY, engine=eng, **KW)
-        assert not host.calls
-        for name in ("tokens", "mask", "lengths", "truncated", "sample_logprobs"):
-            np.testing.assert_array_equal(getattr(out.sample, name), getattr(plain.sample, name))
-        np.testing.assert_array_equal(out.sample.tokens, static.tokens)
+    # Turn markers the policy never draws, or that are also stop tokens (the stop wins), in
+    # one rollout: the environment is never asked, and every array is the single-turn one,
+    # bit for bit.
+    host = Host(stop_ids=(never, *CONFIG.stop_token_ids))
+    eng = engine.EngineConfig(slots=0, min_slots=2)
+    out = engine.sample(model, PROMPTS, KEY, engine=eng, turns=host, stream_steps=8, **KW)
+    plain = engine.sample(model, PROMPTS, KEY, engine=eng, **KW)
+    assert not host.calls
+    # The stop token is drawn: a stop that also ends a turn is really exercised.
+    assert not static.truncated.all(), static.lengths
+    for name in ("tokens", "mask", "lengths", "truncated", "sample_logprobs"):
+        np.testing.assert_array_equal(getattr(out.sample, name), getattr(plain.sample, name))
+    np.testing.assert_array_equal(out.sample.tokens, static.tokens)
 
 
 def test_an_observation_past_the_budget_is_cut_and_the_sample_ends_truncated(model):
     long = lambda row, call: ([44] * 200, False)
     host = Host(reply=long)
-    out = engine.sample(model, PROMPTS, KEY, turns=host, stream_steps=8, **KW)
+    # The engine of test_cache_continuation_equals_recomputing_the_context[0]: its programs
+    # again, only the observations' width is new.
+    eng = engine.EngineConfig(slots=0, min_slots=2)
+    out = engine.sample(model, PROMPTS, KEY, engine=eng, turns=host, stream_steps=8, **KW)
     s = jax.tree.map(np.asarray, out.sample)
     called = sorted(host.calls)
     assert called and all(host.calls[r] == 1 for r in called)
@@ -169,14 +174,16 @@ def multidevice_needs(params: dict) -> list[str]:
 
 @pytest.mark.slow
 def test_multi_turn_on_a_2x2x2_mesh_is_the_one_device_rollout(multidevice):
-    one = multi_turn_meshes.run(partial_meshes.make_mesh("1x1x1"))
+    # One device, a slot per sample: that refilled slots give the same rollout on one device
+    # is test_cache_continuation_equals_recomputing_the_context[4] (against the same reference
+    # as [0]); here both slot counts of the 2x2x2 mesh must give this one.
+    one = multi_turn_meshes.run(partial_meshes.make_mesh("1x1x1"), slot_counts=(0,))
     got = dict(np.load(multidevice.result("multi_turn/2x2x2") / "2x2x2.npz"))
     # The case means something: rows wait and resume on every batch shard.
     assert (one["calls/0"] > 0).sum() >= 8 and one["calls/0"].max() >= 3
     for slots in multi_turn_meshes.SLOTS:
         for name in ("tokens", "lengths", "calls"):
             np.testing.assert_array_equal(got[f"{name}/{slots}"], one[f"{name}/0"])
-            np.testing.assert_array_equal(one[f"{name}/{slots}"], one[f"{name}/0"])
         np.testing.assert_allclose(got[f"logprobs/{slots}"], one["logprobs/0"], atol=1e-5)
 
 

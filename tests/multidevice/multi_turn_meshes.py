@@ -2,9 +2,10 @@
 
 `run(mesh)` samples the tiny random model with a turn-end token it draws often and the test
 environment of tests/test_multi_turn.py (`observation`), with a slot per sample and with 8
-refilled slots. tests/test_multi_turn.py runs it on one device; `compute` (the shared
-8-device process, tests/multidevice/runner.py) on 2x2x2, whose 4 batch shards each wait for
-and resume their own slots.
+refilled slots. `compute` (the shared 8-device process, tests/multidevice/runner.py) runs it
+on 2x2x2, whose 4 batch shards each wait for and resume their own slots;
+tests/test_multi_turn.py runs it on one device with a slot per sample only (that one-device
+refilled slots give the same rollout is tests/test_multi_turn.py's cache-continuation test).
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ CONFIG = SamplingConfig(stop_token_ids=(STOP,), logit_bias=((STOP, 1.0), (TURN, 
 SLOTS = (0, 8)
 
 
-def run(mesh) -> dict[str, np.ndarray]:
-    """Per slot count: `tokens/S`, `lengths/S`, `logprobs/S` (policy), `calls/S` (per row)."""
+def run(mesh, slot_counts=SLOTS) -> dict[str, np.ndarray]:
+    """Per slot count S of `slot_counts`: `tokens/S`, `lengths/S`, `logprobs/S` (policy),
+    `calls/S` (per row)."""
     from tests.test_multi_turn import Host
 
     graphdef, params = sharding.create_model(get_config("tiny"), mesh, seed=0)
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(3, 200, size=int(k))) for k in (3, 5, 7, 4)]
     out = {}
-    for slots in SLOTS:
+    for slots in slot_counts:
         host = Host(stop_ids=(TURN,))
         got = engine.sample(
             (graphdef, params),
