@@ -163,8 +163,7 @@ def test_logit_bias_shifts_only_the_sampling_distribution(model):
     last = np.asarray([len(p) + 3 for p in PROMPTS])
     logits = net(ids)[np.arange(len(PROMPTS)), last]
     want = np.asarray(jax.nn.log_softmax(logits))[:, 42]
-    for i in range(len(PROMPTS)):
-        np.testing.assert_allclose(out.policy_logprobs[i, 4], want[i], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.policy_logprobs[:, 4], want, rtol=1e-5, atol=1e-5)
     assert (
         out.sample_logprobs[:, :5] == 0
     ).all()  # greedy: the sampling distribution is a point mass
